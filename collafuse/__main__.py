@@ -1,0 +1,5 @@
+import sys
+
+from collafuse.cli import main
+
+sys.exit(main())

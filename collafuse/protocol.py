@@ -1,0 +1,211 @@
+"""The two roles of split diffusion and the one message between them (DESIGN.md §2.2).
+
+A :class:`Client` owns the low-noise steps 1..t_c and its raw images; a
+:class:`Server` owns t_c+1..T. The only thing that ever reaches the server is a
+frozen :class:`Payload`; ``Server.receive`` refuses anything else. Which member
+image a payload came from is NOT part of the payload: the client hands those ids
+to the audit key separately (see :mod:`collafuse.transcript`).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import nn
+
+from collafuse.hooks import ReleaseHook
+from collafuse.schedule import NoiseSchedule, gather, q_sample
+
+PayloadKind = Literal["cut", "trajectory", "naive"]
+PAYLOAD_KINDS: tuple[str, ...] = ("cut", "trajectory", "naive")
+
+
+@dataclass(frozen=True)
+class Payload:
+    """One client → server message: a batch of noised images and what the server must know.
+
+    tensor: (B, C, H, W) in its wire dtype; t: (B,) int64 step each row sits at;
+    label: (B,) int64 or None (not sent); noise: (B, C, H, W) or None — only the
+    ``naive`` kind sends the noise, which makes x0 exactly recoverable.
+    """
+
+    client_id: int
+    step: int
+    kind: str
+    t: torch.Tensor
+    tensor: torch.Tensor
+    label: torch.Tensor | None = None
+    noise: torch.Tensor | None = None
+
+    def __post_init__(self) -> None:
+        if self.kind not in PAYLOAD_KINDS:
+            raise ValueError(f"unknown payload kind {self.kind!r}; valid: {', '.join(PAYLOAD_KINDS)}")
+        b = self.tensor.shape[0]
+        if self.tensor.ndim != 4 or self.t.shape != (b,):
+            raise ValueError(f"payload tensor must be (B,C,H,W) with t of shape (B,), got {tuple(self.tensor.shape)} and {tuple(self.t.shape)}")
+        if self.label is not None and self.label.shape != (b,):
+            raise ValueError(f"payload label must have shape ({b},), got {tuple(self.label.shape)}")
+        if self.noise is not None and self.noise.shape != self.tensor.shape:
+            raise ValueError("payload noise must have the shape of the tensor")
+
+    def __len__(self) -> int:
+        return int(self.tensor.shape[0])
+
+    def row_wire_bytes(self) -> torch.Tensor:
+        """Bytes each row occupies on the wire: every array it carries, at its real dtype. (B,) int64."""
+        per_row = self.tensor[0].nbytes + self.t[0].nbytes
+        if self.label is not None:
+            per_row += self.label[0].nbytes
+        if self.noise is not None:
+            per_row += self.noise[0].nbytes
+        return torch.full((len(self),), per_row, dtype=torch.int64)
+
+
+def _drop_labels(y: torch.Tensor | None, null_class: int, p: float, generator: torch.Generator) -> torch.Tensor | None:
+    """Replace each label by the null class with probability p (classifier-free guidance training)."""
+    if y is None or p <= 0:
+        return y
+    drop = torch.rand(y.shape, generator=generator) < p
+    return torch.where(drop.to(y.device), torch.full_like(y, null_class), y)
+
+
+class Client:
+    """A data holder: trains ε_client on t ∈ {1..t_c} and releases payloads (§2.2 steps 1–2)."""
+
+    def __init__(
+        self,
+        client_id: int,
+        model: nn.Module | None,
+        optimizer: torch.optim.Optimizer | None,
+        schedule: NoiseSchedule,
+        t_c: int,
+        payload_kind: str,
+        generator: torch.Generator,
+        release_hooks: tuple[ReleaseHook, ...] = (),
+        label_dropout: float = 0.0,
+        send_labels: bool = False,
+    ):
+        self.client_id = client_id
+        self.model = model
+        self.optimizer = optimizer
+        self.schedule = schedule
+        self.t_c = t_c
+        self.payload_kind = payload_kind
+        self.generator = generator
+        self.release_hooks = release_hooks
+        self.label_dropout = label_dropout
+        self.send_labels = send_labels
+
+    def _randn(self, shape: torch.Size, device: torch.device) -> torch.Tensor:
+        return torch.randn(shape, generator=self.generator).to(device)
+
+    def train_step(self, x0: torch.Tensor, y: torch.Tensor | None) -> float | None:
+        """One client step: t ~ U{1..t_c}, loss ‖ε − ε_client(x_t, t, y)‖². None if the client owns no step."""
+        if self.t_c == 0 or self.model is None:
+            return None
+        b = x0.shape[0]
+        t = torch.randint(1, self.t_c + 1, (b,), generator=self.generator).to(x0.device)
+        noise = self._randn(x0.shape, x0.device)
+        x_t = q_sample(x0, t, noise, self.schedule.alpha_bar)
+        y_in = _drop_labels(y, self.model.null_class, self.label_dropout, self.generator) if y is not None else None
+        loss = (self.model(x_t, t, y_in) - noise).pow(2).mean()
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        return float(loss.detach())
+
+    def release(self, x0: torch.Tensor, y: torch.Tensor | None, member_ids: torch.Tensor, step: int) -> Payload:
+        """Build the payload for this minibatch (§2.2 step 2 and the other kinds of §2.2).
+
+        ``member_ids`` never leave the client inside the payload: hooks may use them
+        (e.g. a per-image seed) and the caller writes them to the audit key.
+        """
+        for hook in self.release_hooks:
+            x0 = hook.prepare(x0, member_ids)
+        b, T = x0.shape[0], self.schedule.T
+        if self.payload_kind == "cut":
+            t = torch.full((b,), self.t_c, dtype=torch.long)
+        elif self.payload_kind == "trajectory":
+            # Strictly below T so the server can still noise further on its relative schedule.
+            t = torch.randint(self.t_c + 1, T, (b,), generator=self.generator)
+        else:  # naive
+            t = torch.randint(self.t_c + 1, T + 1, (b,), generator=self.generator)
+        noise = None
+        for hook in self.release_hooks:
+            noise = hook.draw_noise(x0, member_ids, t, self.generator) if noise is None else noise
+        if noise is None:
+            noise = torch.randn(x0.shape, generator=self.generator)
+        noise = noise.to(x0.device)
+        t = t.to(x0.device)
+        p = q_sample(x0, t, noise, self.schedule.alpha_bar)
+        payload = Payload(
+            client_id=self.client_id,
+            step=step,
+            kind=self.payload_kind,
+            t=t.cpu(),
+            tensor=p.detach().cpu(),
+            label=None if (y is None or not self.send_labels) else y.detach().cpu(),
+            noise=noise.detach().cpu() if self.payload_kind == "naive" else None,
+        )
+        for hook in self.release_hooks:
+            payload = hook.transform(payload, self.generator)
+        return payload
+
+
+class Server:
+    """The shared party: trains ε_server on t ∈ (t_c, T] from payloads only (§2.2 step 3)."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        schedule: NoiseSchedule,
+        t_c: int,
+        generator: torch.Generator,
+        device: torch.device,
+        label_dropout: float = 0.0,
+    ):
+        self.model = model
+        self.optimizer = optimizer
+        self.schedule = schedule
+        self.t_c = t_c
+        self.generator = generator
+        self.device = device
+        self.label_dropout = label_dropout
+
+    def receive(self, payload: Payload) -> float:
+        """Train one step on a payload and return the loss. Nothing but a Payload gets in."""
+        if not isinstance(payload, Payload):
+            raise TypeError(f"the server only receives Payload messages, got {type(payload).__name__}")
+        p = payload.tensor.to(self.device, torch.float32)
+        y = payload.label.to(self.device) if payload.label is not None else None
+        y = _drop_labels(y, self.model.null_class, self.label_dropout, self.generator) if y is not None else None
+        b, T = p.shape[0], self.schedule.T
+        if payload.kind == "naive":
+            # The client told us the noise: plain ε-prediction at the sent t.
+            t = payload.t.to(self.device)
+            x_t, target = p, payload.noise.to(self.device, torch.float32)
+        else:
+            # Treat p as data at level t_p and noise it further on ᾱ'_t = ᾱ_t/ᾱ_{t_p}:
+            # x_t then has exactly the marginal q(x_t | x0) (§2.2 step 3).
+            t_p = payload.t
+            u = torch.rand(b, generator=self.generator, dtype=torch.float64)
+            t = (t_p + 1 + (u * (T - t_p).double()).floor().long()).clamp(max=T)
+            eta = torch.randn(p.shape, generator=self.generator).to(self.device)
+            x_t = server_noising(p, t_p.to(self.device), t.to(self.device), eta, self.schedule)
+            t, target = t.to(self.device), eta
+        loss = (self.model(x_t, t, y) - target).pow(2).mean()
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        return float(loss.detach())
+
+
+def server_noising(
+    p: torch.Tensor, t_p: torch.Tensor, t: torch.Tensor, eta: torch.Tensor, schedule: NoiseSchedule
+) -> torch.Tensor:
+    """x_t = √(ᾱ_t/ᾱ_{t_p}) p + √(1 − ᾱ_t/ᾱ_{t_p}) η, per row (§2.2 step 3)."""
+    ab = schedule.alpha_bar
+    rel = gather(ab, t, p.ndim, torch.float64) / gather(ab, t_p, p.ndim, torch.float64)
+    return (rel.sqrt() * p.double() + (1.0 - rel).sqrt() * eta.double()).to(p.dtype)

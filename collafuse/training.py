@@ -1,0 +1,204 @@
+"""Training N clients and the server together (DESIGN.md §2.2, §2.4).
+
+One epoch = every client walks once through its own data, round-robin over
+clients, one minibatch at a time. For each minibatch the client takes a step on
+t ∈ {1..t_c}, releases a payload, the transcript records it, and the server
+takes a step on it. c = 0 (central) and c = 1 (local-only) are the same loop
+with an empty client side or an empty server side.
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+from tqdm import tqdm
+
+from collafuse.config import ModelConfig, RunConfig
+from collafuse.data import ImageSet, Splits
+from collafuse.errors import ConfigError
+from collafuse.hooks import ReleaseHook, TrainingHook
+from collafuse.model import UNet, UNetConfig
+from collafuse.protocol import Client, Server
+from collafuse.schedule import NoiseSchedule
+from collafuse.transcript import TranscriptWriter
+
+
+def stream_seed(seed: int, *stream: int) -> int:
+    """An independent 63-bit seed for one named random stream of a run (numpy SeedSequence)."""
+    return int(np.random.SeedSequence([seed, *stream]).generate_state(1, dtype=np.uint64)[0] >> np.uint64(1))
+
+
+def generator_for(seed: int, *stream: int) -> torch.Generator:
+    return torch.Generator().manual_seed(stream_seed(seed, *stream))
+
+
+# Stream ids: fixed numbers so adding a stream never shifts the others.
+STREAM_SPLIT, STREAM_PARTITION, STREAM_SERVER, STREAM_CLIENT, STREAM_LOADER, STREAM_INIT, STREAM_SAMPLE = range(7)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device: 'cuda' requested but no CUDA device is available")
+    return torch.device(name)
+
+
+def unet_config(model: ModelConfig, channels: int, num_classes: int) -> UNetConfig:
+    return UNetConfig(
+        in_channels=channels,
+        channels=tuple(model.channels),
+        blocks_per_level=model.blocks_per_level,
+        time_dim=model.time_dim,
+        groups=model.groups,
+        num_classes=num_classes,
+    )
+
+
+def build_model(config: UNetConfig, seed: int, *stream: int) -> UNet:
+    """A freshly initialised UNet whose weights depend only on (seed, stream)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(stream_seed(seed, STREAM_INIT, *stream))
+        return UNet(config)
+
+
+@dataclass(frozen=True)
+class Hooks:
+    """What the core calls out to; empty = the plain protocol."""
+
+    release: tuple[ReleaseHook, ...] = ()
+    training: tuple[TrainingHook, ...] = ()
+
+
+@dataclass
+class TrainedSystem:
+    config: RunConfig
+    schedule: NoiseSchedule
+    t_c: int
+    server_model: UNet | None
+    client_models: list[UNet | None]
+    log: list[dict] = field(default_factory=list)
+    num_classes: int = 0
+
+
+def _unwrap(model: torch.nn.Module) -> UNet:
+    """The plain UNet inside a wrapper (e.g. Opacus' GradSampleModule keeps it as ``_module``)."""
+    return getattr(model, "_module", model)
+
+
+def _wrap(hooks: Hooks, role: str, model, optimizer, loader):
+    for hook in hooks.training:
+        model, optimizer, loader = hook.wrap(role, model, optimizer, loader)
+    return model, optimizer, loader
+
+
+def train_system(
+    config: RunConfig,
+    data: ImageSet,
+    splits: Splits,
+    out_dir: Path,
+    hooks: Hooks = Hooks(),
+    progress: bool = True,
+    log_line: Callable[[dict], None] | None = None,
+) -> TrainedSystem:
+    """Train every client and the server; write the transcript and audit key under ``out_dir``."""
+    device = resolve_device(config.device)
+    schedule = NoiseSchedule.create(config.diffusion.schedule, config.diffusion.T)
+    t_c = config.t_c
+    T = schedule.T
+    num_classes = data.num_classes if config.conditional else 0
+    if config.conditional and data.labels is None:
+        raise ConfigError(f"conditional: true needs labelled data; source {config.data.source!r} has no labels")
+    channels = config.data.channels
+    tr = config.training
+
+    server: Server | None = None
+    if t_c < T:
+        s_model = build_model(unet_config(config.server_model, channels, num_classes), config.seed, STREAM_SERVER).to(device)
+        s_opt = torch.optim.Adam(s_model.parameters(), lr=tr.lr)
+        s_model, s_opt, _ = _wrap(hooks, "server", s_model, s_opt, None)
+        server = Server(s_model, s_opt, schedule, t_c, generator_for(config.seed, STREAM_SERVER), device, tr.label_dropout)
+
+    clients: list[Client] = []
+    loaders: list[DataLoader] = []
+    labels_all = data.labels if data.labels is not None else torch.zeros(len(data), dtype=torch.long)
+    for k, member_idx in enumerate(splits.clients):
+        dataset = TensorDataset(member_idx, data.images[member_idx], labels_all[member_idx])
+        loader = DataLoader(
+            dataset, batch_size=min(tr.batch_size, len(member_idx)), shuffle=True,
+            generator=generator_for(config.seed, STREAM_LOADER, k),
+        )
+        c_model = c_opt = None
+        if t_c > 0:
+            c_model = build_model(unet_config(config.client_model, channels, num_classes), config.seed, STREAM_CLIENT, k).to(device)
+            c_opt = torch.optim.Adam(c_model.parameters(), lr=tr.lr)
+            c_model, c_opt, loader = _wrap(hooks, "client", c_model, c_opt, loader)
+        loaders.append(loader)
+        clients.append(
+            Client(
+                k, c_model, c_opt, schedule, t_c, tr.payload, generator_for(config.seed, STREAM_CLIENT, k),
+                release_hooks=hooks.release, label_dropout=tr.label_dropout, send_labels=num_classes > 0,
+            )
+        )
+
+    writer = TranscriptWriter(out_dir, tr.payload, tr.shard_rows) if server is not None else None
+    log: list[dict] = []
+    step = 0
+    bar = tqdm(range(1, tr.epochs + 1), desc="train", unit="epoch", disable=not progress)
+    for epoch in bar:
+        started = time.perf_counter()
+        client_losses: list[list[float]] = [[] for _ in clients]
+        server_losses: list[float] = []
+        iterators = [iter(loader) for loader in loaders]
+        active = list(range(len(clients)))
+        while active:
+            for k in list(active):
+                batch = next(iterators[k], None)
+                if batch is None:
+                    active.remove(k)
+                    continue
+                ids, x0, y = batch
+                if ids.numel() == 0:  # Poisson sampling (DP-SGD) can draw an empty batch
+                    continue
+                x0, y = x0.to(device), (y.to(device) if num_classes > 0 else None)
+                loss = clients[k].train_step(x0, y)
+                if loss is not None:
+                    client_losses[k].append(loss)
+                if server is not None:
+                    payload = clients[k].release(x0, y, ids, step)
+                    writer.record(payload, ids)  # the audit key gets ids; the server gets only the payload
+                    server_losses.append(server.receive(payload))  # ← the payload crosses here
+                step += 1
+        entry = {
+            "epoch": epoch,
+            "steps": step,
+            "seconds": round(time.perf_counter() - started, 4),
+            "server_loss": float(np.mean(server_losses)) if server_losses else None,
+            "client_loss": [float(np.mean(l)) if l else None for l in client_losses],
+        }
+        for hook in hooks.training:
+            for role, owner in [("server", None)] + [("client", k) for k in range(len(clients))]:
+                for key, value in hook.metrics(role, owner).items():
+                    entry[f"{hook.name}.{role}{'' if owner is None else owner}.{key}"] = value
+        log.append(entry)
+        if log_line is not None:
+            log_line(entry)
+        if entry["server_loss"] is not None:
+            bar.set_postfix(server=f"{entry['server_loss']:.3f}")
+    if writer is not None:
+        writer.close()
+    return TrainedSystem(
+        config=config,
+        schedule=schedule,
+        t_c=t_c,
+        server_model=_unwrap(server.model) if server is not None else None,
+        client_models=[_unwrap(c.model) if c.model is not None else None for c in clients],
+        log=log,
+        num_classes=num_classes,
+    )

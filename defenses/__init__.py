@@ -1,0 +1,1 @@
+"""collafuse.defenses"""
