@@ -11,12 +11,36 @@ from collafuse.errors import CollafuseError
 EXIT_BAD_INPUT = 2
 
 
+def _hooks_for(config):
+    """Defense hooks for a config. Only the command line joins the core and the defenses."""
+    from collafuse.training import Hooks
+
+    if not config.defenses:
+        return Hooks()
+    from collafuse.defenses import build_hooks
+
+    return build_hooks(config.defenses, config)
+
+
+def _cmd_attack_reconstruct(args: argparse.Namespace) -> int:
+    from collafuse.attacks.reconstruction.command import run_command
+
+    return run_command(Path(args.run), args.attacks, args.out, progress=not args.quiet)
+
+
+def _cmd_attack_membership(args: argparse.Namespace) -> int:
+    from collafuse.attacks.membership.command import run_command
+
+    return run_command(Path(args.run), args.attacks, args.targets, args.out, progress=not args.quiet)
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
     from collafuse.config import load_config
     from collafuse.runs import create_run
 
     config = load_config(args.config)
-    out = create_run(config, Path(args.out), progress=not args.quiet)
+    hooks = _hooks_for(config)
+    out = create_run(config, Path(args.out), hooks=hooks, progress=not args.quiet)
     print(f"run written to {out}")
     return 0
 
@@ -76,6 +100,22 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--client", type=int, default=0, help="which client finishes the chain (default 0)")
     sample.add_argument("--seed", type=int, default=None, help="sampling seed (default: the run's seed)")
     sample.set_defaults(func=_cmd_sample)
+
+    attack = sub.add_parser("attack", help="attack a trained run")
+    attack_sub = attack.add_subparsers(dest="attack_kind", required=True)
+    rec = attack_sub.add_parser("reconstruct", help="rebuild client images from the server's view (T1)")
+    rec.add_argument("--run", required=True)
+    rec.add_argument("--attacks", default=None, help="comma-separated attack names (default: all)")
+    rec.add_argument("--out", default=None, help="output JSON (default: RUN_DIR/../<run>-reconstruct.json)")
+    rec.add_argument("--quiet", action="store_true")
+    rec.set_defaults(func=_cmd_attack_reconstruct)
+    mem = attack_sub.add_parser("membership", help="membership inference on payloads, models and samples")
+    mem.add_argument("--run", required=True)
+    mem.add_argument("--attacks", default=None, help="comma-separated attack names (default: all that apply)")
+    mem.add_argument("--targets", default=None, help="comma-separated from server,client,samples,payload (default: all)")
+    mem.add_argument("--out", default=None, help="output JSON")
+    mem.add_argument("--quiet", action="store_true")
+    mem.set_defaults(func=_cmd_attack_membership)
     return parser
 
 

@@ -71,6 +71,9 @@ class RunConfig(_Strict):
     client_model: ModelConfig = ModelConfig(channels=(32, 64), time_dim=64)
     training: TrainingConfig = TrainingConfig()
     sampling: SamplingConfig = SamplingConfig()
+    # Defense settings, e.g. [{name: payload-noise, sigma: 0.5}]. The core stores them;
+    # collafuse.defenses validates them and turns them into hooks (the core never imports it).
+    defenses: tuple[dict[str, Any], ...] = ()
 
     @model_validator(mode="after")
     def _cross_checks(self) -> "RunConfig":
@@ -88,6 +91,9 @@ class RunConfig(_Strict):
         t_c = round(self.diffusion.cut_ratio * self.diffusion.T)
         if self.training.payload == "trajectory" and self.diffusion.T - t_c < 2:
             raise ValueError("payload 'trajectory' needs the server to own at least 2 steps (T - t_c >= 2)")
+        for i, spec in enumerate(self.defenses):
+            if not isinstance(spec.get("name"), str):
+                raise ValueError(f"defenses[{i}] needs a 'name'")
         return self
 
     @property

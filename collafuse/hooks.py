@@ -27,6 +27,10 @@ class ReleaseHook:
 
     name = "identity"
 
+    def describe(self) -> dict[str, Any]:
+        """What this hook is and did (name, parameters, threats covered, guarantees); stored in run.json."""
+        return {"name": self.name}
+
     def prepare(self, x0: torch.Tensor, member_ids: torch.Tensor) -> torch.Tensor:
         """Images (B,C,H,W) before noising; ``member_ids`` (B,) identify them on the client only."""
         return x0
@@ -46,6 +50,10 @@ class TrainingHook:
     """Wraps one side's training objects; identity by default."""
 
     name = "identity"
+
+    def describe(self) -> dict[str, Any]:
+        """What this hook is and did (name, parameters, threats covered, ε spent); stored in run.json."""
+        return {"name": self.name}
 
     def wrap(
         self,

@@ -167,7 +167,7 @@ def create_run(
                     "num_classes": system.num_classes,
                     "has_server": system.server_model is not None,
                     "train_seconds": round(train_seconds, 2),
-                    "hooks": [h.name for h in hooks.release] + [h.name for h in hooks.training],
+                    "hooks": [h.describe() for h in hooks.release] + [h.describe() for h in hooks.training],
                 },
                 indent=1,
             )
