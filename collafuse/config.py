@@ -48,8 +48,9 @@ class ModelConfig(_Strict):
 class TrainingConfig(_Strict):
     epochs: int = Field(60, ge=1)
     batch_size: int = Field(64, ge=1)
-    lr: float = Field(2e-3, gt=0)
+    lr: float = Field(1e-3, gt=0)
     label_dropout: float = Field(0.1, ge=0, lt=1)  # classifier-free guidance training
+    ema_decay: float = Field(0.995, ge=0, lt=1)    # checkpoints hold this EMA of the weights; 0 = raw weights
     payload: Literal["cut", "trajectory", "naive"] = "cut"
     shard_rows: int = Field(4096, ge=1)            # transcript rows per shard and client
 

@@ -67,6 +67,16 @@ def reverse_chain(
     return x
 
 
+PAYLOAD_TAIL_Z = 4.0  # a payload pixel leaves a_c·bound ± 4 s_c with probability < 1e-4
+
+
+def payload_bound(schedule: NoiseSchedule, t_c: int, data_bound: float | None) -> float | None:
+    """Range of a payload pixel p = a x0 + s ε with |x0| ≤ bound: a·bound + z·s (z = 4)."""
+    if data_bound is None:
+        return None
+    return schedule.a(t_c) * data_bound + PAYLOAD_TAIL_Z * schedule.s(t_c)
+
+
 def split_ddim_steps(total: int, T: int, t_c: int) -> tuple[int, int]:
     """Share ``total`` DDIM steps between server and client in proportion to the steps each owns."""
     server_span, client_span = T - t_c, t_c
@@ -92,12 +102,17 @@ def collaborative_sample(
     ddim_steps: int = 50,
     guidance: float = 0.0,
     device: torch.device | str = "cpu",
+    data_bound: float | None = 1.0,
 ) -> torch.Tensor:
     """Generate a batch (shape (N,C,H,W)) with the split chain; returns images in model space (≈[-1, 1]).
 
-    Server: x_T ~ N(0, I) → x̂_{t_c} on its relative schedule ᾱ_t/ᾱ_{t_c}. Its target
-    (payloads) is unbounded unless t_c = 0, when the payload is the image itself and
-    x̂0 may be clipped to [-1, 1] as the client does.
+    ``data_bound``: images are known to lie in [-bound, bound], so the client clips x̂0
+    to it (None: no clipping anywhere, e.g. for unbounded Gaussian toy data).
+
+    Server: x_T ~ N(0, I) → x̂_{t_c} on its relative schedule ᾱ_t/ᾱ_{t_c}. Its "x0" is
+    the payload p = a x0 + s ε, so it clips p̂ to :func:`payload_bound` — without any
+    bound, the first steps from ᾱ'_T ≈ 0 amplify denoiser errors by 1/√ᾱ'_T and the
+    chain diverges. With t_c = 0 that bound is ``data_bound`` itself.
     """
     T = schedule.T
     server_steps, client_steps = split_ddim_steps(ddim_steps, T, t_c)
@@ -108,13 +123,14 @@ def collaborative_sample(
             raise ValueError("t_c < T needs a server model")
         x = reverse_chain(
             server_model, schedule.relative(t_c), T, t_c, x, generator, y, sampler, server_steps, guidance,
-            clip_x0=1.0 if t_c == 0 else None,
+            clip_x0=payload_bound(schedule, t_c, data_bound),
         )
     # ---- hand-off: the server sends x̂_{t_c} to the client ----
     if t_c > 0:
         if client_model is None:
             raise ValueError("t_c > 0 needs a client model")
         x = reverse_chain(
-            client_model, schedule.alpha_bar, t_c, 0, x, generator, y, sampler, client_steps, guidance, clip_x0=1.0
+            client_model, schedule.alpha_bar, t_c, 0, x, generator, y, sampler, client_steps, guidance,
+            clip_x0=data_bound,
         )
     return x
