@@ -61,7 +61,7 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     if not 0 <= args.client < len(run.client_models):
         raise CollafuseError(f"--client must be in 0..{len(run.client_models) - 1}, got {args.client}")
     seed = run.config.seed if args.seed is None else args.seed
-    images = to_uint8(generate(run, args.client, args.n, seed))
+    images = to_uint8(generate(run, args.client, args.n, seed, progress=not args.quiet))
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.partial-{os.getpid()}{out.suffix}")
     try:
@@ -99,6 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--out", required=True, help="output .png (grid) or .npz (images, labels)")
     sample.add_argument("--client", type=int, default=0, help="which client finishes the chain (default 0)")
     sample.add_argument("--seed", type=int, default=None, help="sampling seed (default: the run's seed)")
+    sample.add_argument("--quiet", action="store_true", help="no progress bar")
     sample.set_defaults(func=_cmd_sample)
 
     attack = sub.add_parser("attack", help="attack a trained run")

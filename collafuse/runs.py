@@ -95,7 +95,9 @@ def sample_labels(n: int, num_classes: int) -> torch.Tensor | None:
     return torch.arange(n) % num_classes if num_classes > 0 else None
 
 
-def generate(system: "TrainedSystem | Run", client: int, n: int, seed: int, batch: int = 256) -> torch.Tensor:
+def generate(
+    system: "TrainedSystem | Run", client: int, n: int, seed: int, batch: int = 256, progress: bool = False
+) -> torch.Tensor:
     """``n`` collaborative samples handed to client ``client``, labels cycling through the classes."""
     cfg = system.config
     device = resolve_device(cfg.device)
@@ -110,7 +112,7 @@ def generate(system: "TrainedSystem | Run", client: int, n: int, seed: int, batc
             collaborative_sample(
                 system.server_model, system.client_models[client], system.schedule, system.t_c,
                 (stop - start, cfg.data.channels, size, size), gen, y, cfg.sampling.sampler,
-                cfg.sampling.steps, cfg.sampling.guidance if y is not None else 0.0, device,
+                cfg.sampling.steps, cfg.sampling.guidance if y is not None else 0.0, device, progress=progress,
             ).cpu()
         )
     return torch.cat(out)
@@ -153,7 +155,10 @@ def create_run(
         (staging / "config.yaml").write_text(config_to_yaml(config))
 
         per_client = config.sampling.per_client
-        rows = [to_uint8(generate(system, k, per_client, config.seed)) for k in range(len(system.client_models))]
+        rows = [
+            to_uint8(generate(system, k, per_client, config.seed, progress=progress))
+            for k in range(len(system.client_models))
+        ]
         save_png(image_grid(np.concatenate(rows), rows=len(rows)), staging / "samples.png", scale=2)
 
         (staging / RUN_MARKER).write_text(

@@ -10,6 +10,7 @@ from typing import Literal
 
 import torch
 from torch import nn
+from tqdm import tqdm
 
 from collafuse.schedule import NoiseSchedule, ddim_step, ddim_timesteps, ddpm_step
 
@@ -42,24 +43,26 @@ def reverse_chain(
     ddim_steps: int = 50,
     guidance: float = 0.0,
     clip_x0: float | None = None,
+    progress: str | None = None,
 ) -> torch.Tensor:
     """Denoise ``x`` from step ``t_start`` down to ``t_stop`` on the schedule ``alpha_bar`` (index = step).
 
     DDPM visits every step; DDIM (η = 0) visits ``ddim_steps`` evenly spaced ones and
     always lands exactly on ``t_stop``. Noise for DDPM comes from ``generator`` (CPU).
+    ``progress``: a label for a progress bar over the steps (None: no bar).
     """
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; valid: {', '.join(SAMPLERS)}")
     b = x.shape[0]
     if sampler == "ddpm":
-        for t in range(t_start, t_stop, -1):
+        for t in tqdm(range(t_start, t_stop, -1), desc=progress, unit="step", disable=progress is None, leave=False):
             t_batch = torch.full((b,), t, dtype=torch.long, device=x.device)
             eps = guided_eps(model, x, t_batch, y, guidance)
             noise = torch.randn(x.shape, generator=generator).to(x.device)
             x = ddpm_step(x, eps, float(alpha_bar[t]), float(alpha_bar[t - 1]), noise, clip_x0)
         return x
     steps = ddim_timesteps(t_start, t_stop, ddim_steps)
-    for i, t in enumerate(steps):
+    for i, t in enumerate(tqdm(steps, desc=progress, unit="step", disable=progress is None, leave=False)):
         t_next = steps[i + 1] if i + 1 < len(steps) else t_stop
         t_batch = torch.full((b,), t, dtype=torch.long, device=x.device)
         eps = guided_eps(model, x, t_batch, y, guidance)
@@ -103,6 +106,7 @@ def collaborative_sample(
     guidance: float = 0.0,
     device: torch.device | str = "cpu",
     data_bound: float | None = 1.0,
+    progress: bool = False,
 ) -> torch.Tensor:
     """Generate a batch (shape (N,C,H,W)) with the split chain; returns images in model space (≈[-1, 1]).
 
@@ -123,7 +127,7 @@ def collaborative_sample(
             raise ValueError("t_c < T needs a server model")
         x = reverse_chain(
             server_model, schedule.relative(t_c), T, t_c, x, generator, y, sampler, server_steps, guidance,
-            clip_x0=payload_bound(schedule, t_c, data_bound),
+            clip_x0=payload_bound(schedule, t_c, data_bound), progress="server" if progress else None,
         )
     # ---- hand-off: the server sends x̂_{t_c} to the client ----
     if t_c > 0:
@@ -131,6 +135,6 @@ def collaborative_sample(
             raise ValueError("t_c > 0 needs a client model")
         x = reverse_chain(
             client_model, schedule.alpha_bar, t_c, 0, x, generator, y, sampler, client_steps, guidance,
-            clip_x0=data_bound,
+            clip_x0=data_bound, progress="client" if progress else None,
         )
     return x

@@ -137,3 +137,20 @@ def test_run_folder_layout(tiny_runs):
                  "checkpoints/client_0.safetensors", "checkpoints/client_1.safetensors"):
         assert (run_dir / name).is_file(), name
     assert not list(run_dir.parent.glob(".*partial*"))
+
+
+def test_weight_average_is_an_exponential_moving_average():
+    from collafuse.training import WeightAverage
+
+    model = torch.nn.Linear(2, 1, bias=False)
+    with torch.no_grad():
+        model.weight.fill_(1.0)
+    avg = WeightAverage(model, decay=0.9)
+    expected = None  # torch's AveragedModel starts from the weights after the first step
+    for value in (3.0, -1.0, 5.0):
+        with torch.no_grad():
+            model.weight.fill_(value)
+        avg.update()
+        expected = torch.full((1, 2), value) if expected is None else 0.9 * expected + 0.1 * value
+    assert torch.allclose(avg.weights.weight, expected)
+    assert WeightAverage(model, decay=0.0).weights is model  # 0 = the raw weights
