@@ -69,7 +69,7 @@ class RunConfig(_Strict):
     data: DataConfig = DataConfig()
     diffusion: DiffusionConfig = DiffusionConfig()
     server_model: ModelConfig = ModelConfig()
-    client_model: ModelConfig = ModelConfig(channels=(32, 64), time_dim=64)
+    client_model: ModelConfig = ModelConfig(channels=(16, 32), time_dim=64)  # clients: less compute
     training: TrainingConfig = TrainingConfig()
     sampling: SamplingConfig = SamplingConfig()
     # Defense settings, e.g. [{name: payload-noise, sigma: 0.5}]. The core stores them;

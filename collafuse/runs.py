@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import yaml
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from collafuse import __version__
@@ -236,8 +236,10 @@ class Run:
         path = self.path / "data.safetensors"
         try:
             stored = load_file(str(path))
-        except (SafetensorError, OSError) as exc:
+            with safe_open(str(path), framework="pt") as f:
+                num_classes = int(f.metadata()["num_classes"])
+        except (SafetensorError, OSError, KeyError, TypeError, ValueError) as exc:
             raise RunError(f"run data unreadable: {path} ({exc})") from None
-        data = ImageSet(stored["images"], stored.get("labels"), int(stored["labels"].max()) + 1 if "labels" in stored else 0)
+        data = ImageSet(stored["images"], stored.get("labels"), num_classes)
         splits = Splits.from_dict({k.removeprefix("split."): v for k, v in stored.items() if k.startswith("split.")})
         return data, splits
