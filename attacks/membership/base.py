@@ -1,0 +1,97 @@
+"""What every membership attack is: a pure score over signals, with its threats and its cost (§3, §4.2).
+
+Signals are the model outputs (or payload / sample statistics) an attack needs,
+computed once per target by :mod:`collafuse.attacks.membership.signals` and shared
+between attacks. An attack module only turns signals into scores, so the math is
+testable without any model.
+
+Direction: every ``score`` returns values where HIGHER = MORE LIKELY A MEMBER.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Mapping
+
+import numpy as np
+
+THREATS: dict[str, str] = {
+    "T1": "curious server reading the transcript (payloads)",
+    "T2": "white-box access to the server model",
+    "T3": "white-box access to one client's model",
+    "T4": "black-box: generated images only",
+}
+
+Signals = Mapping[str, np.ndarray]
+
+
+@dataclass(frozen=True)
+class AttackScores:
+    """scores: (N,) float64, higher = more likely member. per_step: (N, S) or None, one column per
+    entry of ``steps`` (the leakage-per-timestep curve is the AUC of each column)."""
+
+    scores: np.ndarray
+    per_step: np.ndarray | None = None
+    steps: tuple[int, ...] = ()
+
+
+SCORE_FRACTION = 0.5
+
+
+def low_noise_mean(per_step: np.ndarray, steps: np.ndarray, t_range: np.ndarray, fraction: float = SCORE_FRACTION) -> np.ndarray:
+    """Mean of per-step scores (N, M) over the steps in the low-noise part of the model's range.
+
+    A step counts when t ≤ t_min + fraction·(t_max − t_min) (at least the first step always
+    counts). The literature attacks at low-to-middle noise (PIA t = 200, SecMI t = 100 of
+    1000); at the noisy end a model's output hardly depends on the candidate and only adds
+    variance. The choice is fixed in advance, never tuned on membership labels. (N,)
+    """
+    t_min, t_max = float(t_range[0]), float(t_range[1])
+    steps = np.asarray(steps)
+    keep = steps <= t_min + fraction * (t_max - t_min)
+    keep[0] = True
+    return np.asarray(per_step, dtype=np.float64)[:, keep].mean(axis=1)
+
+
+@dataclass(frozen=True)
+class SignalSettings:
+    """How signals are gathered (shared by every attack on a target).
+
+    n_steps: M query timesteps spread over the model's own range (quadratic spacing, denser
+             at low noise, where membership signals are strongest);
+    n_noise: K noise draws per timestep for ``loss``;
+    batch_size: images per batched denoiser forward.
+    """
+
+    n_steps: int = 8
+    n_noise: int = 4
+    batch_size: int = 256
+
+    def __post_init__(self) -> None:
+        if self.n_steps < 1 or self.n_noise < 1 or self.batch_size < 1:
+            raise ValueError(f"n_steps, n_noise and batch_size must be >= 1, got {self}")
+
+
+@dataclass(frozen=True)
+class MembershipAttack:
+    """A registered attack.
+
+    name: registry name; threats: subset of T1..T4; signals: names of the signals it reads;
+    score: pure function signals → :class:`AttackScores` (higher = member);
+    queries_per_image: model forwards per candidate image (0 when it reads no model), as a
+    function of the settings and of M, the number of query steps the target's range allows
+    (a signal shared with another attack is counted for each attack that reads it).
+    """
+
+    name: str
+    summary: str
+    threats: tuple[str, ...]
+    signals: tuple[str, ...]
+    score: Callable[[Signals], AttackScores]
+    queries_per_image: Callable[[SignalSettings, int], int]
+    direction: str = "higher = more likely member"
+    reference: str = ""
+
+    def __post_init__(self) -> None:
+        unknown = set(self.threats) - set(THREATS)
+        if unknown or not self.threats:
+            raise ValueError(f"attack {self.name!r}: threats must be a non-empty subset of {sorted(THREATS)}, got {self.threats}")

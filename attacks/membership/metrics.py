@@ -1,0 +1,251 @@
+"""Membership-inference metrics shared by every attack and target (DESIGN.md §4.2).
+
+Convention everywhere: label 1 = member, 0 = non-member, and a higher score means
+"more likely member". All metrics come from one ``sklearn.metrics.roc_curve``
+(``drop_intermediate=False``) so they agree with scikit-learn by construction:
+
+- ROC AUC (equals ``roc_auc_score``);
+- TPR at a target FPR: the largest TPR over ROC points whose FPR ≤ target (an FPR
+  exactly at the target counts). It is *unresolved* when there are fewer than
+  1/target non-members, because then the only achievable FPR ≤ target is 0;
+- balanced accuracy at the best threshold: max over thresholds of (TPR + TNR)/2
+  (the attacker's best single threshold; optimistic by design, like the AUC);
+- bootstrap percentile intervals, members and non-members resampled separately.
+"""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+from sklearn.metrics import auc as _trapezoid_auc
+from sklearn.metrics import roc_curve
+
+from collafuse.errors import CollafuseError
+
+FPR_TARGETS: tuple[float, ...] = (0.01, 0.001)
+
+
+class ScoreError(CollafuseError):
+    """Membership scores or candidate sets that cannot be evaluated (empty, NaN, mismatched)."""
+
+
+def validate_scores(member_scores: np.ndarray, nonmember_scores: np.ndarray, what: str = "scores") -> tuple[np.ndarray, np.ndarray]:
+    """Check two 1-D score vectors (members (Nm,), non-members (Nn,)); return them as float64.
+
+    Raises :class:`ScoreError` naming the problem: not 1-D, empty, NaN or infinite.
+    """
+    out = []
+    for name, s in (("member", member_scores), ("non-member", nonmember_scores)):
+        s = np.asarray(s, dtype=np.float64)
+        if s.ndim != 1:
+            raise ScoreError(f"{what}: {name} scores must be one value per candidate (1-D), got shape {s.shape}")
+        if s.size == 0:
+            raise ScoreError(f"{what}: no {name} candidates to score")
+        bad = int((~np.isfinite(s)).sum())
+        if bad:
+            raise ScoreError(f"{what}: {bad} of {s.size} {name} scores are NaN or infinite")
+        out.append(s)
+    return out[0], out[1]
+
+
+def labels_and_scores(member_scores: np.ndarray, nonmember_scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Concatenate to (labels (N,) int, scores (N,) float64), members first."""
+    m, n = validate_scores(member_scores, nonmember_scores)
+    labels = np.concatenate([np.ones(m.size, dtype=np.int64), np.zeros(n.size, dtype=np.int64)])
+    return labels, np.concatenate([m, n])
+
+
+def roc(labels: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(fpr, tpr, thresholds) of every distinct threshold, from ``sklearn.metrics.roc_curve``."""
+    return roc_curve(labels, scores, drop_intermediate=False)
+
+
+def fast_roc(labels: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(fpr, tpr) equal to ``roc_curve(..., drop_intermediate=False)`` without its input checks.
+
+    Used for bootstrap replicates, where scikit-learn's validation would dominate the
+    run time; tested against scikit-learn (ties included).
+    """
+    order = np.argsort(-scores, kind="mergesort")
+    s, y = scores[order], labels[order]
+    last = np.r_[np.flatnonzero(np.diff(s) != 0), y.size - 1]  # last index of each distinct score
+    tps = np.cumsum(y)[last]
+    fps = (last + 1) - tps
+    tps, fps = np.r_[0, tps], np.r_[0, fps]
+    return fps / fps[-1], tps / tps[-1]
+
+
+def tpr_at_fpr_from_roc(fpr: np.ndarray, tpr: np.ndarray, target: float) -> float:
+    """Largest TPR among ROC points with FPR ≤ ``target`` (the point (0, 0) always qualifies)."""
+    ok = fpr <= target + 1e-12  # an FPR equal to the target, up to float rounding, counts
+    return float(tpr[ok].max())
+
+
+def resolvable(n_nonmembers: int, target: float) -> bool:
+    """True when there are at least 1/target non-members, so an FPR of ``target`` is reachable."""
+    return n_nonmembers >= math.ceil(1.0 / target - 1e-9)
+
+
+def best_balanced_accuracy_from_roc(fpr: np.ndarray, tpr: np.ndarray) -> float:
+    """max over thresholds of (TPR + 1 − FPR)/2."""
+    return float(((tpr + 1.0 - fpr) / 2.0).max())
+
+
+@dataclass(frozen=True)
+class PointMetrics:
+    """The four numbers of one evaluation (no intervals)."""
+
+    auc: float
+    tpr_at_fpr: dict[float, float]
+    balanced_accuracy: float
+
+
+def point_metrics(
+    labels: np.ndarray, scores: np.ndarray, targets: Sequence[float] = FPR_TARGETS, fast: bool = False
+) -> PointMetrics:
+    """AUC, TPR at each target FPR and best balanced accuracy from one ROC curve
+    (scikit-learn's, or :func:`fast_roc` when ``fast``)."""
+    fpr, tpr = fast_roc(labels, scores) if fast else roc(labels, scores)[:2]
+    return PointMetrics(
+        auc=float(_trapezoid_auc(fpr, tpr)),
+        tpr_at_fpr={t: tpr_at_fpr_from_roc(fpr, tpr, t) for t in targets},
+        balanced_accuracy=best_balanced_accuracy_from_roc(fpr, tpr),
+    )
+
+
+def bootstrap_metrics(
+    member_scores: np.ndarray,
+    nonmember_scores: np.ndarray,
+    n_boot: int,
+    rng: np.random.Generator,
+    targets: Sequence[float] = FPR_TARGETS,
+) -> list[PointMetrics]:
+    """``n_boot`` stratified bootstrap replicates (members and non-members resampled separately)."""
+    m, n = validate_scores(member_scores, nonmember_scores)
+    labels = np.concatenate([np.ones(m.size, dtype=np.int64), np.zeros(n.size, dtype=np.int64)])
+    out = []
+    for _ in range(n_boot):
+        s = np.concatenate([m[rng.integers(0, m.size, m.size)], n[rng.integers(0, n.size, n.size)]])
+        out.append(point_metrics(labels, s, targets, fast=True))
+    return out
+
+
+def percentile_interval(values: Sequence[float], confidence: float = 0.95) -> tuple[float, float]:
+    """Two-sided percentile interval of bootstrap replicates."""
+    lo = (1.0 - confidence) / 2.0
+    v = np.asarray(values, dtype=np.float64)
+    return float(np.quantile(v, lo)), float(np.quantile(v, 1.0 - lo))
+
+
+def evaluate(
+    member_scores: np.ndarray,
+    nonmember_scores: np.ndarray,
+    n_boot: int = 200,
+    seed: int = 0,
+    confidence: float = 0.95,
+    targets: Sequence[float] = FPR_TARGETS,
+) -> dict:
+    """Every metric with its bootstrap interval, as a JSON-ready dict.
+
+    ``member_scores`` (Nm,), ``nonmember_scores`` (Nn,); higher = more likely member.
+    """
+    m, n = validate_scores(member_scores, nonmember_scores)
+    labels = np.concatenate([np.ones(m.size, dtype=np.int64), np.zeros(n.size, dtype=np.int64)])
+    point = point_metrics(labels, np.concatenate([m, n]), targets)
+    boots = bootstrap_metrics(m, n, n_boot, np.random.default_rng(seed), targets) if n_boot > 0 else []
+
+    def ci(getter) -> list[float] | None:
+        return list(percentile_interval([getter(b) for b in boots], confidence)) if boots else None
+
+    return {
+        "n_members": int(m.size),
+        "n_nonmembers": int(n.size),
+        "auc": point.auc,
+        "auc_ci": ci(lambda b: b.auc),
+        "tpr_at_fpr": {
+            f"{t:g}": {
+                "tpr": point.tpr_at_fpr[t],
+                "ci": ci(lambda b, t=t: b.tpr_at_fpr[t]),
+                "resolved": resolvable(int(n.size), t),
+                **({} if resolvable(int(n.size), t) else {
+                    "note": f"only {n.size} non-members: FPR {t:g} needs at least {math.ceil(1 / t)}; this is TPR at FPR 0"
+                }),
+            }
+            for t in targets
+        },
+        "balanced_accuracy": point.balanced_accuracy,
+        "balanced_accuracy_ci": ci(lambda b: b.balanced_accuracy),
+        "confidence": confidence,
+        "bootstrap": n_boot,
+    }
+
+
+def save_roc_png(curves: dict[str, tuple[np.ndarray, np.ndarray]], path: Path, title: str) -> None:
+    """ROC curves (name → (member scores, non-member scores)) on log–log axes, written atomically.
+
+    Zero rates cannot be drawn on a log axis; they are clipped to half the smallest
+    resolvable rate so the low-FPR region stays visible.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    fig, ax = plt.subplots(figsize=(4.8, 4.4), dpi=110)
+    floor = 1.0
+    for name, (m, n) in curves.items():
+        labels, scores = labels_and_scores(m, n)
+        fpr, tpr, _ = roc(labels, scores)
+        lo = 0.5 / max(len(m), len(n))
+        floor = min(floor, lo)
+        a = float(_trapezoid_auc(fpr, tpr))
+        ax.plot(np.maximum(fpr, lo), np.maximum(tpr, lo), label=f"{name} (AUC {a:.3f})", lw=1.2)
+    ax.plot([floor, 1], [floor, 1], ls="--", color="grey", lw=0.8, label="chance")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlim(floor, 1)
+    ax.set_ylim(floor, 1)
+    ax.set_xlabel("false positive rate")
+    ax.set_ylabel("true positive rate")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.partial-{os.getpid()}.png")
+    try:
+        fig.savefig(tmp)
+        tmp.replace(path)
+    finally:
+        plt.close(fig)
+        tmp.unlink(missing_ok=True)
+
+
+def save_curve_png(curves: dict[str, tuple[Sequence[int], Sequence[float]]], path: Path, title: str) -> None:
+    """Leakage per timestep: AUC against t, one line per attack, written atomically."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    fig, ax = plt.subplots(figsize=(4.8, 3.6), dpi=110)
+    for name, (steps, aucs) in curves.items():
+        ax.plot(list(steps), list(aucs), marker="o", ms=3, lw=1.2, label=name)
+    ax.axhline(0.5, ls="--", color="grey", lw=0.8)
+    ax.set_xlabel("timestep t")
+    ax.set_ylabel("ROC AUC")
+    ax.set_ylim(0.0, 1.0)
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.partial-{os.getpid()}.png")
+    try:
+        fig.savefig(tmp)
+        tmp.replace(path)
+    finally:
+        plt.close(fig)
+        tmp.unlink(missing_ok=True)
