@@ -1,0 +1,198 @@
+"""The payload-only leakage curve (DESIGN.md §7; issue 3 item 3).
+
+Every T1 metric for a grid of cut ratios from a dataset, a schedule and the
+defense-free protocol alone — no CollaFuse system is trained. For each cut ratio
+the payloads are simulated exactly as a client sends them, with
+:meth:`collafuse.protocol.Client.release` (the client's model plays no part in
+what it releases), for the given number of epochs: every client walks its own
+data once per epoch in a fresh random order, round-robin over clients, as
+:func:`collafuse.training.train_system` does. The data splits (members, non-members,
+aux, client partition) are the ones a trained run with the same config would use
+(:func:`collafuse.runs.prepare_data`), so curve and trained runs line up.
+
+The attacker's denoiser is trained once on the aux split (cached) and serves
+every cut ratio.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from collafuse.config import RunConfig
+from collafuse.data import ImageSet, Splits
+from collafuse.errors import ConfigError
+from collafuse.protocol import Client
+from collafuse.runs import prepare_data
+from collafuse.schedule import NoiseSchedule, cut_step
+from collafuse.training import STREAM_CLIENT, STREAM_LOADER, generator_for
+
+from collafuse.attacks.reconstruction.denoiser import AttackerDenoiser, DenoiserConfig, load_or_train
+from collafuse.attacks.reconstruction.evaluate import ViewEvaluation, evaluate_view
+from collafuse.attacks.reconstruction.registry import RECONSTRUCTION_ATTACKS
+from collafuse.attacks.reconstruction.scoring import Truth
+from collafuse.attacks.reconstruction.view import AttackerResources, ViewArrays
+
+CURVE_ATTACKS: tuple[str, ...] = ("rescale", "tweedie", "ddim", "multiview", "oracle")
+POOL_DESCRIPTION = "all member and non-member images of the data split (the population the clients' data is drawn from)"
+
+
+def simulate_view(
+    data: ImageSet,
+    splits: Splits,
+    schedule: NoiseSchedule,
+    t_c: int,
+    epochs: int,
+    payload_kind: str = "cut",
+    batch_size: int = 64,
+    seed: int = 0,
+    send_labels: bool = False,
+) -> tuple[ViewArrays, torch.Tensor]:
+    """The server view of ``epochs`` epochs of the plain protocol at cut step ``t_c``.
+
+    Returns (view with N = epochs · n_members rows in crossing order, member (N,) source index of
+    each row — the simulation's own audit key, for scoring only).
+    """
+    if epochs < 1:
+        raise ConfigError(f"epochs must be >= 1, got {epochs}")
+    clients = [
+        Client(k, None, None, schedule, t_c, payload_kind, generator_for(seed, STREAM_CLIENT, k), send_labels=send_labels)
+        for k in range(len(splits.clients))
+    ]
+    orders = [generator_for(seed, STREAM_LOADER, k) for k in range(len(splits.clients))]
+    rows: dict[str, list[torch.Tensor]] = {"tensor": [], "t": [], "client": [], "step": [], "label": [], "noise": []}
+    members: list[torch.Tensor] = []
+    step = 0
+    for _ in range(epochs):
+        batches = []
+        for k, idx in enumerate(splits.clients):
+            perm = idx[torch.randperm(idx.numel(), generator=orders[k])]
+            batches.append(list(torch.split(perm, batch_size)))
+        for j in range(max(len(b) for b in batches)):
+            for k, client_batches in enumerate(batches):
+                if j >= len(client_batches):
+                    continue
+                ids = client_batches[j]
+                y = data.labels[ids] if data.labels is not None else None
+                payload = clients[k].release(data.images[ids], y, ids, step)  # exactly what a client sends
+                rows["tensor"].append(payload.tensor.float())
+                rows["t"].append(payload.t)
+                rows["client"].append(torch.full((len(payload),), k, dtype=torch.long))
+                rows["step"].append(torch.full((len(payload),), step, dtype=torch.long))
+                if payload.label is not None:
+                    rows["label"].append(payload.label)
+                if payload.noise is not None:
+                    rows["noise"].append(payload.noise)
+                members.append(ids)
+                step += 1
+    n = sum(r.shape[0] for r in rows["tensor"])
+    view = ViewArrays(
+        tensor=torch.cat(rows["tensor"]),
+        t=torch.cat(rows["t"]).long(),
+        client=torch.cat(rows["client"]),
+        step=torch.cat(rows["step"]),
+        seq=torch.arange(n),
+        label=torch.cat(rows["label"]).long() if rows["label"] else None,
+        noise=torch.cat(rows["noise"]) if rows["noise"] else None,
+    )
+    return view, torch.cat(members)
+
+
+def truth_for(member: torch.Tensor, view: ViewArrays, data: ImageSet, splits: Splits) -> Truth:
+    """Scorer-side ground truth for simulated (or audit-key-resolved) rows."""
+    return Truth(
+        member=member,
+        client=view.client,
+        source=data.images,
+        source_labels=data.labels,
+        client_data={k: idx for k, idx in enumerate(splits.clients)},
+        pool=torch.cat([splits.members, splits.nonmembers]),
+        pool_description=POOL_DESCRIPTION,
+    )
+
+
+@dataclass
+class CurveResult:
+    """Tidy rows (one per cut ratio × attack × scope × metric) and the evaluations behind them."""
+
+    rows: list[dict]
+    evaluations: dict[float, ViewEvaluation] = field(default_factory=dict)
+    seconds: float = 0.0
+    denoiser_cache: str | None = None
+
+
+def tidy_rows(ev: ViewEvaluation, cut_ratio: float, t_c: int, epochs: int, seed: int, per_client: bool = False) -> list[dict]:
+    out = []
+    base = {"cut_ratio": cut_ratio, "t_c": t_c, "epochs": epochs, "seed": seed}
+    for attack, sc in ev.scores.items():
+        scopes = {"pooled": sc.summary(seed=seed)}
+        if per_client:
+            scopes.update({f"client_{k}": v for k, v in sc.by_client(seed).items()})
+        for scope, summary in scopes.items():
+            for metric, iv in summary.items():
+                out.append({**base, "attack": attack, "scope": scope, "metric": metric, **iv})
+        for key, value in ev.extra.get(attack, {}).items():
+            out.append({**base, "attack": attack, "scope": "pooled", "metric": key, "value": value})
+    lab = ev.payload_label_summary(seed=seed)
+    if lab is not None:
+        out.append({**base, "attack": "payload", "scope": "pooled", "metric": "label", **lab})
+    return out
+
+
+def payload_curve(
+    config: RunConfig,
+    cut_ratios: tuple[float, ...],
+    epochs: int = 1,
+    attacks: tuple[str, ...] = CURVE_ATTACKS,
+    denoiser_config: DenoiserConfig | None = None,
+    cache_dir: Path | None = None,
+    ddim_steps: int = 4,
+    inversion_steps: int = 300,
+    data: tuple[ImageSet, Splits] | None = None,
+    denoiser: AttackerDenoiser | None = None,
+    keep_evaluations: bool = True,
+    progress: bool = False,
+) -> CurveResult:
+    """Every T1 metric for each cut ratio, from ``config``'s data, schedule and payload kind alone.
+
+    ``config`` supplies the data source and splits, the schedule, T, the payload kind, the batch
+    size and the seed (its cut ratio and models are ignored). ``data`` skips loading when given;
+    ``denoiser`` skips the cache (an attacker denoiser already trained on this aux split).
+    """
+    for name in attacks:
+        RECONSTRUCTION_ATTACKS.get(name)
+    started = time.perf_counter()
+    images, splits = data if data is not None else prepare_data(config)
+    schedule = NoiseSchedule.create(config.diffusion.schedule, config.diffusion.T)
+    aux = images.subset(splits.aux)
+    send_labels = config.conditional and images.labels is not None
+    cache = None
+    if denoiser is None and {"tweedie", "ddim"} & set(attacks):
+        if len(aux) < 2:
+            raise ConfigError("tweedie/ddim need the attacker's aux split: set data.n_aux >= 2")
+        dcfg = denoiser_config or DenoiserConfig(seed=config.seed)
+        denoiser, path, _ = load_or_train(aux.images, schedule, dcfg, cache_dir, progress=progress)
+        cache = str(path)
+    pool = torch.cat([splits.members, splits.nonmembers])
+    resources = AttackerResources(
+        aux=aux if len(aux) else None, denoiser=denoiser, candidates=images.images[pool], epochs=epochs,
+        ddim_steps=ddim_steps, inversion_steps=inversion_steps, seed=config.seed,
+    )
+    rows: list[dict] = []
+    evaluations: dict[float, ViewEvaluation] = {}
+    for c in tqdm(cut_ratios, desc="cut ratios", disable=not progress):
+        t_c = cut_step(c, schedule.T)
+        if t_c >= schedule.T:
+            rows.append({"cut_ratio": c, "t_c": t_c, "epochs": epochs, "seed": config.seed, "attack": None,
+                         "scope": "pooled", "metric": "nothing_to_attack", "value": True})
+            continue
+        view, member = simulate_view(images, splits, schedule, t_c, epochs, config.training.payload,
+                                     config.training.batch_size, config.seed, send_labels)
+        ev = evaluate_view(view, schedule, truth_for(member, view, images, splits), resources, attacks, images.num_classes)
+        rows.extend(tidy_rows(ev, c, t_c, epochs, config.seed))
+        if keep_evaluations:
+            evaluations[c] = ev
+    return CurveResult(rows, evaluations, time.perf_counter() - started, cache)
