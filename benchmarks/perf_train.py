@@ -8,6 +8,8 @@ Prints, from one run, with interleaved repetitions and medians:
    relative-schedule noising. Target ≤ 1.10.
 2. images/s of our UNet against ``diffusers.UNet2DModel`` with the same block widths
    (forward + backward, same batch), when diffusers is installed. Target ≥ 1.5×.
+3. the cost of DP-SGD: an Opacus client step over the plain step, for 1 and 4
+   timesteps per image (noise multiplicity), from ``perf_dpsgd``.
 
     python -m collafuse.benchmarks.perf_train [--reps 30] [--batch 64]
 """
@@ -147,6 +149,12 @@ def main() -> None:
         ours, theirs = speed
         print(f"ours {ours:8.1f} img/s, diffusers.UNet2DModel {theirs:8.1f} img/s (train fwd+bwd)")
         print(f"ratio ours/diffusers = {ours / theirs:.2f}  (target >= 1.5)")
+    from collafuse.benchmarks.perf_dpsgd import dpsgd_step_ratio
+
+    dp = dpsgd_step_ratio(batch=args.batch, repeats=max(3, args.reps // 4))
+    for k, row in dp["dpsgd"].items():
+        print(f"DP-SGD client step ({k} timesteps per image) / plain step = {row['ratio_to_plain']:.2f}"
+              f"  ({row['step_s'] * 1e3:.1f} ms vs {dp['plain_step_s'] * 1e3:.1f} ms)")
 
 
 if __name__ == "__main__":

@@ -22,6 +22,15 @@ def _hooks_for(config):
     return build_hooks(config.defenses, config)
 
 
+def _warn_uncovered(config) -> None:
+    """Say which threats (DESIGN §3) no configured defense addresses; the run still goes ahead."""
+    from collafuse.defenses import uncovered_threats
+
+    left = uncovered_threats(config.defenses, config)
+    if left:
+        print(f"collafuse: warning: no configured defense addresses {', '.join(left)}", file=sys.stderr)
+
+
 def _cmd_attack_reconstruct(args: argparse.Namespace) -> int:
     from collafuse.attacks.reconstruction.command import run_command
 
@@ -42,6 +51,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     hooks = _hooks_for(config)
     out = create_run(config, Path(args.out), hooks=hooks, progress=not args.quiet)
     print(f"run written to {out}")
+    _warn_uncovered(config)  # after the run, so bad input still gets exactly one line
     return 0
 
 

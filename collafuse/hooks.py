@@ -45,6 +45,15 @@ class ReleaseHook:
         """The finished payload, just before it crosses to the server."""
         return payload
 
+    def release_step(self, t: int) -> int:
+        """The step a payload released at ``t`` sits at once :meth:`transform` is done.
+
+        Identity unless the hook adds noise (payload noise moves p to a later t'). The
+        core then hands off the sampling chain at that step: the server owns (t', T]
+        and the client 1..t'.
+        """
+        return t
+
 
 class TrainingHook:
     """Wraps one side's training objects; identity by default."""
@@ -58,12 +67,20 @@ class TrainingHook:
     def wrap(
         self,
         role: Role,
-        model: nn.Module,
-        optimizer: torch.optim.Optimizer,
+        model: nn.Module | None,
+        optimizer: torch.optim.Optimizer | None,
         loader: torch.utils.data.DataLoader | None,
-    ) -> tuple[nn.Module, torch.optim.Optimizer, torch.utils.data.DataLoader | None]:
-        """Return the (model, optimizer, loader) this side trains with. The server has no loader."""
+    ) -> tuple[nn.Module | None, torch.optim.Optimizer | None, torch.utils.data.DataLoader | None]:
+        """Return the (model, optimizer, loader) this side trains with. The server has no loader.
+
+        On the client side ``model`` and ``optimizer`` are None when the client owns no
+        step (t_c = 0); its loader still picks the batches the server trains on.
+        """
         return model, optimizer, loader
+
+    def noise_multiplicity(self, role: Role) -> int:
+        """Noise draws (t, ε) per image in one step, averaged per image before any per-sample clipping."""
+        return 1
 
     def metrics(self, role: Role, owner: int | None) -> dict[str, Any]:
         """Numbers to add to the training log after each epoch (e.g. ε spent)."""

@@ -28,6 +28,9 @@ class Payload:
     tensor: (B, C, H, W) in its wire dtype; t: (B,) int64 step each row sits at;
     label: (B,) int64 or None (not sent); noise: (B, C, H, W) or None — only the
     ``naive`` kind sends the noise, which makes x0 exactly recoverable.
+    scale, offset: set only for a quantised payload, whose tensor holds integer
+    codes; the values are code·scale + offset (see :meth:`values`). Both are a
+    function of the public schedule and ``t``, so they are not counted as sent.
     """
 
     client_id: int
@@ -37,6 +40,8 @@ class Payload:
     tensor: torch.Tensor
     label: torch.Tensor | None = None
     noise: torch.Tensor | None = None
+    scale: float | None = None
+    offset: float = 0.0
 
     def __post_init__(self) -> None:
         if self.kind not in PAYLOAD_KINDS:
@@ -48,6 +53,14 @@ class Payload:
             raise ValueError(f"payload label must have shape ({b},), got {tuple(self.label.shape)}")
         if self.noise is not None and self.noise.shape != self.tensor.shape:
             raise ValueError("payload noise must have the shape of the tensor")
+        if self.scale is not None and self.tensor.is_floating_point():
+            raise ValueError("a quantised payload (scale set) must carry integer codes")
+
+    def values(self) -> torch.Tensor:
+        """The payload's values: the tensor itself, or code·scale + offset (float32) when quantised."""
+        if self.scale is None:
+            return self.tensor
+        return self.tensor.to(torch.float32) * self.scale + self.offset
 
     def __len__(self) -> int:
         return int(self.tensor.shape[0])
@@ -85,6 +98,8 @@ class Client:
         release_hooks: tuple[ReleaseHook, ...] = (),
         label_dropout: float = 0.0,
         send_labels: bool = False,
+        train_t_max: int | None = None,
+        noise_multiplicity: int = 1,
     ):
         self.client_id = client_id
         self.model = model
@@ -96,6 +111,10 @@ class Client:
         self.release_hooks = release_hooks
         self.label_dropout = label_dropout
         self.send_labels = send_labels
+        # The client's model covers 1..train_t_max: t_c, or the later hand-off step t'
+        # when a release hook moves the payloads there (payload noise).
+        self.train_t_max = t_c if train_t_max is None else train_t_max
+        self.noise_multiplicity = noise_multiplicity
 
     def _randn(self, shape: torch.Size, device: torch.device) -> torch.Tensor:
         return torch.randn(shape, generator=self.generator).to(device)
@@ -104,8 +123,13 @@ class Client:
         """One client step: t ~ U{1..t_c}, loss ‖ε − ε_client(x_t, t, y)‖². None if the client owns no step."""
         if self.t_c == 0 or self.model is None:
             return None
+        if self.noise_multiplicity > 1:
+            # K noise draws per image, rows image-major; the mean loss is the mean of the
+            # per-image means, which DP-SGD folds back to one gradient per image.
+            x0 = x0.repeat_interleave(self.noise_multiplicity, 0)
+            y = y.repeat_interleave(self.noise_multiplicity, 0) if y is not None else None
         b = x0.shape[0]
-        t = torch.randint(1, self.t_c + 1, (b,), generator=self.generator).to(x0.device)
+        t = torch.randint(1, self.train_t_max + 1, (b,), generator=self.generator).to(x0.device)
         noise = self._randn(x0.shape, x0.device)
         x_t = q_sample(x0, t, noise, self.schedule.alpha_bar)
         y_in = _drop_labels(y, self.model.null_class, self.label_dropout, self.generator) if y is not None else None
@@ -114,6 +138,13 @@ class Client:
         loss.backward()
         self.optimizer.step()
         return float(loss.detach())
+
+    def idle_step(self) -> None:
+        """A step on an empty batch (Poisson sampling): a DP optimiser still adds its noise and
+        counts the step; a plain optimiser has no gradient and changes nothing."""
+        if self.optimizer is not None:
+            self.optimizer.zero_grad(set_to_none=True)
+            self.optimizer.step()
 
     def release(self, x0: torch.Tensor, y: torch.Tensor | None, member_ids: torch.Tensor, step: int) -> Payload:
         """Build the payload for this minibatch (§2.2 step 2 and the other kinds of §2.2).
@@ -165,6 +196,7 @@ class Server:
         generator: torch.Generator,
         device: torch.device,
         label_dropout: float = 0.0,
+        noise_multiplicity: int = 1,
     ):
         self.model = model
         self.optimizer = optimizer
@@ -173,23 +205,35 @@ class Server:
         self.generator = generator
         self.device = device
         self.label_dropout = label_dropout
+        self.noise_multiplicity = noise_multiplicity
+
+    def idle_step(self) -> None:
+        """See :meth:`Client.idle_step`: the server's step for an empty client batch."""
+        self.optimizer.zero_grad(set_to_none=True)
+        self.optimizer.step()
 
     def receive(self, payload: Payload) -> float:
         """Train one step on a payload and return the loss. Nothing but a Payload gets in."""
         if not isinstance(payload, Payload):
             raise TypeError(f"the server only receives Payload messages, got {type(payload).__name__}")
-        p = payload.tensor.to(self.device, torch.float32)
+        p = payload.values().to(self.device, torch.float32)
         y = payload.label.to(self.device) if payload.label is not None else None
         y = _drop_labels(y, self.model.null_class, self.label_dropout, self.generator) if y is not None else None
+        t_p, sent_noise = payload.t, payload.noise
+        if self.noise_multiplicity > 1:
+            # K noise draws per payload row, rows image-major (see Client.train_step).
+            k = self.noise_multiplicity
+            p, t_p = p.repeat_interleave(k, 0), t_p.repeat_interleave(k, 0)
+            y = y.repeat_interleave(k, 0) if y is not None else None
+            sent_noise = sent_noise.repeat_interleave(k, 0) if sent_noise is not None else None
         b, T = p.shape[0], self.schedule.T
         if payload.kind == "naive":
             # The client told us the noise: plain ε-prediction at the sent t.
-            t = payload.t.to(self.device)
-            x_t, target = p, payload.noise.to(self.device, torch.float32)
+            t = t_p.to(self.device)
+            x_t, target = p, sent_noise.to(self.device, torch.float32)
         else:
             # Treat p as data at level t_p and noise it further on ᾱ'_t = ᾱ_t/ᾱ_{t_p}:
             # x_t then has exactly the marginal q(x_t | x0) (§2.2 step 3).
-            t_p = payload.t
             u = torch.rand(b, generator=self.generator, dtype=torch.float64)
             t = (t_p + 1 + (u * (T - t_p).double()).floor().long()).clamp(max=T)
             eta = torch.randn(p.shape, generator=self.generator).to(self.device)

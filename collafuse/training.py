@@ -16,6 +16,7 @@ from typing import Callable
 
 import numpy as np
 import torch
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import DataLoader, TensorDataset
 from tqdm import tqdm
 
@@ -87,9 +88,25 @@ class TrainedSystem:
     num_classes: int = 0
 
 
-def _unwrap(model: torch.nn.Module) -> UNet:
-    """The plain UNet inside a wrapper (e.g. Opacus' GradSampleModule keeps it as ``_module``)."""
-    return getattr(model, "_module", model)
+class WeightAverage:
+    """Exponential moving average of a model's weights (what the run publishes and samples with).
+
+    ``decay = 0`` keeps the raw weights. Averaging happens after the optimiser step, so
+    it is post-processing: it changes no privacy accounting.
+    """
+
+    def __init__(self, model: torch.nn.Module, decay: float):
+        self.decay = decay
+        self.average = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay)) if decay > 0 else None
+        self.model = model
+
+    def update(self) -> None:
+        if self.average is not None:
+            self.average.update_parameters(self.model)
+
+    @property
+    def weights(self) -> torch.nn.Module:
+        return self.average.module if self.average is not None else self.model
 
 
 def _wrap(hooks: Hooks, role: str, model, optimizer, loader):
@@ -112,6 +129,14 @@ def train_system(
     schedule = NoiseSchedule.create(config.diffusion.schedule, config.diffusion.T)
     t_c = config.t_c
     T = schedule.T
+    # A release hook may move where payloads sit (payload noise: t_c → t'); the server
+    # then owns (t', T] and the client 1..t', and the sampling chain hands off at t'.
+    t_hand = t_c
+    for hook in hooks.release:
+        t_hand = hook.release_step(t_hand)
+    multiplicity = {
+        role: max([h.noise_multiplicity(role) for h in hooks.training] + [1]) for role in ("server", "client")
+    }
     num_classes = data.num_classes if config.conditional else 0
     if config.conditional and data.labels is None:
         raise ConfigError(f"conditional: true needs labelled data; source {config.data.source!r} has no labels")
@@ -119,11 +144,18 @@ def train_system(
     tr = config.training
 
     server: Server | None = None
+    server_average: WeightAverage | None = None
+    client_averages: list[WeightAverage | None] = []
     if t_c < T:
         s_model = build_model(unet_config(config.server_model, channels, num_classes), config.seed, STREAM_SERVER).to(device)
         s_opt = torch.optim.Adam(s_model.parameters(), lr=tr.lr)
+        # The average copies the model before any hook wraps it (a wrapper's hooks must not be copied).
+        server_average = WeightAverage(s_model, tr.ema_decay)
         s_model, s_opt, _ = _wrap(hooks, "server", s_model, s_opt, None)
-        server = Server(s_model, s_opt, schedule, t_c, generator_for(config.seed, STREAM_SERVER), device, tr.label_dropout)
+        server = Server(
+            s_model, s_opt, schedule, t_hand, generator_for(config.seed, STREAM_SERVER), device, tr.label_dropout,
+            noise_multiplicity=multiplicity["server"],
+        )
 
     clients: list[Client] = []
     loaders: list[DataLoader] = []
@@ -138,16 +170,20 @@ def train_system(
         if t_c > 0:
             c_model = build_model(unet_config(config.client_model, channels, num_classes), config.seed, STREAM_CLIENT, k).to(device)
             c_opt = torch.optim.Adam(c_model.parameters(), lr=tr.lr)
-            c_model, c_opt, loader = _wrap(hooks, "client", c_model, c_opt, loader)
+        client_averages.append(WeightAverage(c_model, tr.ema_decay) if c_model is not None else None)
+        # Wrapped even with no client model: the loader also picks what the server trains on.
+        c_model, c_opt, loader = _wrap(hooks, "client", c_model, c_opt, loader)
         loaders.append(loader)
         clients.append(
             Client(
                 k, c_model, c_opt, schedule, t_c, tr.payload, generator_for(config.seed, STREAM_CLIENT, k),
                 release_hooks=hooks.release, label_dropout=tr.label_dropout, send_labels=num_classes > 0,
+                train_t_max=t_hand, noise_multiplicity=multiplicity["client"],
             )
         )
 
-    writer = TranscriptWriter(out_dir, tr.payload, tr.shard_rows) if server is not None else None
+    # Always written, so c = 1 leaves an explicit, empty server view rather than none at all.
+    writer = TranscriptWriter(out_dir, tr.payload, tr.shard_rows)
     log: list[dict] = []
     step = 0
     bar = tqdm(range(1, tr.epochs + 1), desc="train", unit="epoch", disable=not progress)
@@ -164,16 +200,23 @@ def train_system(
                     active.remove(k)
                     continue
                 ids, x0, y = batch
-                if ids.numel() == 0:  # Poisson sampling (DP-SGD) can draw an empty batch
+                if ids.numel() == 0:
+                    # Poisson sampling (DP-SGD) can draw an empty batch; the DP step still
+                    # happens (noise only), or the accounting would not hold.
+                    clients[k].idle_step()
+                    if server is not None:
+                        server.idle_step()
                     continue
                 x0, y = x0.to(device), (y.to(device) if num_classes > 0 else None)
                 loss = clients[k].train_step(x0, y)
                 if loss is not None:
                     client_losses[k].append(loss)
+                    client_averages[k].update()
                 if server is not None:
                     payload = clients[k].release(x0, y, ids, step)
-                    writer.record(payload, ids)  # the audit key gets ids; the server gets only the payload
+                    writer.record(payload, ids, client=k)  # the audit key gets ids; the server gets only the payload
                     server_losses.append(server.receive(payload))  # ← the payload crosses here
+                    server_average.update()
                 step += 1
         entry = {
             "epoch": epoch,
@@ -191,14 +234,13 @@ def train_system(
             log_line(entry)
         if entry["server_loss"] is not None:
             bar.set_postfix(server=f"{entry['server_loss']:.3f}")
-    if writer is not None:
-        writer.close()
+    writer.close()
     return TrainedSystem(
         config=config,
         schedule=schedule,
-        t_c=t_c,
-        server_model=_unwrap(server.model) if server is not None else None,
-        client_models=[_unwrap(c.model) if c.model is not None else None for c in clients],
+        t_c=t_hand,
+        server_model=server_average.weights if server_average is not None else None,
+        client_models=[a.weights if a is not None else None for a in client_averages],
         log=log,
         num_classes=num_classes,
     )

@@ -55,8 +55,12 @@ class TranscriptWriter:
         self._key_member: list[torch.Tensor] = []
         self._key_client: list[torch.Tensor] = []
 
-    def record(self, payload: Payload, member_ids: torch.Tensor) -> None:
-        """Record one message (server view) and which members it came from (audit key)."""
+    def record(self, payload: Payload, member_ids: torch.Tensor, client: int | None = None) -> None:
+        """Record one message (server view) and which members it came from (audit key).
+
+        ``client`` is the true sender for the audit key when the payload does not name
+        it (an id-free release); by default the payload's own ``client_id``.
+        """
         n = len(payload)
         seq = torch.arange(self._seq, self._seq + n, dtype=torch.int64)
         self._seq += n
@@ -64,7 +68,7 @@ class TranscriptWriter:
             "seq": seq,
             "step": torch.full((n,), payload.step, dtype=torch.int64),
             "t": payload.t.to(torch.int64),
-            "tensor": payload.tensor,
+            "tensor": payload.values(),  # a quantised payload is stored decoded; wire_bytes is its real size
             "wire_bytes": payload.row_wire_bytes(),
         }
         if payload.label is not None:
@@ -76,7 +80,7 @@ class TranscriptWriter:
         self._buffered_rows[k] = self._buffered_rows.get(k, 0) + n
         self._key_seq.append(seq)
         self._key_member.append(member_ids.to(torch.int64).cpu())
-        self._key_client.append(torch.full((n,), k, dtype=torch.int64))
+        self._key_client.append(torch.full((n,), k if client is None else client, dtype=torch.int64))
         if self._buffered_rows[k] >= self.shard_rows:
             self._flush(k)
 
