@@ -5,10 +5,21 @@ from pathlib import Path
 
 import pytest
 import torch
+from threadpoolctl import threadpool_limits
 
 from collafuse.config import config_from_dict
 
-torch.set_num_threads(2)
+
+@pytest.fixture(autouse=True, scope="session")
+def _one_thread():
+    """One torch and one BLAS thread for the whole suite.
+
+    The models here are tiny: a second thread gains little on an idle machine and,
+    on a shared one, two spinning OpenMP threads per process cost 10–100×.
+    """
+    torch.set_num_threads(1)
+    with threadpool_limits(1):
+        yield
 
 
 def tiny_config_dict(**overrides) -> dict:

@@ -16,15 +16,6 @@ from collafuse.defenses.guarantees import payload_guarantee
 from collafuse.schedule import NoiseSchedule
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """One intra-op thread: on a shared 2-core machine two spinning threads per process cost 10-100x."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 COSINE = NoiseSchedule.create("cosine", 1000)
 LINEAR = NoiseSchedule.create("linear", 1000)
 D16 = 16 * 16

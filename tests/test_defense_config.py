@@ -15,15 +15,6 @@ from collafuse.errors import ConfigError
 from conftest import tiny_config, tiny_config_dict
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """One intra-op thread: on a shared 2-core machine two spinning threads per process cost 10-100x."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.mark.parametrize(
     "spec, message",
     [

@@ -24,15 +24,6 @@ from collafuse.transcript import AuditKey, ServerView
 from conftest import tiny_config
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """One intra-op thread: on a shared 2-core machine two spinning threads per process cost 10-100x."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 SCHEDULE = NoiseSchedule.create("cosine", 100)
 
 

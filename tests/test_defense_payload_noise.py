@@ -18,15 +18,6 @@ from collafuse.protocol import Client
 from collafuse.schedule import NoiseSchedule
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """One intra-op thread: on a shared 2-core machine two spinning threads per process cost 10-100x."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 SCHEDULE = NoiseSchedule.create("cosine", 100)
 T_C = 20
 

@@ -25,15 +25,6 @@ MODEL_ATTACKS = ("loss", "sima", "pia", "pian", "secmi")
 T, T_C = 100, 20
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # Two threads on two shared cores make small convolutions ~50x slower here.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def digits8():
     data = load_digits16(1, 8)

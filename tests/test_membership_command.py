@@ -15,14 +15,6 @@ from collafuse.cli import main
 from collafuse.runs import create_run
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _run_cli(capsys, *args: str) -> tuple[int, str, str]:
     rc = main(["attack", "membership", *args, "--quiet"])
     out = capsys.readouterr()

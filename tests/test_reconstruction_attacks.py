@@ -10,7 +10,6 @@ import math
 import numpy as np
 import pytest
 import torch
-from threadpoolctl import threadpool_limits
 
 import collafuse.attacks.reconstruction as rec
 from collafuse.attacks.reconstruction import (
@@ -38,16 +37,6 @@ def small_config(**training) -> object:
         "data": {"n_members": 128, "n_nonmembers": 64, "n_aux": 256, "num_clients": 2},
         "training": {"batch_size": 32, **training},
     })
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread, above all on a shared, busy CPU; restored afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with threadpool_limits(1):  # numpy/scipy BLAS too
-        yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

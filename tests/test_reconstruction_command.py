@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from threadpoolctl import threadpool_limits
 
 from collafuse.attacks.reconstruction.command import run_command
 from collafuse.attacks.reconstruction.denoiser import DenoiserConfig, denoiser_key, load_or_train
@@ -21,15 +20,6 @@ from collafuse.transcript import TRANSCRIPT_DIR, ServerView
 
 TINY = {"channels": [8, 16], "time_dim": 16}
 FAST_DENOISER = DenoiserConfig(channels=(8, 16), time_dim=16, steps=15, batch_size=16)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with threadpool_limits(1):
-        yield
-    torch.set_num_threads(before)
 
 
 def tiny_config(cut_ratio: float, payload: str = "cut"):
