@@ -214,6 +214,13 @@ def save_roc_png(curves: dict[str, tuple[np.ndarray, np.ndarray]], path: Path, t
     ax.set_ylabel("true positive rate")
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=7, loc="lower right")
+    _save_atomically(fig, path)
+
+
+def _save_atomically(fig, path: Path) -> None:
+    """Write a figure to a hidden temp file, then rename it into place; always close it."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     tmp = path.with_name(f".{path.name}.partial-{os.getpid()}.png")
     try:
@@ -241,11 +248,4 @@ def save_curve_png(curves: dict[str, tuple[Sequence[int], Sequence[float]]], pat
     ax.set_ylim(0.0, 1.0)
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.partial-{os.getpid()}.png")
-    try:
-        fig.savefig(tmp)
-        tmp.replace(path)
-    finally:
-        plt.close(fig)
-        tmp.unlink(missing_ok=True)
+    _save_atomically(fig, path)
