@@ -204,8 +204,11 @@ def train_system(
                     # Poisson sampling (DP-SGD) can draw an empty batch; the DP step still
                     # happens (noise only), or the accounting would not hold.
                     clients[k].idle_step()
+                    if client_averages[k] is not None:
+                        client_averages[k].update()  # the noise-only step moved the weights too
                     if server is not None:
                         server.idle_step()
+                        server_average.update()
                     continue
                 x0, y = x0.to(device), (y.to(device) if num_classes > 0 else None)
                 loss = clients[k].train_step(x0, y)
