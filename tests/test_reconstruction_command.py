@@ -50,7 +50,11 @@ def test_reconstruct_writes_json_and_png_per_attack_per_client(runs, tmp_path, c
     view = ServerView.open(runs["cut"])
     assert result["status"] == "ok" and result["rows"] == len(view) == 2 * 64
     assert result["t_c"] == 20 and result["threat"] == "T1" and result["labels_sent"] is True
-    assert set(result["attacks"]) == {"rescale", "multiview", "multiview-perfect-linking", "oracle"}
+    assert set(result["attacks"]) == {"rescale", "multiview", "multiview-perfect-linking", "oracle", "oracle-all-views"}
+    for bound in ("multiview-perfect-linking", "oracle-all-views"):  # scorer-side bounds, labelled as such
+        assert result["attacks"][bound]["threat"] == "T1 (upper bound: uses the true linking from the audit key)"
+    assert result["attacks"]["oracle-all-views"]["summary"] == "Bayes posterior over the pool given every view of the image (true linking)"
+    assert result["attacks"]["oracle"]["threat"] == "T1"
     assert result["candidate_pool"]["size"] == 96 and result["candidate_pool"]["description"]
     for name, entry in result["attacks"].items():
         for scope in [entry["pooled"], entry["clients"]["0"], entry["clients"]["1"]]:

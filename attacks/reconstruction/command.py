@@ -27,7 +27,7 @@ from collafuse.transcript import TRANSCRIPT_DIR, AuditKey, ServerView
 
 from collafuse.attacks.reconstruction.curve import POOL_DESCRIPTION
 from collafuse.attacks.reconstruction.denoiser import DenoiserConfig, default_cache_dir, load_or_train
-from collafuse.attacks.reconstruction.evaluate import ViewEvaluation, evaluate_view
+from collafuse.attacks.reconstruction.evaluate import UPPER_BOUNDS, ViewEvaluation, evaluate_view
 from collafuse.attacks.reconstruction.registry import RECONSTRUCTION_ATTACKS
 from collafuse.attacks.reconstruction.scoring import Truth
 from collafuse.attacks.reconstruction.view import AttackerResources, ViewArrays
@@ -97,10 +97,14 @@ def write_grid(ev: ViewEvaluation, truth: Truth, view: ViewArrays, path: Path) -
 
 def _attack_entry(name: str, ev: ViewEvaluation, seed: int) -> dict:
     sc = ev.scores[name]
-    spec = RECONSTRUCTION_ATTACKS.get(name) if name in RECONSTRUCTION_ATTACKS else None
+    if name in RECONSTRUCTION_ATTACKS:
+        spec = RECONSTRUCTION_ATTACKS.get(name)
+        threat, summary = spec.threat, spec.summary
+    else:  # an upper bound the scorer built from the audit key, not an attack
+        threat, summary = UPPER_BOUNDS[name]
     return {
-        "threat": spec.threat if spec else "T1 (upper bound: uses the true linking from the audit key)",
-        "summary": spec.summary if spec else "multiview fusion with perfect linking",
+        "threat": threat,
+        "summary": summary,
         "pooled": sc.summary(seed=seed),
         "clients": sc.by_client(seed),
         **ev.extra.get(name, {}),

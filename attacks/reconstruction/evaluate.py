@@ -2,8 +2,11 @@
 
 The attacks run through the registry with :class:`ViewArrays` and
 :class:`AttackerResources` only; the ground truth (:class:`Truth`) is used
-afterwards, here, by the scorer — and to build the ``multiview`` perfect-linking
-upper bound, which is labelled as such and is not an attack.
+afterwards, here, by the scorer — and to build two upper bounds from the true
+linking, each labelled as such and neither an attack: ``multiview-perfect-linking``
+(fusion of every view of an image) and ``oracle-all-views`` (the oracle's posterior
+over the pool given every view of an image: the ceiling once the server holds several
+epochs of payloads; see :mod:`~collafuse.attacks.reconstruction.oracle`).
 """
 from __future__ import annotations
 
@@ -14,6 +17,7 @@ import torch
 
 from collafuse.schedule import NoiseSchedule
 
+from collafuse.attacks.reconstruction import oracle
 from collafuse.attacks.reconstruction.multiview import perfect_linking
 from collafuse.attacks.reconstruction.registry import RECONSTRUCTION_ATTACKS
 from collafuse.attacks.reconstruction.scoring import (
@@ -23,12 +27,20 @@ from collafuse.attacks.reconstruction.view import AttackerResources, Reconstruct
 from collafuse.attacks.stats import summarize
 
 PERFECT = "multiview-perfect-linking"
+ALL_VIEWS = "oracle-all-views"
+# The upper bounds a scorer builds with the true linking: name → (threat, summary) for reports.
+UPPER_BOUNDS: dict[str, tuple[str, str]] = {
+    PERFECT: ("T1 (upper bound: uses the true linking from the audit key)", "multiview fusion with perfect linking"),
+    ALL_VIEWS: ("T1 (upper bound: uses the true linking from the audit key)",
+                "Bayes posterior over the pool given every view of the image (true linking)"),
+}
 
 
 @dataclass
 class ViewEvaluation:
-    """Scores per attack (plus ``multiview-perfect-linking`` when multiview ran), the
-    reconstructions, the payload-level label inference (per row, 0/1) and chance levels."""
+    """Scores per attack (plus the upper bounds ``multiview-perfect-linking`` when multiview
+    ran and ``oracle-all-views`` when the oracle ran), the reconstructions, the payload-level
+    label inference (per row, 0/1) and chance levels."""
 
     scores: dict[str, Scores]
     reconstructions: dict[str, Reconstruction]
@@ -94,6 +106,12 @@ def evaluate_view(
             recons[PERFECT] = upper
             scores[PERFECT] = score(upper, truth, recon_clf)
             extra[PERFECT] = {"mean_noise_var": float(upper.noise_var.mean())}
+    if oracle.NAME in attacks and resources.candidates is not None:
+        # The ceiling once an image crossed several times: its posterior given all its views,
+        # linked by the audit key (scorer side, after the attacks ran).
+        ceiling = oracle.all_views(view, schedule, resources.candidates, truth.member)
+        recons[ALL_VIEWS] = ceiling
+        scores[ALL_VIEWS] = score(ceiling, truth, recon_clf, pool_ids)
     return ViewEvaluation(scores, recons, payload_label, view.label is not None, chance_levels(truth, num_classes), extra)
 
 
