@@ -43,6 +43,19 @@ def _cmd_attack_membership(args: argparse.Namespace) -> int:
     return run_command(Path(args.run), args.attacks, args.targets, args.out, progress=not args.quiet)
 
 
+def _cmd_audit(args: argparse.Namespace) -> int:
+    from collafuse.benchmarks.audit.command import run_audit_command
+
+    return run_audit_command(args.config, args.policy, args.quick, args.out, args.jobs, args.backend, args.address,
+                             args.cache, progress=not args.quiet)
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from collafuse.benchmarks.audit.command import run_report_command
+
+    return run_report_command(args.audit_dir)
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
     from collafuse.config import load_config
     from collafuse.runs import create_run
@@ -127,6 +140,23 @@ def build_parser() -> argparse.ArgumentParser:
     mem.add_argument("--out", default=None, help="output JSON")
     mem.add_argument("--quiet", action="store_true")
     mem.set_defaults(func=_cmd_attack_membership)
+
+    audit = sub.add_parser("audit", help="sweep cut points x defenses, score every threat, write the report")
+    audit.add_argument("--config", help="grid YAML (default: the embedded default grid)")
+    audit.add_argument("--policy", help="policy YAML (default: the embedded default policy)")
+    audit.add_argument("--quick", action="store_true", help="the small embedded grid (about a minute)")
+    audit.add_argument("--out", required=True, help="audit folder (new, empty, or an earlier audit to resume)")
+    audit.add_argument("--jobs", type=int, default=None, help="cells run side by side (default: CPU count)")
+    audit.add_argument("--backend", default="local", help="local (processes, default) or ray")
+    audit.add_argument("--address", default=None, help="Ray cluster address (default: start a local Ray)")
+    audit.add_argument("--cache", default=None, help="cache of trained systems and attacker models "
+                       "(default: $COLLAFUSE_CACHE/audit or ~/.cache/collafuse/audit)")
+    audit.add_argument("--quiet", action="store_true", help="no progress bars")
+    audit.set_defaults(func=_cmd_audit)
+
+    report = sub.add_parser("report", help="rebuild report.html and report.md from an audit folder")
+    report.add_argument("audit_dir")
+    report.set_defaults(func=_cmd_report)
     return parser
 
 

@@ -22,6 +22,7 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import torch
@@ -82,13 +83,14 @@ def image_grid(images: np.ndarray, rows: int) -> np.ndarray:
     return grid
 
 
-def save_png(array: np.ndarray, path: Path, scale: int = 1) -> None:
+def save_png(array: np.ndarray, path: "Path | BinaryIO", scale: int = 1) -> None:
+    """uint8 (H,W,C) → PNG at ``path`` (a file name or a binary file object)."""
     from PIL import Image
 
     img = Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array)
     if scale > 1:
         img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
-    img.save(path)
+    img.save(path, format="PNG")
 
 
 def sample_labels(n: int, num_classes: int) -> torch.Tensor | None:

@@ -25,6 +25,7 @@ from tqdm import tqdm
 from collafuse.config import RunConfig
 from collafuse.data import ImageSet, Splits
 from collafuse.errors import ConfigError
+from collafuse.hooks import ReleaseHook
 from collafuse.protocol import Client
 from collafuse.runs import prepare_data
 from collafuse.schedule import NoiseSchedule, cut_step
@@ -50,8 +51,12 @@ def simulate_view(
     batch_size: int = 64,
     seed: int = 0,
     send_labels: bool = False,
+    release_hooks: tuple[ReleaseHook, ...] = (),
 ) -> tuple[ViewArrays, torch.Tensor]:
-    """The server view of ``epochs`` epochs of the plain protocol at cut step ``t_c``.
+    """The server view of ``epochs`` epochs of the protocol at cut step ``t_c``.
+
+    ``release_hooks`` are the release-side defenses (payload noise, clipping, minimisation)
+    exactly as a trained run's clients apply them; none gives the plain protocol.
 
     Returns (view with N = epochs · n_members rows in crossing order, member (N,) source index of
     each row — the simulation's own audit key, for scoring only).
@@ -59,7 +64,8 @@ def simulate_view(
     if epochs < 1:
         raise ConfigError(f"epochs must be >= 1, got {epochs}")
     clients = [
-        Client(k, None, None, schedule, t_c, payload_kind, generator_for(seed, STREAM_CLIENT, k), send_labels=send_labels)
+        Client(k, None, None, schedule, t_c, payload_kind, generator_for(seed, STREAM_CLIENT, k),
+               release_hooks=release_hooks, send_labels=send_labels)
         for k in range(len(splits.clients))
     ]
     orders = [generator_for(seed, STREAM_LOADER, k) for k in range(len(splits.clients))]

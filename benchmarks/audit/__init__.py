@@ -1,0 +1,1 @@
+"""The leakage audit (DESIGN.md §7)."""

@@ -1,0 +1,371 @@
+"""One audit cell, computed (DESIGN.md §6, §7): a pure function of its :class:`~.grid.Cell`.
+
+:func:`compute_cell` returns tidy rows ``(threat, target, attack, metric, value, ci_low,
+ci_high)`` and small artifacts (a reconstruction grid, ROC curves). It reads and fills
+only content-addressed caches under ``cache_dir`` (the attacker's denoiser, the
+evaluation classifier, trained systems by :func:`~.grid.system_hash`), so the same
+cell gives the same numbers in any process, on any backend, before or after a resume.
+
+Threads: every cell runs torch and BLAS on one thread. Results are then bitwise the
+same whichever worker computes them; parallelism comes from running cells side by side.
+"""
+from __future__ import annotations
+
+import io
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from sklearn.metrics import roc_curve
+from threadpoolctl import threadpool_limits
+
+from collafuse.errors import RunError
+from collafuse.runs import RUN_MARKER, Run, create_run, generate, image_grid, prepare_data, sample_labels, save_png, to_uint8
+from collafuse.schedule import NoiseSchedule
+from collafuse.training import Hooks
+
+from collafuse.benchmarks.audit.grid import Cell, system_hash
+
+ROC_POINTS = 200  # ROC curves are thinned to about this many points for the report
+GRID_IMAGES = 8   # originals shown in a cell's reconstruction grid
+
+
+@dataclass
+class CellOutput:
+    rows: list[dict[str, Any]]
+    artifacts: dict[str, bytes] = field(default_factory=dict)   # file name → content (written by the runner)
+    info: dict[str, Any] = field(default_factory=dict)          # not part of the results table (timings, paths)
+
+
+def _row(threat: str, target: str, attack: str, metric: str, value, lo=None, hi=None) -> dict[str, Any]:
+    def num(x):
+        if x is None:
+            return None
+        x = float(x)
+        return x if math.isfinite(x) else (None if math.isnan(x) else x)
+
+    return {"threat": threat, "target": target, "attack": attack, "metric": metric,
+            "value": num(value), "ci_low": num(lo), "ci_high": num(hi)}
+
+
+def _interval_row(threat: str, target: str, attack: str, metric: str, iv: dict) -> dict[str, Any]:
+    return _row(threat, target, attack, metric, iv.get("value"), iv.get("lo", iv.get("ci_low")), iv.get("hi", iv.get("ci_high")))
+
+
+# -- T1 reconstruction ------------------------------------------------------------------
+
+def reconstruction_rows(ev, seed: int) -> list[dict[str, Any]]:
+    """Pooled metrics of every attack (and the scorer-side upper bounds) of one evaluated view."""
+    rows = []
+    for attack, sc in ev.scores.items():
+        for metric, iv in sc.summary(seed=seed).items():
+            rows.append(_interval_row("T1", "payload", attack, metric, iv))
+        for key, value in ev.extra.get(attack, {}).items():
+            if key == "linkage_accuracy":
+                rows.append(_row("T1", "payload", attack, key, value))
+    lab = ev.payload_label_summary(seed=seed)
+    if lab is not None:
+        rows.append(_interval_row("T1", "payload", "payload-label", "label", lab))
+    return rows
+
+
+def reconstruction_grid(ev, originals: torch.Tensor, rows: torch.Tensor) -> tuple[bytes, list[str]]:
+    """PNG bytes: originals in the first row, one row per attack; and the row labels."""
+    blocks = [to_uint8(originals)] + [to_uint8(r.images[rows]) for r in ev.reconstructions.values()]
+    buf = io.BytesIO()
+    save_png(image_grid(np.concatenate(blocks), rows=len(blocks)), buf, scale=3)
+    return buf.getvalue(), ["original", *ev.reconstructions]
+
+
+def _grid_rows(member: torch.Tensor, client: torch.Tensor) -> torch.Tensor:
+    """Rows of distinct images, alternating clients, for the example grid."""
+    picks, seen = [], set()
+    order = torch.argsort(client * (member.numel() + 1) + torch.arange(member.numel()), stable=True)
+    per_client: dict[int, list[int]] = {}
+    for i in order.tolist():
+        m = int(member[i])
+        if m not in seen:
+            seen.add(m)
+            per_client.setdefault(int(client[i]), []).append(i)
+    lists = list(per_client.values())
+    while len(picks) < GRID_IMAGES and any(lists):
+        for lst in lists:
+            if lst and len(picks) < GRID_IMAGES:
+                picks.append(lst.pop(0))
+    return torch.tensor(picks, dtype=torch.long)
+
+
+# -- cost and formal privacy ------------------------------------------------------------
+
+def cost_rows(config) -> list[dict[str, Any]]:
+    from collafuse.benchmarks.audit.utility import compute_costs
+
+    return [_row("cost", "clients", "count", k, v) for k, v in compute_costs(config).items()]
+
+
+def payload_epsilon_value(config, run_info: dict | None = None) -> float:
+    """The payload channel's formal ε per image; a trained run's own record wins (it knows the real
+    Poisson rounds under DP-SGD)."""
+    for hook in (run_info or {}).get("hooks", []):
+        if hook.get("name") == "privacy-report":
+            eps = hook["payload_channel"]["epsilon"]
+            return math.inf if eps is None or eps == "inf" else float(eps)
+    from collafuse.defenses import payload_epsilon
+
+    return float(payload_epsilon(config.defenses, config).epsilon)
+
+
+def model_epsilons(run_info: dict, eps_payload: float) -> tuple[float, float]:
+    """(clients, server) formal ε of the models: DP-SGD's accountant where it ran; the server model is
+    trained on payloads only, so it is never worse than the payload channel (post-processing)."""
+    clients, server = math.inf, eps_payload
+    for hook in run_info.get("hooks", []):
+        if hook.get("name") == "dp-sgd":
+            eps = {k: (math.inf if v is None or v == "inf" else float(v)) for k, v in hook["epsilon"].items()}
+            client_eps = [v for k, v in eps.items() if k.startswith("client")]
+            if client_eps:
+                clients = max(client_eps)
+            if "server" in eps:
+                server = min(server, eps["server"])
+    return clients, server
+
+
+def formal_rows(eps_payload: float, eps_clients: float | None, eps_server: float | None) -> list[dict[str, Any]]:
+    rows = [_row("formal", "payload", "accountant", "epsilon_payload", eps_payload)]
+    if eps_clients is not None:
+        rows.append(_row("formal", "clients", "accountant", "epsilon_model_clients", eps_clients))
+    if eps_server is not None:
+        rows.append(_row("formal", "server", "accountant", "epsilon_model_server", eps_server))
+    return rows
+
+
+# -- the two kinds of cell --------------------------------------------------------------
+
+def _attacker_denoiser(aux_images: torch.Tensor, schedule: NoiseSchedule, seed: int, cache_dir: Path):
+    from collafuse.attacks.reconstruction.denoiser import DenoiserConfig, load_or_train
+
+    denoiser, _, _ = load_or_train(aux_images, schedule, DenoiserConfig(seed=seed), cache_dir / "denoisers")
+    return denoiser
+
+
+def _release_hooks(config) -> tuple:
+    if not config.defenses:
+        return ()
+    from collafuse.defenses import build_hooks
+
+    return build_hooks(config.defenses, config).release
+
+
+def payload_cell(cell: Cell, cache_dir: Path) -> CellOutput:
+    """T1 from the data, the schedule and the release-side defenses alone: no system is trained."""
+    from collafuse.attacks.reconstruction.curve import simulate_view, truth_for
+    from collafuse.attacks.reconstruction.evaluate import evaluate_view
+    from collafuse.attacks.reconstruction.view import AttackerResources
+
+    cfg = cell.run_config
+    images, splits = prepare_data(cfg)
+    schedule = NoiseSchedule.create(cfg.diffusion.schedule, cfg.diffusion.T)
+    rows = [*cost_rows(cfg), *formal_rows(payload_epsilon_value(cfg), None, None)]
+    if cfg.t_c >= schedule.T:
+        rows.append(_row("T1", "payload", "count", "payload_rows", 0))
+        return CellOutput(rows)
+    attacks = cell.attacks["T1"]
+    aux = images.subset(splits.aux)
+    denoiser = _attacker_denoiser(aux.images, schedule, cfg.seed, cache_dir) if {"tweedie", "ddim"} & set(attacks) else None
+    send_labels = cfg.conditional and images.labels is not None
+    view, member = simulate_view(images, splits, schedule, cfg.t_c, cell.epochs, cfg.training.payload,
+                                 cfg.training.batch_size, cfg.seed, send_labels, _release_hooks(cfg))
+    pool = torch.cat([splits.members, splits.nonmembers])
+    resources = AttackerResources(aux=aux if len(aux) else None, denoiser=denoiser, candidates=images.images[pool],
+                                  epochs=cell.epochs, seed=cfg.seed)
+    ev = evaluate_view(view, schedule, truth_for(member, view, images, splits), resources, attacks, images.num_classes)
+    rows.append(_row("T1", "payload", "count", "payload_rows", len(view)))
+    rows.extend(reconstruction_rows(ev, cfg.seed))
+    picks = _grid_rows(member, view.client)
+    png, labels = reconstruction_grid(ev, images.images[member[picks]], picks)
+    return CellOutput(rows, {"reconstructions.png": png}, {"reconstruction_rows": labels})
+
+
+def trained_system(cell: Cell, cache_dir: Path) -> tuple[Path, bool]:
+    """The cell's trained system from the cache, trained and cached (atomically) on a miss."""
+    cfg = cell.run_config
+    path = cache_dir / "systems" / system_hash(cfg)
+    if (path / RUN_MARKER).is_file():
+        return path, True
+    hooks = Hooks()
+    if cfg.defenses:
+        from collafuse.defenses import build_hooks
+
+        hooks = build_hooks(cfg.defenses, cfg)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        create_run(cfg, path, hooks=hooks, progress=False)
+    except RunError:
+        if not (path / RUN_MARKER).is_file():  # not a concurrent writer that finished first
+            raise
+    return path, False
+
+
+def _reconstruction_on_run(run: Run, names: tuple[str, ...], cache_dir: Path):
+    from collafuse.attacks.reconstruction.command import resolve_truth_rows
+    from collafuse.attacks.reconstruction.curve import POOL_DESCRIPTION
+    from collafuse.attacks.reconstruction.evaluate import evaluate_view
+    from collafuse.attacks.reconstruction.scoring import Truth
+    from collafuse.attacks.reconstruction.view import AttackerResources, ViewArrays
+    from collafuse.transcript import AuditKey, ServerView
+
+    cfg = run.config
+    view = ViewArrays.from_server_view(ServerView.open(run.path))  # the attacks see this only
+    data, splits = run.load_data()
+    aux = data.subset(splits.aux)
+    member, sender = resolve_truth_rows(view, AuditKey.open(run.path))  # scorer side
+    pool = torch.cat([splits.members, splits.nonmembers])
+    truth = Truth(member, sender, data.images, data.labels, {k: idx for k, idx in enumerate(splits.clients)}, pool,
+                  POOL_DESCRIPTION)
+    denoiser = _attacker_denoiser(aux.images, run.schedule, cfg.seed, cache_dir) if {"tweedie", "ddim"} & set(names) else None
+    resources = AttackerResources(aux=aux if len(aux) else None, denoiser=denoiser, candidates=data.images[pool],
+                                  epochs=cfg.training.epochs, seed=cfg.seed)
+    ev = evaluate_view(view, run.schedule, truth, resources, names, data.num_classes)
+    return ev, view, member, sender, data
+
+
+def _thin(fpr: np.ndarray, tpr: np.ndarray) -> tuple[list[float], list[float]]:
+    if fpr.size > ROC_POINTS:
+        keep = np.unique(np.r_[0, np.linspace(0, fpr.size - 1, ROC_POINTS).round().astype(int), fpr.size - 1])
+        fpr, tpr = fpr[keep], tpr[keep]
+    return [round(float(x), 6) for x in fpr], [round(float(x), 6) for x in tpr]
+
+
+MEMBERSHIP_TARGETS = {"T1": "payload", "T2": "server", "T3": "client", "T4": "samples"}
+
+
+def membership_rows(run: Run, cell: Cell) -> tuple[list[dict[str, Any]], dict]:
+    """Every requested membership attack on its threat's targets: rows and ROC curves."""
+    from collafuse.attacks.membership.catalog import ATTACKS
+    from collafuse.attacks.membership.command import AuditSettings, run_audit
+
+    rows, roc = [], {}
+    settings = AuditSettings(n_samples=cell.samples_per_client)
+    for threat, target in MEMBERSHIP_TARGETS.items():
+        names = tuple(a for a in cell.attacks.get(threat, ()) if a in ATTACKS)
+        if not names:
+            continue
+        report, raw = run_audit(run, names, (target,), settings)
+        for key, entry in report["targets"].items():
+            if not entry["available"]:
+                continue
+            for name, r in entry.get("attacks", {}).items():
+                auc_ci = r["auc_ci"] or [None, None]
+                tpr = r["tpr_at_fpr"]["0.01"]
+                tpr_ci = tpr["ci"] or [None, None]
+                rows.append(_row(threat, key, name, "auc", r["auc"], *auc_ci))
+                rows.append(_row(threat, key, name, "tpr_at_1pct_fpr", tpr["tpr"], *tpr_ci))
+                rows.append(_row(threat, key, name, "epsilon_lb", r["epsilon"]["clopper_pearson"]["epsilon_lb"]))
+        for key, results in raw.items():
+            roc[key] = {}
+            for name, res in results.items():
+                labels = np.r_[np.ones(res.member_scores.size), np.zeros(res.nonmember_scores.size)]
+                fpr, tpr, _ = roc_curve(labels, np.r_[res.member_scores, res.nonmember_scores])
+                f, t = _thin(fpr, tpr)
+                roc[key][name] = {"fpr": f, "tpr": t, "auc": report["targets"][key]["attacks"][name]["auc"]}
+    return rows, roc
+
+
+def utility_rows(run: Run, cell: Cell, cache_dir: Path) -> list[dict[str, Any]]:
+    """FID, KID, precision/recall and class accuracy of each client's samples and of all of them pooled."""
+    from collafuse.benchmarks.audit.utility import load_or_train_feature_classifier, sample_utility
+
+    data, splits = run.load_data()
+    if data.labels is None or data.num_classes == 0:
+        return []
+    classifier = load_or_train_feature_classifier(data.images, data.labels, data.num_classes, run.config.seed,
+                                                  cache_dir / "classifiers")
+    n = cell.samples_per_client
+    fakes, fake_labels = [], []
+    rows = []
+    for k in range(len(run.client_models)):
+        fake = generate(run, k, n, run.config.seed)
+        labels = sample_labels(n, run.num_classes) if run.num_classes > 0 else None
+        real = splits.clients[k]
+        scores = sample_utility(fake, labels, data.images[real], data.labels[real], classifier, run.config.seed)
+        rows += [_interval_row("utility", f"samples_{k}", "classifier-features", m, iv) for m, iv in scores.items()]
+        fakes.append(fake)
+        fake_labels.append(labels)
+    pooled = sample_utility(torch.cat(fakes), torch.cat(fake_labels) if fake_labels[0] is not None else None,
+                            data.images[splits.members], data.labels[splits.members], classifier, run.config.seed)
+    rows += [_interval_row("utility", "pooled", "classifier-features", m, iv) for m, iv in pooled.items()]
+    return rows
+
+
+def system_cell(cell: Cell, cache_dir: Path) -> CellOutput:
+    """Train (or load) the system, attack it under every threat, measure its utility and cost."""
+    from collafuse.attacks.reconstruction.registry import RECONSTRUCTION_ATTACKS
+
+    path, cached = trained_system(cell, cache_dir)
+    run = Run.load(path)
+    cfg = run.config
+    eps_payload = payload_epsilon_value(cfg, run.info)
+    rows = [*cost_rows(cfg), *formal_rows(eps_payload, *model_epsilons(run.info, eps_payload))]
+    artifacts: dict[str, bytes] = {}
+    info: dict[str, Any] = {"system": str(path), "system_cached": cached, "train_seconds": run.info.get("train_seconds")}
+    recon = tuple(a for a in cell.attacks.get("T1", ()) if a in RECONSTRUCTION_ATTACKS)
+    if run.server_model is None:
+        rows.append(_row("T1", "payload", "count", "payload_rows", 0))
+    elif recon:
+        ev, view, member, sender, data = _reconstruction_on_run(run, recon, cache_dir)
+        rows.append(_row("T1", "payload", "count", "payload_rows", len(view)))
+        rows.extend(reconstruction_rows(ev, cfg.seed))
+        picks = _grid_rows(member, sender)
+        artifacts["reconstructions.png"], info["reconstruction_rows"] = reconstruction_grid(ev, data.images[member[picks]], picks)
+    mrows, roc = membership_rows(run, cell)
+    rows.extend(mrows)
+    if roc:
+        artifacts["roc.json"] = json.dumps(roc, sort_keys=True).encode()
+    rows.extend(utility_rows(run, cell, cache_dir))
+    return CellOutput(rows, artifacts, info)
+
+
+def shared_resources(cell: Cell, cache_dir: Path) -> list[tuple[str, Any]]:
+    """(key, build) for the cached resources this cell shares with others; build() fills the cache."""
+    cfg = cell.run_config
+    data_key = json.dumps(cfg.data.model_dump(mode="json"), sort_keys=True)
+    out = []
+    if {"tweedie", "ddim"} & set(cell.attacks.get("T1", ())) and cfg.t_c < cfg.diffusion.T:
+        def denoiser() -> None:
+            images, splits = prepare_data(cfg)
+            schedule = NoiseSchedule.create(cfg.diffusion.schedule, cfg.diffusion.T)
+            with threadpool_limits(1):
+                _attacker_denoiser(images.images[splits.aux], schedule, cfg.seed, cache_dir)
+
+        out.append((f"denoiser|{data_key}|{cfg.diffusion.schedule}|{cfg.diffusion.T}|{cfg.seed}", denoiser))
+    if cell.kind == "system":
+        def classifier() -> None:
+            from collafuse.benchmarks.audit.utility import load_or_train_feature_classifier
+
+            images, _ = prepare_data(cfg)
+            if images.labels is not None and images.num_classes > 0:
+                with threadpool_limits(1):
+                    load_or_train_feature_classifier(images.images, images.labels, images.num_classes, cfg.seed,
+                                                     cache_dir / "classifiers")
+
+        out.append((f"classifier|{data_key}|{cfg.seed}", classifier))
+    return out
+
+
+def compute_cell(cell: Cell, cache_dir: Path | str) -> CellOutput:
+    """The cell's rows and artifacts, on one torch/BLAS thread, with ``info['seconds']``."""
+    started = time.perf_counter()
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with threadpool_limits(1):
+            out = (payload_cell if cell.kind == "payload" else system_cell)(cell, Path(cache_dir))
+    finally:
+        torch.set_num_threads(previous)
+    out.info["seconds"] = round(time.perf_counter() - started, 2)
+    return out

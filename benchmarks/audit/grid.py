@@ -1,0 +1,256 @@
+"""The audit grid (DESIGN.md §7; issue 6 item 1): YAML in, a validated list of cells out.
+
+A grid names datasets × cut ratios × payload kinds × defense settings × seeds, in
+two parts:
+
+- ``payload_curve``: cells that need no trained system. The server's view is
+  simulated from the data, the schedule and the release-side defenses alone
+  (:func:`collafuse.attacks.reconstruction.curve.simulate_view`), so a dense curve
+  over many cut ratios costs seconds per point. Threat T1 only.
+- ``systems``: cells that train a split system (cached by a hash of the run config
+  that determines it) and attack it under every threat, then measure its utility.
+
+Every cell is a pure function of its :class:`Cell` (config hash = sha256 of its
+canonical JSON), so the runner can cache, resume and distribute them.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from collafuse.config import DEFAULT_CONFIG, RunConfig, config_from_dict
+from collafuse.errors import ConfigError
+
+CELL_FORMAT = 1  # bump when a cell's computation changes meaning: old cached cells stop matching
+THREAT_KEYS = ("T1", "T2", "T3", "T4")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+
+def _cut_ratios_ok(values: tuple[float, ...]) -> tuple[float, ...]:
+    for c in values:
+        if not 0.0 <= c <= 1.0:
+            raise ValueError(f"cut ratio {c} is outside [0, 1]")
+    if len(set(values)) != len(values):
+        raise ValueError("cut ratios repeat")
+    return values
+
+
+class PayloadCurveSpec(_Strict):
+    cut_ratios: tuple[float, ...] = ()
+    epochs: int = Field(1, ge=1)                   # epochs of payloads simulated (multiview fuses them)
+    payload_kinds: tuple[Literal["cut", "trajectory", "naive"], ...] = ("cut",)
+    defenses: dict[str, tuple[dict[str, Any], ...]] = {"none": ()}
+    attacks: tuple[str, ...] = ("rescale", "tweedie", "multiview", "oracle")
+
+    @field_validator("cut_ratios")
+    @classmethod
+    def _check_cuts(cls, values: tuple[float, ...]) -> tuple[float, ...]:
+        return _cut_ratios_ok(values)
+
+
+class SystemsSpec(_Strict):
+    cut_ratios: tuple[float, ...] = ()
+    payload_kinds: tuple[Literal["cut", "trajectory", "naive"], ...] = ("cut",)
+    defenses: dict[str, tuple[dict[str, Any], ...]] = {"none": ()}
+    attacks: dict[str, tuple[str, ...]] = {}     # threat (T1..T4) → attack names
+    samples_per_client: int = Field(128, ge=2)   # generated images per client for utility and T4
+
+    @field_validator("cut_ratios")
+    @classmethod
+    def _check_cuts(cls, values: tuple[float, ...]) -> tuple[float, ...]:
+        return _cut_ratios_ok(values)
+
+
+class GridSpec(_Strict):
+    name: str = "audit"
+    base: dict[str, Any] = {}                    # run-config overrides for every cell (sections as in `collafuse train`)
+    datasets: dict[str, dict[str, Any]] = {"digits": {}}  # name → data-section overrides
+    seeds: tuple[int, ...] = (0,)
+    payload_curve: PayloadCurveSpec = PayloadCurveSpec()
+    systems: SystemsSpec = SystemsSpec()
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One grid cell: everything its results depend on."""
+
+    kind: str                       # "payload" or "system"
+    dataset: str
+    cut_ratio: float
+    defense: str                    # the setting's label in the grid
+    payload_kind: str
+    seed: int
+    epochs: int                     # epochs of payloads (payload cells) or of training (system cells)
+    run_config: RunConfig           # data, schedule, models, training, defenses of this cell
+    attacks: dict[str, tuple[str, ...]] = field(default_factory=dict)  # threat → attacks
+    samples_per_client: int = 0
+
+    @property
+    def cell_id(self) -> str:
+        return f"{self.kind}|{self.dataset}|c={self.cut_ratio:.2f}|{self.payload_kind}|{self.defense}|seed={self.seed}"
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "cell_format": CELL_FORMAT,
+            "kind": self.kind, "dataset": self.dataset, "cut_ratio": self.cut_ratio, "defense": self.defense,
+            "payload_kind": self.payload_kind, "seed": self.seed, "epochs": self.epochs,
+            "run_config": self.run_config.model_dump(mode="json"),
+            "attacks": {k: list(v) for k, v in self.attacks.items()},
+            "samples_per_client": self.samples_per_client,
+        }
+
+    @property
+    def config_hash(self) -> str:
+        return canonical_hash(self.to_json())
+
+    @property
+    def t_c(self) -> int:
+        return self.run_config.t_c
+
+    @classmethod
+    def from_json(cls, raw: dict[str, Any]) -> "Cell":
+        return cls(
+            raw["kind"], raw["dataset"], float(raw["cut_ratio"]), raw["defense"], raw["payload_kind"], int(raw["seed"]),
+            int(raw["epochs"]), config_from_dict(raw["run_config"]),
+            {k: tuple(v) for k, v in raw["attacks"].items()}, int(raw["samples_per_client"]),
+        )
+
+
+def canonical_hash(obj: Any) -> str:
+    """16 hex digits of sha256 over canonical JSON: the same config always gives the same key."""
+    text = json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def system_hash(config: RunConfig) -> str:
+    """The key of a trained system: its run config (seed included) determines it completely."""
+    return canonical_hash({"system_format": 1, "run_config": config.model_dump(mode="json")})
+
+
+@dataclass(frozen=True)
+class Grid:
+    spec: GridSpec
+    text: str                       # the YAML exactly as read (for the report)
+    source: str                     # file path or "embedded default"/"embedded quick"
+
+    def cells(self) -> list[Cell]:
+        return expand(self.spec)
+
+
+def _format_error(exc: ValidationError) -> str:
+    err = exc.errors()[0]
+    where = ".".join(str(p) for p in err["loc"]) or "grid"
+    if err["type"] == "extra_forbidden":
+        return f"unknown grid key '{where}'"
+    return f"{where}: {err['msg'].removeprefix('Value error, ')}"
+
+
+def _embedded(name: str) -> str:
+    return resources.files("collafuse.benchmarks.audit").joinpath(name).read_text()
+
+
+def load_grid(path: Path | str | None, quick: bool = False) -> Grid:
+    """The grid at ``path``, or the embedded default (``quick``: the small CI grid). Validated, expanded once."""
+    if path is None:
+        name = "quick_grid.yaml" if quick else "default_grid.yaml"
+        text, source = _embedded(name), f"embedded {name}"
+    else:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"grid file not found: {path}")
+        text, source = path.read_text(), str(path)
+    try:
+        raw = yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{source}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: the grid must be a mapping")
+    try:
+        spec = GridSpec.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(f"grid error: {_format_error(exc)}") from None
+    grid = Grid(spec, text, source)
+    validate(grid.cells(), spec)
+    return grid
+
+
+def _run_config(spec: GridSpec, dataset: str, c: float, payload_kind: str, defenses, seed: int,
+                epochs: int | None = None) -> RunConfig:
+    raw = DEFAULT_CONFIG.model_dump(mode="json")
+    for section, value in spec.base.items():
+        if section not in raw:
+            raise ConfigError(f"grid error: unknown run-config section 'base.{section}'")
+        raw[section] = {**raw[section], **value} if isinstance(value, dict) and isinstance(raw[section], dict) else value
+    raw["data"] = {**raw["data"], **spec.datasets[dataset]}
+    raw["diffusion"] = {**raw["diffusion"], "cut_ratio": c}
+    raw["training"] = {**raw["training"], "payload": payload_kind}
+    if epochs is not None:  # payload cells: the formal ε and the costs count the simulated epochs
+        raw["training"]["epochs"] = epochs
+    raw["defenses"] = [dict(d) for d in defenses]
+    raw["seed"] = seed
+    try:
+        return config_from_dict(raw)
+    except ConfigError as exc:
+        raise ConfigError(f"grid cell ({dataset}, c = {c}, {payload_kind}): {exc}") from None
+
+
+def expand(spec: GridSpec) -> list[Cell]:
+    """Every cell of the grid, in a fixed order: payload curve first, then systems."""
+    cells: list[Cell] = []
+    curve, systems = spec.payload_curve, spec.systems
+    for dataset in spec.datasets:
+        for seed in spec.seeds:
+            for kind in curve.payload_kinds:
+                for label, defenses in curve.defenses.items():
+                    for c in curve.cut_ratios:
+                        cfg = _run_config(spec, dataset, c, kind, defenses, seed, curve.epochs)
+                        cells.append(Cell("payload", dataset, c, label, kind, seed, curve.epochs, cfg, {"T1": curve.attacks}))
+            for kind in systems.payload_kinds:
+                for label, defenses in systems.defenses.items():
+                    for c in systems.cut_ratios:
+                        cfg = _run_config(spec, dataset, c, kind, defenses, seed)
+                        cells.append(Cell("system", dataset, c, label, kind, seed, cfg.training.epochs, cfg,
+                                          dict(systems.attacks), systems.samples_per_client))
+    return cells
+
+
+def validate(cells: list[Cell], spec: GridSpec) -> None:
+    """Refuse grids that cannot run: no cells, unknown attacks or threats, defenses the protocol refuses."""
+    from collafuse.attacks.membership.catalog import ATTACKS as MEMBERSHIP
+    from collafuse.attacks.reconstruction.registry import RECONSTRUCTION_ATTACKS
+    from collafuse.defenses import parse_specs
+
+    if not cells:
+        raise ConfigError("grid error: the grid is empty (no payload_curve or systems cut ratios)")
+    if not spec.datasets or not spec.seeds:
+        raise ConfigError("grid error: the grid needs at least one dataset and one seed")
+    for name in spec.payload_curve.attacks:
+        if name not in RECONSTRUCTION_ATTACKS:
+            raise ConfigError(f"grid error: payload_curve.attacks: unknown reconstruction attack {name!r}; "
+                              f"valid: {', '.join(RECONSTRUCTION_ATTACKS.names())}")
+    for threat, names in spec.systems.attacks.items():
+        if threat not in THREAT_KEYS:
+            raise ConfigError(f"grid error: systems.attacks: unknown threat {threat!r}; valid: {', '.join(THREAT_KEYS)}")
+        for name in names:
+            ok = (threat == "T1" and name in RECONSTRUCTION_ATTACKS) or (
+                name in MEMBERSHIP and threat in MEMBERSHIP.get(name).threats)
+            if not ok:
+                raise ConfigError(f"grid error: systems.attacks.{threat}: {name!r} is not an attack on {threat}")
+    for cell in cells:
+        try:
+            parsed = parse_specs(cell.run_config.defenses)
+        except ConfigError as exc:
+            raise ConfigError(f"grid error: defense setting {cell.defense!r}: {exc}") from None
+        if cell.kind == "payload" and any(s.name == "dp-sgd" for s in parsed):
+            raise ConfigError(f"grid error: payload_curve.defenses.{cell.defense}: dp-sgd acts on training, "
+                              "not on payloads; put it under systems.defenses")

@@ -1,0 +1,238 @@
+"""The leakage policy (DESIGN.md §7; issue 6 item 6): limits per threat, pass/fail per cell, a verdict.
+
+A policy is YAML::
+
+    statistic: value          # or ci_high: judge the conservative end of each 95 % interval
+    minimize: client_gflops_sample   # the cost the recommendation minimises
+    limits:
+      T1: {reid_pool: {max: 0.05}, auc: {max: 0.6}}
+      T2: {auc: {max: 0.6}}
+      utility: {accuracy: {min: 0.5}}
+
+Each limit is checked against the WORST value in the cell over every attack and target
+of that threat (for ``max``: the largest; for ``min``: the smallest), upper bounds
+included — an auditor's policy must hold against the strongest attacker measured.
+A threat whose target does not exist in the cell (no payload crosses at c = 1, no server
+model at c = 1, no client model at c = 0) passes with that reason. A cell is *complete*
+when every threat of the policy applies to its kind (payload-only cells measure T1 only).
+The recommendation is the complete, passing cell with the least client compute.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import yaml
+
+from collafuse.errors import ConfigError
+
+from collafuse.benchmarks.audit.grid import Cell, GridSpec
+
+RECONSTRUCTION_METRICS = ("mse", "psnr", "ssim", "reid_client", "reid_pool", "label", "linkage_accuracy")
+MEMBERSHIP_METRICS = ("auc", "tpr_at_1pct_fpr", "epsilon_lb")
+METRICS: dict[str, tuple[str, ...]] = {
+    "T1": RECONSTRUCTION_METRICS + MEMBERSHIP_METRICS,
+    "T2": MEMBERSHIP_METRICS,
+    "T3": MEMBERSHIP_METRICS,
+    "T4": MEMBERSHIP_METRICS,
+    "utility": ("fid", "kid", "precision", "recall", "accuracy"),
+    "cost": ("client_eval_share_train", "client_eval_share_sample", "client_flops_share_train",
+             "client_flops_share_sample", "client_gflops_train_per_image_epoch", "client_gflops_sample",
+             "payload_bytes_per_image_epoch"),
+    "formal": ("epsilon_payload", "epsilon_model_clients", "epsilon_model_server"),
+}
+STATISTICS = ("value", "ci_low", "ci_high")
+
+
+@dataclass(frozen=True)
+class Limit:
+    threat: str
+    metric: str
+    op: str        # "max" or "min"
+    bound: float
+
+
+@dataclass(frozen=True)
+class Policy:
+    limits: tuple[Limit, ...]
+    statistic: str
+    minimize: str
+    text: str
+    source: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {"statistic": self.statistic, "minimize": self.minimize, "source": self.source,
+                "limits": [{"threat": l.threat, "metric": l.metric, "op": l.op, "limit": l.bound} for l in self.limits]}
+
+
+def load_policy(path: Path | str | None) -> Policy:
+    """The policy at ``path`` or the embedded default, validated (one-line ConfigError otherwise)."""
+    if path is None:
+        text = resources.files("collafuse.benchmarks.audit").joinpath("default_policy.yaml").read_text()
+        source = "embedded default_policy.yaml"
+    else:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"policy file not found: {path}")
+        text, source = path.read_text(), str(path)
+    try:
+        raw = yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{source}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    return parse_policy(raw, text, source)
+
+
+def parse_policy(raw: Any, text: str = "", source: str = "policy") -> Policy:
+    if not isinstance(raw, dict):
+        raise ConfigError("policy error: the policy must be a mapping with 'limits'")
+    unknown = set(raw) - {"statistic", "minimize", "limits"}
+    if unknown:
+        raise ConfigError(f"policy error: unknown key {sorted(unknown)[0]!r} (valid: statistic, minimize, limits)")
+    statistic = raw.get("statistic", "value")
+    if statistic not in STATISTICS:
+        raise ConfigError(f"policy error: statistic {statistic!r} is not one of {', '.join(STATISTICS)}")
+    minimize = raw.get("minimize", "client_gflops_sample")
+    if minimize not in METRICS["cost"]:
+        raise ConfigError(f"policy error: minimize {minimize!r} is not a cost metric; valid: {', '.join(METRICS['cost'])}")
+    limits_raw = raw.get("limits")
+    if not isinstance(limits_raw, dict) or not limits_raw:
+        raise ConfigError("policy error: 'limits' must be a non-empty mapping of threat → metric → {max|min: number}")
+    limits = []
+    for threat, metrics in limits_raw.items():
+        if threat not in METRICS:
+            raise ConfigError(f"policy error: unknown threat {threat!r}; valid: {', '.join(METRICS)}")
+        if not isinstance(metrics, dict) or not metrics:
+            raise ConfigError(f"policy error: limits.{threat} must map metrics to {{max|min: number}}")
+        for metric, bound in metrics.items():
+            if metric not in METRICS[threat]:
+                raise ConfigError(f"policy error: unknown metric {metric!r} for {threat}; valid: {', '.join(METRICS[threat])}")
+            if not isinstance(bound, dict) or len(bound) != 1 or next(iter(bound)) not in ("max", "min"):
+                raise ConfigError(f"policy error: limits.{threat}.{metric} must be {{max: number}} or {{min: number}}")
+            op, value = next(iter(bound.items()))
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
+                raise ConfigError(f"policy error: limits.{threat}.{metric}.{op} must be a number, got {value!r}")
+            limits.append(Limit(threat, metric, op, float(value)))
+    return Policy(tuple(limits), statistic, minimize, text, source)
+
+
+def check_against_grid(policy: Policy, spec: GridSpec) -> None:
+    """Refuse a policy on a threat (or metric) that no cell of the grid measures."""
+    from collafuse.attacks.membership.catalog import ATTACKS as MEMBERSHIP
+
+    systems = bool(spec.systems.cut_ratios)
+    t1_recon = bool(spec.payload_curve.cut_ratios and spec.payload_curve.attacks) or (
+        systems and any(a not in MEMBERSHIP for a in spec.systems.attacks.get("T1", ())))
+    t1_member = systems and any(a in MEMBERSHIP for a in spec.systems.attacks.get("T1", ()))
+    for limit in policy.limits:
+        if limit.threat == "T1":
+            ok = t1_member if limit.metric in MEMBERSHIP_METRICS else t1_recon
+        elif limit.threat in ("T2", "T3", "T4"):
+            ok = systems and bool(spec.systems.attacks.get(limit.threat))
+        elif limit.threat == "utility":
+            ok = systems
+        else:
+            ok = True
+        if not ok:
+            raise ConfigError(f"policy error: limits.{limit.threat}.{limit.metric}: no attack in the grid measures it "
+                              f"(add attacks for {limit.threat} to the grid or drop the limit)")
+
+
+def _absent_reason(cell: Cell, threat: str, rows: pd.DataFrame) -> str | None:
+    """Why a threat has nothing to measure in this cell, or None if it should have been measured."""
+    T = cell.run_config.diffusion.T
+    if threat == "T1":
+        count = rows[(rows.threat == "T1") & (rows.metric == "payload_rows")]["value"]
+        if len(count) and float(count.iloc[0]) == 0:
+            return "no payload crosses to the server (c = 1)"
+    if cell.kind == "system":
+        if threat == "T2" and cell.t_c >= T:
+            return "no server model (c = 1)"
+        if threat == "T3" and cell.t_c == 0:
+            return "no client model (c = 0)"
+    return None
+
+
+def _applies(cell: Cell, threat: str) -> bool:
+    return cell.kind == "system" or threat in ("T1", "cost", "formal")
+
+
+def evaluate_cell(policy: Policy, cell: Cell, rows: pd.DataFrame) -> dict[str, Any]:
+    """Every check of the policy on one cell's rows."""
+    checks, complete = [], True
+    for limit in policy.limits:
+        check = {"threat": limit.threat, "metric": limit.metric, "op": limit.op, "limit": limit.bound,
+                 "observed": None, "attack": None, "target": None, "pass": None, "note": ""}
+        if not _applies(cell, limit.threat):
+            complete = False
+            check["note"] = "not measured in a payload-only cell"
+            checks.append(check)
+            continue
+        sel = rows[(rows.threat == limit.threat) & (rows.metric == limit.metric)]
+        stat = policy.statistic
+        values = sel[stat].where(sel[stat].notna(), sel["value"]) if stat != "value" else sel["value"]
+        values = values.dropna()
+        if values.empty:
+            reason = _absent_reason(cell, limit.threat, rows)
+            if reason is not None:
+                check.update({"pass": True, "note": reason})
+            else:
+                complete = False
+                check["note"] = "not measured"
+            checks.append(check)
+            continue
+        idx = values.idxmax() if limit.op == "max" else values.idxmin()
+        observed = float(values.loc[idx])
+        ok = observed <= limit.bound if limit.op == "max" else observed >= limit.bound
+        check.update({"observed": observed, "attack": sel.loc[idx, "attack"], "target": sel.loc[idx, "target"],
+                      "pass": bool(ok)})
+        checks.append(check)
+    passed = complete and all(c["pass"] for c in checks)
+    return {"cell": cell.cell_id, "config_hash": cell.config_hash, "pass": passed, "complete": complete, "checks": checks}
+
+
+def _describe(cell: Cell) -> str:
+    return f"c = {cell.cut_ratio:g} with {cell.defense} ({cell.kind}, {cell.payload_kind} payloads, seed {cell.seed})"
+
+
+def verdict(policy: Policy, cells: list[Cell], df: pd.DataFrame) -> tuple[list[dict], dict[str, Any]]:
+    """(evaluations per cell, the verdict with the recommendation)."""
+    evaluations = [evaluate_cell(policy, cell, df[df.config_hash == cell.config_hash]) for cell in cells]
+    by_hash = {c.config_hash: c for c in cells}
+    complete = [e for e in evaluations if e["complete"]]
+    passing = [e for e in complete if e["pass"]]
+
+    def cost(e: dict) -> float:
+        sel = df[(df.config_hash == e["config_hash"]) & (df.threat == "cost") & (df.metric == policy.minimize)]["value"]
+        return float(sel.iloc[0]) if len(sel) and pd.notna(sel.iloc[0]) else math.inf
+
+    if passing:
+        best = min(passing, key=lambda e: (cost(e), by_hash[e["config_hash"]].cut_ratio))
+        cell = by_hash[best["config_hash"]]
+        rec = {
+            "cell": cell.cell_id, "config_hash": cell.config_hash, "defense": cell.defense, "cut_ratio": cell.cut_ratio,
+            "cost_metric": policy.minimize, "cost": cost(best),
+            "why": f"the least {policy.minimize} ({cost(best):.4g}) among the {len(passing)} complete settings that pass",
+        }
+        text = (f"PASS: {len(passing)} of {len(complete)} fully audited settings meet the policy; "
+                f"recommended: {_describe(cell)}.")
+        status = "pass"
+    else:
+        rec = None
+        status = "fail"
+        if not complete:
+            text = "FAIL: no setting was audited under every threat of the policy."
+        else:
+            failed: dict[str, int] = {}
+            for e in complete:
+                for c in e["checks"]:
+                    if c["pass"] is False:
+                        key = f"{c['threat']} {c['metric']} {'≤' if c['op'] == 'max' else '≥'} {c['limit']:g}"
+                        failed[key] = failed.get(key, 0) + 1
+            worst = ", ".join(f"{k} (fails in {n})" for k, n in sorted(failed.items(), key=lambda kv: -kv[1])[:3])
+            text = f"FAIL: none of the {len(complete)} fully audited settings meets the policy; most often broken: {worst}."
+    return evaluations, {"status": status, "text": text, "recommendation": rec,
+                         "passing_cells": [e["cell"] for e in passing]}

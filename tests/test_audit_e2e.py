@@ -1,0 +1,221 @@
+"""`collafuse audit --quick` end to end through the command line: results, report, resume, Ray, bad input.
+
+One quick audit is run once per session (it trains its four small systems into a shared
+cache); the other tests reuse that cache, so they recompute audit cells, not training.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+pytestmark = pytest.mark.slow
+
+QUICK_CELLS = 14  # 5 cut ratios × 2 payload defenses + 2 cut ratios × 2 system defenses
+
+
+def collafuse(*args: str, cwd: Path | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    return subprocess.run([sys.executable, "-m", "collafuse.cli", *args], capture_output=True, text=True, env=env,
+                          timeout=timeout, cwd=cwd)
+
+
+def load_rows(audit_dir: Path) -> list[dict]:
+    return json.loads((audit_dir / "results.json").read_text())
+
+
+def digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.fixture(scope="session")
+def audit_cache(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("audit-cache")
+
+
+@pytest.fixture(scope="session")
+def quick_audit(tmp_path_factory, audit_cache) -> tuple[Path, subprocess.CompletedProcess, float]:
+    out = tmp_path_factory.mktemp("audits") / "quick"
+    started = time.perf_counter()
+    proc = collafuse("audit", "--quick", "--out", str(out), "--cache", str(audit_cache), "--jobs", "2", "--quiet")
+    return out, proc, time.perf_counter() - started
+
+
+def test_quick_audit_writes_table_report_and_verdict(quick_audit):
+    out, proc, seconds = quick_audit
+    assert proc.returncode in (0, 1), proc.stderr[-2000:]
+    meta = json.loads((out / "audit.json").read_text())
+    assert (proc.returncode == 0) == (meta["verdict"]["status"] == "pass")
+    assert meta["verdict"]["text"] in proc.stdout
+    assert meta["sweep"] == {"cells": QUICK_CELLS, "computed": QUICK_CELLS, "reused": 0}
+    rows = load_rows(out)
+    columns = {"cell", "config_hash", "kind", "cut_ratio", "t_c", "defense", "seed", "threat", "target", "attack",
+               "metric", "value", "ci_low", "ci_high"}
+    assert columns <= set(rows[0])
+    threats = {r["threat"] for r in rows}
+    assert threats == {"T1", "T2", "T3", "T4", "utility", "cost", "formal"}
+    # The CSV holds the same rows as the JSON.
+    import pandas as pd
+
+    csv = pd.read_csv(out / "results.csv")
+    assert len(csv) == len(rows) and list(csv["metric"]) == [r["metric"] for r in rows]
+    for name in ("report.html", "report.md"):
+        assert (out / name).stat().st_size > 1000
+    assert seconds < 240, f"the quick audit took {seconds:.0f} s (target: 2 min on a quiet machine)"
+
+
+def test_quick_audit_finds_leakage_where_it_is_certain(quick_audit):
+    out, _, _ = quick_audit
+    rows = load_rows(out)
+
+    def worst(kind, c, defense, threat, metric):
+        vals = [r["value"] for r in rows if r["kind"] == kind and r["cut_ratio"] == c and r["defense"] == defense
+                and r["threat"] == threat and r["metric"] == metric and r["value"] is not None]
+        return max(vals)
+
+    # Low cut, many views: the payloads give the images away; a high cut with one release hides them far better.
+    assert worst("payload", 0.1, "none", "T1", "reid_pool") > 0.95
+    assert worst("system", 0.3, "none", "T1", "reid_pool") > 0.9
+    assert worst("system", 0.8, "single-release", "T1", "reid_pool") < worst("system", 0.3, "none", "T1", "reid_pool")
+    # The formal ε of the payload channel falls with the cut ratio.
+    eps = {r["cut_ratio"]: r["value"] for r in rows if r["kind"] == "payload" and r["defense"] == "none"
+           and r["metric"] == "epsilon_payload"}
+    assert eps[0.1] > eps[0.5] > eps[0.9]
+
+
+def test_report_command_rebuilds_the_report(quick_audit, tmp_path):
+    out, _, _ = quick_audit
+    (out / "report.html").unlink()
+    proc = collafuse("report", str(out))
+    assert proc.returncode == 0, proc.stderr
+    assert (out / "report.html").is_file()
+    bad = collafuse("report", str(tmp_path))
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "collafuse: error:" in bad.stderr
+
+
+def test_policy_exit_codes_reuse_finished_cells(quick_audit, audit_cache, tmp_path):
+    out, _, _ = quick_audit
+    lenient = tmp_path / "lenient.yaml"
+    lenient.write_text(yaml.safe_dump({"limits": {"T1": {"reid_pool": {"max": 1.0}}, "T2": {"auc": {"max": 1.0}}}}))
+    strict = tmp_path / "strict.yaml"
+    strict.write_text(yaml.safe_dump({"limits": {"T1": {"reid_pool": {"max": 0.0}}}}))
+    passing = collafuse("audit", "--quick", "--policy", str(lenient), "--out", str(out), "--cache", str(audit_cache), "--quiet")
+    assert passing.returncode == 0, passing.stderr[-2000:]
+    meta = json.loads((out / "audit.json").read_text())
+    assert meta["sweep"]["computed"] == 0 and meta["sweep"]["reused"] == QUICK_CELLS
+    rec = meta["verdict"]["recommendation"]
+    assert rec is not None and rec["cell"] in meta["verdict"]["passing_cells"]
+    failing = collafuse("audit", "--quick", "--policy", str(strict), "--out", str(out), "--cache", str(audit_cache), "--quiet")
+    assert failing.returncode == 1 and "FAIL" in failing.stdout
+
+
+@pytest.mark.parametrize("kind, content, message", [
+    ("grid", {"payload_curve": {"cut_ratios": [1.2]}}, "outside [0, 1]"),
+    ("grid", {"payload_curve": {"cut_ratios": []}}, "empty"),
+    ("policy", {"limits": {"T2": {"fidelity": {"max": 1}}}}, "unknown metric"),
+    ("policy", {"limits": {"T4": {"auc": {"max": 0.6}}}}, "no attack in the grid measures it"),
+])
+def test_bad_grids_and_policies_exit_2_and_leave_results_intact(quick_audit, audit_cache, tmp_path, kind, content, message):
+    out, _, _ = quick_audit
+    before = {p.name: digest(out / p.name) for p in out.iterdir() if p.is_file()}
+    path = tmp_path / f"{kind}.yaml"
+    path.write_text(yaml.safe_dump(content))
+    if kind == "policy":
+        grid = tmp_path / "curve.yaml"
+        grid.write_text(yaml.safe_dump({"payload_curve": {"cut_ratios": [0.5]}}))
+        args = ["--config", str(grid), "--policy", str(path)]
+    else:
+        args = ["--config", str(path)]
+    proc = collafuse("audit", *args, "--out", str(out), "--cache", str(audit_cache), "--quiet")
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("collafuse: error:") and proc.stderr.count("\n") == 1 and message in proc.stderr
+    assert {p.name: digest(out / p.name) for p in out.iterdir() if p.is_file()} == before
+
+
+def test_audit_refuses_a_folder_that_is_not_an_audit(tmp_path):
+    (tmp_path / "precious.txt").write_text("keep me")
+    proc = collafuse("audit", "--quick", "--out", str(tmp_path), "--quiet")
+    assert proc.returncode == 2 and "not an audit" in proc.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["precious.txt"]
+
+
+def test_killed_sweep_resumes_without_losing_or_repeating_cells(quick_audit, audit_cache, tmp_path):
+    out, _, _ = quick_audit
+    resumed = tmp_path / "resumed"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.Popen([sys.executable, "-m", "collafuse.cli", "audit", "--quick", "--out", str(resumed),
+                             "--cache", str(audit_cache), "--jobs", "1", "--quiet"],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    cells = resumed / "cells"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and proc.poll() is None:
+        if cells.is_dir() and len(list(cells.glob("*.json"))) >= 3:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "the sweep finished before it could be killed"
+    os.killpg(proc.pid, signal.SIGKILL)  # no chance to clean up: the hardest interruption
+    proc.wait()
+    finished = len(list(cells.glob("*.json")))
+    assert 3 <= finished < QUICK_CELLS
+    assert not (resumed / "results.json").exists()
+    again = collafuse("audit", "--quick", "--out", str(resumed), "--cache", str(audit_cache), "--jobs", "1", "--quiet")
+    assert again.returncode in (0, 1), again.stderr[-2000:]
+    sweep = json.loads((resumed / "audit.json").read_text())["sweep"]
+    assert sweep == {"cells": QUICK_CELLS, "computed": QUICK_CELLS - finished, "reused": finished}
+    assert load_rows(resumed) == load_rows(out)
+    assert not list(resumed.rglob("*.partial-*"))
+
+
+def test_ray_backend_gives_the_same_table(quick_audit, audit_cache, tmp_path):
+    pytest.importorskip("ray")
+    out, _, _ = quick_audit
+    via_ray = tmp_path / "ray"
+    proc = collafuse("audit", "--quick", "--backend", "ray", "--jobs", "2", "--out", str(via_ray),
+                     "--cache", str(audit_cache), "--quiet")
+    assert proc.returncode in (0, 1), proc.stderr[-3000:]
+    meta = json.loads((via_ray / "audit.json").read_text())
+    assert meta["backend"] == "ray" and meta["sweep"]["computed"] == QUICK_CELLS
+    assert load_rows(via_ray) == load_rows(out)
+
+
+def test_report_numbers_equal_the_results_table(quick_audit):
+    from test_audit_report import _table
+
+    from collafuse.benchmarks.audit.report import format_value
+
+    out, _, _ = quick_audit
+    rows = load_rows(out)
+    shown = _table((out / "report.html").read_text(encoding="utf-8"), "leakage-table")
+    assert len(shown) > 0
+    for _, r in shown.iterrows():
+        cell, threat, metric = r["cell"][0], r["threat"][0], r["metric"][0]
+        candidates = [x["value"] for x in rows if x["cell"] == cell and x["threat"] == threat
+                      and x["metric"] == metric and x["value"] is not None]
+        assert float(r["worst value"][1]) == max(candidates)   # the exact number behind the cell
+        assert r["worst value"][0] == format_value(max(candidates))  # and the text a reader sees
+    meta = json.loads((out / "audit.json").read_text())
+    text = (out / "report.html").read_text(encoding="utf-8")
+    assert meta["verdict"]["text"].split(":")[0] in text
+
+
+@pytest.mark.skipif(not Path("/usr/bin/chromium").exists() and not os.environ.get("COLLAFUSE_REQUIRE_BROWSER"),
+                    reason="needs Debian chromium (CI installs it and sets COLLAFUSE_REQUIRE_BROWSER)")
+def test_quick_report_in_a_real_browser(quick_audit, tmp_path_factory):
+    from browser_check import check_page
+
+    out, _, _ = quick_audit
+    shot = tmp_path_factory.mktemp("screenshots") / "quick-report.png"
+    seen = check_page(out / "report.html", shot)
+    assert seen["console_errors"] == []
+    assert len(seen["images"]) >= 5 and all(w > 0 for _, w in seen["images"])
+    assert seen["verdict_visible"] and ("PASS" in seen["verdict_text"] or "FAIL" in seen["verdict_text"])
+    assert seen["recommendation_visible"]
+    assert shot.stat().st_size > 10_000

@@ -1,0 +1,145 @@
+"""Audit grid and policy: expansion, hashing, validation and the pass/fail logic (no training)."""
+from __future__ import annotations
+
+import math
+
+import pandas as pd
+import pytest
+import yaml
+
+from collafuse.errors import ConfigError
+
+from collafuse.benchmarks.audit.grid import load_grid
+from collafuse.benchmarks.audit.policy import check_against_grid, evaluate_cell, load_policy, parse_policy, verdict
+
+
+def write(tmp_path, name, obj) -> str:
+    path = tmp_path / name
+    path.write_text(obj if isinstance(obj, str) else yaml.safe_dump(obj, allow_unicode=True, sort_keys=False))
+    return str(path)
+
+
+GRID = {
+    "base": {"data": {"image_size": 8, "n_members": 64, "n_nonmembers": 16, "n_aux": 16, "num_clients": 2},
+             "diffusion": {"T": 50}},
+    "payload_curve": {"cut_ratios": [0.2, 0.6], "epochs": 2, "defenses": {"none": [], "noise": [{"name": "payload-noise", "sigma": 1.0}]}},
+    "systems": {"cut_ratios": [0.5], "defenses": {"none": []}, "attacks": {"T1": ["rescale", "payload-lr"], "T2": ["loss"]}},
+}
+
+
+def test_embedded_grids_expand_with_stable_unique_hashes():
+    for quick in (False, True):
+        cells = load_grid(None, quick).cells()
+        again = load_grid(None, quick).cells()
+        assert [c.config_hash for c in cells] == [c.config_hash for c in again]
+        assert len({c.config_hash for c in cells}) == len(cells)
+    default = load_grid(None).cells()
+    curve = [c for c in default if c.kind == "payload"]
+    assert len({c.cut_ratio for c in curve}) >= 10  # the dense payload-only curve of issue 6
+    assert {c.kind for c in default} == {"payload", "system"}
+
+
+def test_grid_cells_are_the_product_and_carry_their_config(tmp_path):
+    cells = load_grid(write(tmp_path, "g.yaml", GRID)).cells()
+    assert [(c.kind, c.defense, c.cut_ratio) for c in cells] == [
+        ("payload", "none", 0.2), ("payload", "none", 0.6), ("payload", "noise", 0.2), ("payload", "noise", 0.6),
+        ("system", "none", 0.5)]
+    noise = cells[2]
+    assert noise.run_config.defenses == ({"name": "payload-noise", "sigma": 1.0},)
+    assert noise.run_config.t_c == 10 and noise.run_config.training.epochs == 2
+    assert cells[-1].attacks == {"T1": ("rescale", "payload-lr"), "T2": ("loss",)}
+    # A different seed or defense is a different cell.
+    other = load_grid(write(tmp_path, "g2.yaml", {**GRID, "seeds": [1]})).cells()
+    assert not {c.config_hash for c in cells} & {c.config_hash for c in other}
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"payload_curve": {"cut_ratios": [1.5]}}, "outside [0, 1]"),
+    ({"payload_curve": {"cut_ratios": []}, "systems": {"cut_ratios": []}}, "empty"),
+    ({"payload_curve": {"cut_ratios": [0.2], "attacks": ["telepathy"]}}, "telepathy"),
+    ({"systems": {"cut_ratios": [0.5], "attacks": {"T2": ["payload-lr"]}}}, "not an attack on T2"),
+    ({"systems": {"cut_ratios": [0.5], "attacks": {"T9": ["loss"]}}}, "unknown threat"),
+    ({"payload_curve": {"cut_ratios": [0.2], "defenses": {"x": [{"name": "dp-sgd", "epsilon": 8}]}}}, "dp-sgd"),
+    ({"payload_curve": {"cut_ratios": [0.2], "defenses": {"x": [{"name": "payload-noise", "sigma": -1}]}}}, "sigma"),
+    ({"colour": "blue"}, "unknown grid key"),
+])
+def test_bad_grids_are_refused_with_one_line(tmp_path, change, message):
+    raw = {**GRID, **change}
+    with pytest.raises(ConfigError) as err:
+        load_grid(write(tmp_path, "bad.yaml", raw))
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("policy, message", [
+    ({"limits": {"T2": {"accuracy": {"max": 0.5}}}}, "unknown metric"),
+    ({"limits": {"T7": {"auc": {"max": 0.5}}}}, "unknown threat"),
+    ({"limits": {"T2": {"auc": {"below": 0.5}}}}, "max: number"),
+    ({"limits": {"T2": {"auc": {"max": "low"}}}}, "must be a number"),
+    ({"limits": {}}, "non-empty"),
+    ({"statistic": "median", "limits": {"T2": {"auc": {"max": 0.5}}}}, "statistic"),
+])
+def test_bad_policies_are_refused(policy, message):
+    with pytest.raises(ConfigError) as err:
+        parse_policy(policy)
+    assert message in str(err.value)
+
+
+def test_a_policy_on_a_threat_nobody_attacks_is_refused(tmp_path):
+    spec = load_grid(write(tmp_path, "g.yaml", GRID)).spec
+    check_against_grid(parse_policy({"limits": {"T1": {"reid_pool": {"max": 0.1}, "auc": {"max": 0.6}}, "T2": {"auc": {"max": 0.6}}}}), spec)
+    for threat in ("T3", "T4"):
+        with pytest.raises(ConfigError, match="no attack in the grid measures it"):
+            check_against_grid(parse_policy({"limits": {threat: {"auc": {"max": 0.6}}}}), spec)
+    curve_only = load_grid(write(tmp_path, "c.yaml", {**GRID, "systems": {}})).spec
+    with pytest.raises(ConfigError, match="utility"):
+        check_against_grid(parse_policy({"limits": {"utility": {"accuracy": {"min": 0.5}}}}), curve_only)
+
+
+def _rows(cell, rows):
+    return pd.DataFrame([{"config_hash": cell.config_hash, "threat": t, "target": g, "attack": a, "metric": m,
+                          "value": v, "ci_low": lo, "ci_high": hi} for t, g, a, m, v, lo, hi in rows])
+
+
+def test_policy_takes_the_worst_attack_and_the_statistic_it_is_told(tmp_path):
+    cells = load_grid(write(tmp_path, "g.yaml", GRID)).cells()
+    system = cells[-1]
+    rows = _rows(system, [
+        ("T1", "payload", "rescale", "reid_pool", 0.02, 0.01, 0.04),
+        ("T1", "payload", "oracle", "reid_pool", 0.04, 0.03, 0.07),
+        ("T2", "server", "loss", "auc", 0.55, 0.50, 0.61),
+        ("T2", "server", "sima", "auc", 0.52, 0.47, 0.57),
+    ])
+    limits = {"limits": {"T1": {"reid_pool": {"max": 0.05}}, "T2": {"auc": {"max": 0.6}}}}
+    ev = evaluate_cell(parse_policy(limits), system, rows)
+    assert ev["pass"] and ev["complete"]
+    assert [(c["attack"], c["observed"]) for c in ev["checks"]] == [("oracle", 0.04), ("loss", 0.55)]
+    strict = evaluate_cell(parse_policy({**limits, "statistic": "ci_high"}), system, rows)
+    assert not strict["pass"]
+    assert [(c["attack"], c["observed"], c["pass"]) for c in strict["checks"]] == [("oracle", 0.07, False), ("loss", 0.61, False)]
+    # A payload-only cell cannot answer a T2 limit: it is incomplete, never a pass.
+    payload = evaluate_cell(parse_policy(limits), cells[0], _rows(cells[0], [("T1", "payload", "rescale", "reid_pool", 0.0, None, None)]))
+    assert payload["complete"] is False and payload["pass"] is False
+
+
+def test_verdict_recommends_the_cheapest_passing_setting(tmp_path):
+    grid = {**GRID, "payload_curve": {}, "systems": {**GRID["systems"], "cut_ratios": [0.2, 0.5, 0.9]}}
+    cells = load_grid(write(tmp_path, "g.yaml", grid)).cells()
+    reid = {0.2: 0.9, 0.5: 0.03, 0.9: 0.01}
+    gflops = {0.2: 0.1, 0.5: 0.5, 0.9: 0.9}
+    df = pd.concat([_rows(c, [("T1", "payload", "oracle", "reid_pool", reid[c.cut_ratio], None, None),
+                              ("cost", "clients", "count", "client_gflops_sample", gflops[c.cut_ratio], None, None)])
+                    for c in cells], ignore_index=True)
+    policy = parse_policy({"limits": {"T1": {"reid_pool": {"max": 0.05}}}})
+    evaluations, decision = verdict(policy, cells, df)
+    assert [e["pass"] for e in evaluations] == [False, True, True]
+    assert decision["status"] == "pass"
+    assert decision["recommendation"]["cut_ratio"] == 0.5 and math.isclose(decision["recommendation"]["cost"], 0.5)
+    _, none = verdict(parse_policy({"limits": {"T1": {"reid_pool": {"max": 0.001}}}}), cells, df)
+    assert none["status"] == "fail" and none["recommendation"] is None and "reid_pool" in none["text"]
+
+
+def test_embedded_policy_loads_and_fits_the_embedded_grids():
+    policy = load_policy(None)
+    assert {l.threat for l in policy.limits} >= {"T1", "T2", "T3", "T4"}
+    for quick in (False, True):
+        check_against_grid(policy, load_grid(None, quick).spec)
