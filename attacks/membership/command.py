@@ -120,10 +120,15 @@ def plan(run, attack_names: tuple[str, ...], target_names: tuple[str, ...], expl
 
 
 def run_audit(run, attack_names: tuple[str, ...], target_names: tuple[str, ...], settings: AuditSettings,
-              explicit_attacks: bool = False, progress: bool = False) -> tuple[dict, dict[str, dict[str, AttackResult]]]:
-    """Run the audit on a loaded :class:`~collafuse.runs.Run`. Returns (JSON report, raw results per target)."""
+              explicit_attacks: bool = False, progress: bool = False,
+              samples: dict | None = None) -> tuple[dict, dict[str, dict[str, AttackResult]]]:
+    """Run the audit on a loaded :class:`~collafuse.runs.Run`. Returns (JSON report, raw results per target).
+
+    ``samples``: T4 samples per client already drawn with
+    :func:`~collafuse.attacks.membership.targets.attacker_samples` (same seed), so a caller that
+    also measures their quality generates them once."""
     seed = run.config.seed if settings.seed is None else settings.seed
-    ctx = AuditContext(run, settings.signals, seed, settings.n_samples)
+    ctx = AuditContext(run, settings.signals, seed, settings.n_samples, samples)
     work = plan(run, attack_names, target_names, explicit_attacks, ctx)
     targets: dict[str, dict] = {}
     raw: dict[str, dict[str, AttackResult]] = {}

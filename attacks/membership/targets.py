@@ -124,6 +124,8 @@ class AuditContext:
     settings: SignalSettings
     seed: int
     n_samples: int | None = None  # T4: samples per client (None = as many as member candidates)
+    # T4: samples already drawn with attacker_samples(), client → (N, C, H, W); others are generated here.
+    samples: dict[int, torch.Tensor] | None = None
     _data: tuple | None = None
 
     def data(self):
@@ -188,9 +190,15 @@ def _clients(ctx: AuditContext) -> list[TargetInstance]:
     return out
 
 
-def _samples(ctx: AuditContext) -> list[TargetInstance]:
+def attacker_samples(run, client: int, n: int, seed: int) -> torch.Tensor:
+    """The T4 attacker's ``n`` samples finished by ``client``, drawn with the attacker's own sampling
+    seed (apart from the run's; generate() adds the client's stream)."""
     from collafuse.runs import generate
 
+    return generate(run, client, n, stream_seed(seed, STREAM_MEMBERSHIP, 200))
+
+
+def _samples(ctx: AuditContext) -> list[TargetInstance]:
     run = ctx.run
     _, splits = ctx.data()
     out = []
@@ -199,8 +207,10 @@ def _samples(ctx: AuditContext) -> list[TargetInstance]:
         n = ctx.n_samples or cand.n_members
 
         def make(k=k, cand=cand, n=n) -> SignalCache:
-            # The attacker's own sampling seed, apart from the run's (generate() adds the client's stream).
-            samples = generate(run, k, n, stream_seed(ctx.seed, STREAM_MEMBERSHIP, 200))
+            given = (ctx.samples or {}).get(k)
+            if given is not None and len(given) < n:
+                raise CandidateError(f"samples_{k}: {len(given)} samples given, {n} needed")
+            samples = given[:n] if given is not None else attacker_samples(run, k, n, ctx.seed)
             return sample_signal_cache(cand.images, samples)
 
         out.append(

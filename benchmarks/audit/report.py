@@ -215,8 +215,11 @@ def _pick(group: pd.DataFrame, metric: str, prefer_target: str = "pooled") -> pd
     return (preferred if not preferred.empty else sub).iloc[0]
 
 
-def frontier_table(rows: pd.DataFrame, worst: pd.DataFrame, evaluations: dict[str, dict], cells: Sequence[str]) -> pd.DataFrame:
-    """One row per system cell: client cost, worst leakage, utility and the policy outcome."""
+def frontier_table(rows: pd.DataFrame, worst: pd.DataFrame, evaluations: dict[str, dict], cells: Sequence[str],
+                   cost_metric: str = "client_gflops_sample") -> pd.DataFrame:
+    """One row per system cell: client cost, worst leakage, utility and the policy outcome.
+
+    ``cost`` is the policy's ``minimize`` metric, the one the recommendation minimises."""
     out = []
     for cell in cells:
         group = rows[rows["cell"] == cell]
@@ -230,13 +233,13 @@ def frontier_table(rows: pd.DataFrame, worst: pd.DataFrame, evaluations: dict[st
         w = worst[worst["cell"] == cell]
         membership = _measured(group[(group["metric"] == "auc") & group["threat"].isin(THREATS)])
         reid = _measured(w[(w["threat"] == "T1") & (w["metric"] == "reid_pool")])
-        parts = [p["value"] for p in (train, sample) if p is not None]
+        cost = _pick(group, cost_metric, "clients")
         evaluation = evaluations.get(cell)
         out.append({
             "cell": cell, "defense": _first(group["defense"]), "cut_ratio": _first(group["cut_ratio"]),
             "gflops_train": train["value"] if train is not None else math.nan,
             "gflops_sample": sample["value"] if sample is not None else math.nan,
-            "gflops": float(sum(parts)) if parts else math.nan,
+            "gflops": cost["value"] if cost is not None else math.nan,
             "payload_bytes": pbytes["value"] if pbytes is not None else math.nan,
             "worst_auc": float(membership["value"].max()) if not membership.empty else math.nan,
             "worst_reid": float(reid["value"].max()) if not reid.empty else math.nan,
@@ -543,12 +546,17 @@ def _roc_section(audit_dir: Path, rows: pd.DataFrame, worst: pd.DataFrame, meta_
     return s
 
 
-def _frontier_section(front: pd.DataFrame, rec: dict | None) -> Section:
+def _cost_metric(meta: dict) -> str:
+    policy = meta.get("policy") if isinstance(meta.get("policy"), dict) else {}
+    return str(policy.get("minimize") or "client_gflops_sample")
+
+
+def _frontier_section(front: pd.DataFrame, rec: dict | None, cost_metric: str = "client_gflops_sample") -> Section:
     s = Section("frontier", "5. Privacy–utility–compute frontier")
     if front.empty:
         s.blocks.append(Para(f"Frontier: {NOT_MEASURED} (no trained system cells)."))
         return s
-    png = plots.frontier(front, rec.get("cell") if rec else None)
+    png = plots.frontier(front, rec.get("cell") if rec else None, xlabel=f"client cost: {cost_metric} (what the recommendation minimises)")
     if png is not None:
         s.blocks.append(Figure("frontier.png", png,
                                "Each trained system: client compute (x) against its worst leakage (y); colour is the "
@@ -709,12 +717,21 @@ def _checks_section(meta: dict) -> Section:
     return s
 
 
+def _sweep_text(meta: dict) -> str:
+    sweep = meta.get("sweep") if isinstance(meta.get("sweep"), dict) else {}
+    if "computed" not in sweep:
+        return "cells: not recorded"
+    return f"{sweep.get('computed')} cells computed, {sweep.get('reused')} reused from an earlier sweep"
+
+
 def _config_section(meta: dict) -> Section:
     s = Section("configuration", "10. Exact configuration")
     facts = [
         ["collafuse version", txt(meta.get("collafuse_version", "—"))],
         ["started", txt(meta.get("started", "—"))],
-        ["wall time (s)", num(meta.get("wall_seconds"))],
+        ["wall time of this invocation (s)", num(meta.get("wall_seconds"))],
+        ["cell compute time, summed over cells (s)", num(meta.get("compute_seconds"))],
+        ["cells computed / reused", txt(_sweep_text(meta))],
         ["quick", txt({True: "yes", False: "no"}.get(meta.get("quick"), "—"))],
     ]
     s.blocks.append(Table(["", "value"], [[txt(k), v] for k, v in facts], id="run-table"))
@@ -751,7 +768,7 @@ def build_sections(audit_dir: Path, rows: pd.DataFrame, meta: dict) -> list[Sect
         _leakage_curve_section(rows, worst, defenses),
         _heatmap_section(worst, defenses),
         _roc_section(audit_dir, rows, worst, meta_cells, cells),
-        _frontier_section(frontier_table(rows, worst, evaluations, cells), rec),
+        _frontier_section(frontier_table(rows, worst, evaluations, cells, _cost_metric(meta)), rec, _cost_metric(meta)),
         _formal_section(formal_table(rows, cells)),
         _reconstruction_section(audit_dir, rows, meta_cells, cells, defenses),
         _coverage_section(meta),
@@ -871,7 +888,7 @@ def render_html(sections: list[Section], meta: dict) -> str:
     nav = "".join(f'<a href="#{_esc(s.id)}">{_esc(s.title.split(". ", 1)[-1])}</a>' for s in sections[1:])
     title = "collafuse audit report"
     sub = (f"collafuse {meta.get('collafuse_version', '?')} · started {meta.get('started', '?')} · "
-           f"wall time {format_value(meta.get('wall_seconds'))} s" + (" · quick" if meta.get("quick") else ""))
+           f"wall time {format_value(meta.get('wall_seconds'))} s ({_sweep_text(meta)})" + (" · quick" if meta.get("quick") else ""))
     return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
             f'<meta name="viewport" content="width=device-width, initial-scale=1">'
             f"<title>{_esc(title)}</title><style>{CSS}</style></head><body><main>"
@@ -895,7 +912,7 @@ def _md_table(t: Table) -> str:
 def render_markdown(sections: list[Section], meta: dict) -> str:
     out = ["# collafuse audit report", "",
            f"collafuse {meta.get('collafuse_version', '?')} · started {meta.get('started', '?')} · "
-           f"wall time {format_value(meta.get('wall_seconds'))} s" + (" · quick" if meta.get("quick") else ""), ""]
+           f"wall time {format_value(meta.get('wall_seconds'))} s ({_sweep_text(meta)})" + (" · quick" if meta.get("quick") else ""), ""]
     for s in sections:
         out += [f"## {s.title}", ""]
         for b in s.blocks:

@@ -24,12 +24,11 @@ from multiprocessing import get_context
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
-import torch
 from tqdm import tqdm
 
 from collafuse.errors import ConfigError, RunError
 
-from collafuse.benchmarks.audit.cells import CellOutput, compute_cell
+from collafuse.benchmarks.audit.cells import CellOutput, build_shared, compute_cell, shared_resources
 from collafuse.benchmarks.audit.grid import Cell
 
 CELLS_DIR = "cells"
@@ -99,43 +98,42 @@ def _unique(cells: Iterable[Cell]) -> list[Cell]:
     return out
 
 
-def prepare_shared(cells: list[Cell], cache_dir: Path, progress: bool) -> None:
-    """Train the resources many cells share (attacker denoiser, evaluation classifier) once, here,
-    before the workers start, so that parallel cells do not all train the same thing."""
-    from collafuse.benchmarks.audit.cells import shared_resources
-
-    tasks = {}
+def shared_tasks(cells: list[Cell]) -> list[tuple[str, Cell]]:
+    """(kind, a cell that needs it) for each resource several cells share, once each."""
+    tasks: dict[str, tuple[str, Cell]] = {}
     for cell in cells:
-        for key, fn in shared_resources(cell, cache_dir):
-            tasks.setdefault(key, fn)
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)  # the same single thread as the cells: the cached result does not depend on who built it
-    try:
-        for key, fn in tqdm(tasks.items(), desc="shared resources", disable=not progress or not tasks, file=sys.stderr):
-            fn()
-    finally:
-        torch.set_num_threads(previous)
+        for key, kind in shared_resources(cell):
+            tasks.setdefault(key, (kind, cell))
+    return list(tasks.values())
 
 
-def _local(pending: list[Cell], cache_dir: Path, jobs: int, on_done: Callable[[Cell, CellOutput], None]) -> None:
+def _local(shared: list[tuple[str, Cell]], pending: list[Cell], cache_dir: Path, jobs: int,
+           on_done: Callable[[Cell, CellOutput], None]) -> None:
+    """Shared resources first in the queue, then the cells, in worker processes (in this one when
+    jobs = 1): while one worker trains the attacker's denoiser, the others already train systems."""
     if jobs <= 1:
+        for kind, cell in shared:
+            build_shared(kind, cell, cache_dir)
         for cell in pending:
             on_done(cell, compute_cell(cell, cache_dir))
         return
     with ProcessPoolExecutor(max_workers=jobs, mp_context=get_context("spawn")) as pool:
-        futures = {pool.submit(compute_cell, cell, cache_dir): cell for cell in pending}
+        futures: dict[Any, Cell | None] = {pool.submit(build_shared, kind, cell, cache_dir): None for kind, cell in shared}
+        futures.update({pool.submit(compute_cell, cell, cache_dir): cell for cell in pending})
         try:
             remaining = set(futures)
             while remaining:
                 done, remaining = wait(remaining, return_when=FIRST_COMPLETED)
                 for fut in done:
-                    on_done(futures[fut], fut.result())
+                    result = fut.result()
+                    if futures[fut] is not None:
+                        on_done(futures[fut], result)
         except BaseException:
             pool.shutdown(wait=False, cancel_futures=True)
             raise
 
 
-def _ray(pending: list[Cell], cache_dir: Path, jobs: int, address: str | None,
+def _ray(shared: list[tuple[str, Cell]], pending: list[Cell], cache_dir: Path, jobs: int, address: str | None,
          on_done: Callable[[Cell, CellOutput], None]) -> None:
     try:
         import ray
@@ -149,13 +147,18 @@ def _ray(pending: list[Cell], cache_dir: Path, jobs: int, address: str | None,
         else:
             ray.init(num_cpus=max(1, jobs), **kwargs)
     try:
+        build = ray.remote(num_cpus=1, max_retries=0)(build_shared)
         task = ray.remote(num_cpus=1, max_retries=0)(compute_cell)
-        refs = {task.remote(cell, str(cache_dir)): cell for cell in pending}
+        refs: dict[Any, Cell | None] = {build.remote(kind, cell, str(cache_dir)): None for kind, cell in shared}
+        refs.update({task.remote(cell, str(cache_dir)): cell for cell in pending})
         try:
             while refs:
                 done, _ = ray.wait(list(refs), num_returns=1)
                 for ref in done:
-                    on_done(refs.pop(ref), ray.get(ref))
+                    cell = refs.pop(ref)
+                    result = ray.get(ref)
+                    if cell is not None:
+                        on_done(cell, result)
         except BaseException:
             for ref in refs:
                 ray.cancel(ref, force=True)
@@ -199,7 +202,8 @@ def run_sweep(
     if not pending:
         return stats
     (audit_dir / CELLS_DIR).mkdir(parents=True, exist_ok=True)
-    prepare_shared(pending, cache_dir, progress)
+    pending.sort(key=lambda c: c.kind != "system")  # the long cells first, so workers finish together
+    shared = shared_tasks(pending)
     bar = tqdm(total=len(cells), initial=len(stats.reused), desc="audit cells", unit="cell", disable=not progress,
                file=sys.stderr)
 
@@ -211,9 +215,9 @@ def run_sweep(
 
     try:
         if backend == "ray":
-            _ray(pending, cache_dir, jobs, address, on_done)
+            _ray(shared, pending, cache_dir, jobs, address, on_done)
         else:
-            _local(pending, cache_dir, jobs, on_done)
+            _local(shared, pending, cache_dir, jobs, on_done)
     finally:
         bar.close()
     return stats

