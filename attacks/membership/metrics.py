@@ -205,6 +205,12 @@ def save_roc_png(curves: dict[str, tuple[np.ndarray, np.ndarray]], path: Path, t
         floor = min(floor, lo)
         a = float(_trapezoid_auc(fpr, tpr))
         ax.plot(np.maximum(fpr, lo), np.maximum(tpr, lo), label=f"{name} (AUC {a:.3f})", lw=1.2)
+    finish_log_roc_axes(ax, floor, title, title_size=9)
+    _save_atomically(fig, path)
+
+
+def finish_log_roc_axes(ax, floor: float, title: str, title_size: int = 9) -> None:
+    """Chance diagonal, log–log axes from ``floor`` to 1 (the low-FPR region is what matters), labels, legend."""
     ax.plot([floor, 1], [floor, 1], ls="--", color="grey", lw=0.8, label="chance")
     ax.set_xscale("log")
     ax.set_yscale("log")
@@ -212,9 +218,8 @@ def save_roc_png(curves: dict[str, tuple[np.ndarray, np.ndarray]], path: Path, t
     ax.set_ylim(floor, 1)
     ax.set_xlabel("false positive rate")
     ax.set_ylabel("true positive rate")
-    ax.set_title(title, fontsize=9)
+    ax.set_title(title, fontsize=title_size)
     ax.legend(fontsize=7, loc="lower right")
-    _save_atomically(fig, path)
 
 
 def _save_atomically(fig, path: Path) -> None:

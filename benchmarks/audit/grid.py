@@ -170,20 +170,24 @@ def _embedded(name: str) -> str:
     return resources.files("collafuse.benchmarks.audit").joinpath(name).read_text()
 
 
-def load_grid(path: Path | str | None, quick: bool = False) -> Grid:
-    """The grid at ``path``, or the embedded default (``quick``: the small CI grid). Validated, expanded once."""
+def read_yaml(path: Path | str | None, embedded: str, what: str) -> tuple[Any, str, str]:
+    """(parsed YAML, its text, where it came from) for ``path``, or the embedded file of that name."""
     if path is None:
-        name = "quick_grid.yaml" if quick else "default_grid.yaml"
-        text, source = _embedded(name), f"embedded {name}"
+        text, source = _embedded(embedded), f"embedded {embedded}"
     else:
         path = Path(path)
         if not path.is_file():
-            raise ConfigError(f"grid file not found: {path}")
+            raise ConfigError(f"{what} file not found: {path}")
         text, source = path.read_text(), str(path)
     try:
-        raw = yaml.safe_load(text) or {}
+        return yaml.safe_load(text) or {}, text, source
     except yaml.YAMLError as exc:
         raise ConfigError(f"{source}: not valid YAML ({str(exc).splitlines()[0]})") from None
+
+
+def load_grid(path: Path | str | None, quick: bool = False) -> Grid:
+    """The grid at ``path``, or the embedded default (``quick``: the small CI grid). Validated, expanded once."""
+    raw, text, source = read_yaml(path, "quick_grid.yaml" if quick else "default_grid.yaml", "grid")
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: the grid must be a mapping")
     try:

@@ -22,6 +22,8 @@ from matplotlib.colors import Normalize  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
 
+from collafuse.attacks.membership.metrics import finish_log_roc_axes  # noqa: E402
+
 DPI = 100
 MAX_ROC_PANELS = 6
 MAX_ROC_CURVES = 5
@@ -153,15 +155,7 @@ def roc_panels(panels: list[dict]) -> bytes | None:
             for label, fpr, tpr in panel["curves"][:MAX_ROC_CURVES]:
                 ax.plot(np.maximum(np.asarray(fpr, float), floor), np.maximum(np.asarray(tpr, float), floor),
                         lw=1.3, label=label)
-            ax.plot([floor, 1], [floor, 1], ls="--", color="grey", lw=0.8, label="chance")
-            ax.set_xscale("log")
-            ax.set_yscale("log")
-            ax.set_xlim(floor, 1)
-            ax.set_ylim(floor, 1)
-            ax.set_xlabel("false positive rate")
-            ax.set_ylabel("true positive rate")
-            ax.set_title(panel["title"], fontsize=8)
-            ax.legend(fontsize=7, loc="lower right")
+            finish_log_roc_axes(ax, floor, panel["title"], title_size=8)
         for ax in axes[len(panels):]:
             ax.set_visible(False)
         fig.tight_layout()

@@ -21,16 +21,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
-import yaml
 
 from collafuse.errors import ConfigError
 
-from collafuse.benchmarks.audit.grid import Cell, GridSpec
+from collafuse.benchmarks.audit.grid import Cell, GridSpec, read_yaml
 
 RECONSTRUCTION_METRICS = ("mse", "psnr", "ssim", "reid_client", "reid_pool", "label", "linkage_accuracy")
 MEMBERSHIP_METRICS = ("auc", "tpr_at_1pct_fpr", "epsilon_lb")
@@ -71,18 +69,7 @@ class Policy:
 
 def load_policy(path: Path | str | None) -> Policy:
     """The policy at ``path`` or the embedded default, validated (one-line ConfigError otherwise)."""
-    if path is None:
-        text = resources.files("collafuse.benchmarks.audit").joinpath("default_policy.yaml").read_text()
-        source = "embedded default_policy.yaml"
-    else:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"policy file not found: {path}")
-        text, source = path.read_text(), str(path)
-    try:
-        raw = yaml.safe_load(text) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{source}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    raw, text, source = read_yaml(path, "default_policy.yaml", "policy")
     return parse_policy(raw, text, source)
 
 
