@@ -219,3 +219,11 @@ def test_quick_report_in_a_real_browser(quick_audit, tmp_path_factory):
     assert seen["verdict_visible"] and ("PASS" in seen["verdict_text"] or "FAIL" in seen["verdict_text"])
     assert seen["recommendation_visible"]
     assert shot.stat().st_size > 10_000
+
+
+@pytest.mark.parametrize("args, message", [(["--backend", "spark"], "unknown backend"), (["--jobs", "0"], "--jobs")])
+def test_bad_backend_or_jobs_write_nothing(tmp_path, args, message):
+    out = tmp_path / "never"
+    proc = collafuse("audit", "--quick", *args, "--out", str(out), "--quiet")
+    assert proc.returncode == 2 and message in proc.stderr and proc.stderr.count("\n") == 1
+    assert not out.exists()

@@ -24,7 +24,7 @@ from collafuse.errors import ConfigError, RunError
 from collafuse.benchmarks.audit.grid import load_grid
 from collafuse.benchmarks.audit.policy import check_against_grid, load_policy, verdict
 from collafuse.benchmarks.audit.results import collect, write_results
-from collafuse.benchmarks.audit.runner import CELLS_DIR, run_sweep
+from collafuse.benchmarks.audit.runner import BACKENDS, CELLS_DIR, run_sweep
 
 AUDIT_JSON = "audit.json"
 EXIT_PASS, EXIT_FAIL, EXIT_INTERRUPTED = 0, 1, 130
@@ -54,6 +54,17 @@ def check_audit_dir(out: Path) -> None:
         raise ConfigError(f"--out {out} exists and is not a folder")
     if out.is_dir() and any(out.iterdir()) and not ((out / CELLS_DIR).is_dir() or (out / AUDIT_JSON).is_file()):
         raise ConfigError(f"--out {out} is a non-empty folder that is not an audit; choose a new folder")
+
+
+def check_backend(backend: str, jobs: int) -> None:
+    import importlib.util
+
+    if backend not in BACKENDS:
+        raise ConfigError(f"unknown backend {backend!r}; valid: {', '.join(BACKENDS)}")
+    if jobs < 1:
+        raise ConfigError(f"--jobs must be at least 1, got {jobs}")
+    if backend == "ray" and importlib.util.find_spec("ray") is None:
+        raise ConfigError("--backend ray needs Ray: pip install 'collafuse[ray]'")
 
 
 def _write_json_atomic(path: Path, obj: Any) -> None:
@@ -100,6 +111,7 @@ def run_audit_command(
     audit_dir = Path(out)
     check_audit_dir(audit_dir)
     jobs = jobs if jobs is not None else max(1, os.cpu_count() or 1)
+    check_backend(backend, jobs)  # before anything is written
     cache_dir = Path(cache) if cache else default_cache()
     cells = grid.cells()
 
