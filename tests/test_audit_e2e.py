@@ -19,7 +19,7 @@ import yaml
 
 pytestmark = pytest.mark.slow
 
-QUICK_CELLS = 14  # 5 cut ratios × 2 payload defenses + 2 cut ratios × 2 system defenses
+QUICK_CELLS = 15  # 5 cut ratios × 2 payload defenses + 2 cut ratios × 2 system defenses + DP-SGD at c = 0.5
 
 
 def collafuse(*args: str, cwd: Path | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
@@ -85,6 +85,11 @@ def test_quick_audit_finds_leakage_where_it_is_certain(quick_audit):
     assert worst("payload", 0.1, "none", "T1", "reid_pool") > 0.95
     assert worst("system", 0.3, "none", "T1", "reid_pool") > 0.9
     assert worst("system", 0.8, "single-release", "T1", "reid_pool") < worst("system", 0.3, "none", "T1", "reid_pool")
+    # DP-SGD on the clients gives their models a finite formal ε (the accountant's, near its target);
+    # without it there is no bound.
+    formal = {(r["defense"], r["metric"]): r["value"] for r in rows if r["kind"] == "system" and r["threat"] == "formal"}
+    assert 0 < formal[("dp-sgd ε=8", "epsilon_model_clients")] <= 8.5
+    assert formal[("none", "epsilon_model_clients")] == "inf"
     # The formal ε of the payload channel falls with the cut ratio.
     eps = {r["cut_ratio"]: r["value"] for r in rows if r["kind"] == "payload" and r["defense"] == "none"
            and r["metric"] == "epsilon_payload"}
