@@ -232,3 +232,23 @@ def test_bad_backend_or_jobs_write_nothing(tmp_path, args, message):
     proc = collafuse("audit", "--quick", *args, "--out", str(out), "--quiet")
     assert proc.returncode == 2 and message in proc.stderr and proc.stderr.count("\n") == 1
     assert not out.exists()
+
+
+def test_ctrl_c_keeps_finished_cells_and_says_how_to_resume(quick_audit, audit_cache, tmp_path):
+    out = tmp_path / "interrupted"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.Popen([sys.executable, "-m", "collafuse.cli", "audit", "--quick", "--out", str(out),
+                             "--cache", str(audit_cache), "--jobs", "1", "--quiet"],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and proc.poll() is None:
+        if (out / "cells").is_dir() and len(list((out / "cells").glob("*.json"))) >= 2:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "the sweep finished before it could be interrupted"
+    os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal sends to the whole foreground group
+    _, stderr = proc.communicate(timeout=120)
+    kept = len(list((out / "cells").glob("*.json")))
+    assert proc.returncode == 130
+    assert f"{kept} finished cells are kept" in stderr and "run the same command again to resume" in stderr
+    assert 2 <= kept < QUICK_CELLS and not (out / "results.json").exists()

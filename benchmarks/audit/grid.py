@@ -127,15 +127,6 @@ class Cell:
     def t_c(self) -> int:
         return self.run_config.t_c
 
-    @classmethod
-    def from_json(cls, raw: dict[str, Any]) -> "Cell":
-        return cls(
-            raw["kind"], raw["dataset"], float(raw["cut_ratio"]), raw["defense"], raw["payload_kind"], int(raw["seed"]),
-            int(raw["epochs"]), config_from_dict(raw["run_config"]),
-            {k: tuple(v) for k, v in raw["attacks"].items()}, int(raw["samples_per_client"]),
-            bool(raw.get("inception_fid", False)),
-        )
-
 
 def canonical_hash(obj: Any) -> str:
     """16 hex digits of sha256 over canonical JSON: the same config always gives the same key."""
