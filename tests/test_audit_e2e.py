@@ -252,3 +252,29 @@ def test_ctrl_c_keeps_finished_cells_and_says_how_to_resume(quick_audit, audit_c
     assert proc.returncode == 130
     assert f"{kept} finished cells are kept" in stderr and "run the same command again to resume" in stderr
     assert 2 <= kept < QUICK_CELLS and not (out / "results.json").exists()
+
+
+def test_baselines_c0_and_c1_are_audited_with_absent_targets_explained(tmp_path):
+    grid = {
+        "base": {"device": "cpu", "data": {"image_size": 8, "n_members": 64, "n_nonmembers": 32, "n_aux": 32, "num_clients": 2},
+                 "diffusion": {"T": 50}, "server_model": {"channels": [8, 16], "time_dim": 16},
+                 "client_model": {"channels": [8, 16], "time_dim": 16}, "training": {"epochs": 2, "batch_size": 32},
+                 "sampling": {"steps": 5, "per_client": 2}},
+        "payload_curve": {"cut_ratios": [0.0, 1.0], "epochs": 2, "attacks": ["rescale", "oracle"]},
+        "systems": {"cut_ratios": [0.0, 1.0], "samples_per_client": 8,
+                    "attacks": {"T1": ["rescale", "payload-lr"], "T2": ["loss"], "T3": ["loss"], "T4": ["nn-distance"]}},
+    }
+    path = tmp_path / "baselines.yaml"
+    path.write_text(yaml.safe_dump(grid))
+    out = tmp_path / "audit"
+    proc = collafuse("audit", "--config", str(path), "--out", str(out), "--cache", str(tmp_path / "cache"), "--quiet")
+    assert proc.returncode in (0, 1), proc.stderr[-2000:]
+    checks = {(e["cell"].split("|")[0], e["cell"].split("|")[2], c["threat"]): c
+              for e in json.loads((out / "audit.json").read_text())["evaluations"] for c in e["checks"]}
+    # c = 0 (central): the server sees the raw images; there is no client model.
+    assert checks[("system", "c=0.00", "T1")]["observed"] == 1.0
+    assert checks[("system", "c=0.00", "T3")]["note"] == "no client model (c = 0)"
+    # c = 1 (local only): nothing crosses and there is no server model.
+    assert checks[("system", "c=1.00", "T1")]["note"].startswith("no payload crosses")
+    assert checks[("system", "c=1.00", "T2")]["note"] == "no server model (c = 1)"
+    assert checks[("payload", "c=1.00", "T1")]["pass"] is True

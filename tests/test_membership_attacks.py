@@ -259,3 +259,14 @@ def test_untrained_model_gives_chance_auc_for_every_attack(digits8, schedule):
         for cache in caches:
             auc = _auc(_scores(cache, name), n)
             assert 0.4 <= auc <= 0.6, (name, auc)
+
+
+def test_payload_likelihood_is_finite_for_exact_payloads_at_t0():
+    """c = 0 sends the raw images (s = 0): the exact match must rank first, with finite scores."""
+    from collafuse.attacks.membership.signals import payload_log_ratio
+
+    rng = np.random.default_rng(0)
+    members, others = rng.normal(size=(5, 16)), rng.normal(size=(5, 16))
+    scores = payload_log_ratio(np.r_[members, others], members, np.ones(5), np.zeros(5), others[:2])
+    assert np.isfinite(scores).all()
+    assert scores[:5].min() > scores[5:].max()

@@ -283,6 +283,9 @@ def step_bins(t: np.ndarray, max_bins: int) -> tuple[np.ndarray, list[int]]:
     return idx, reps
 
 
+EXACT_VARIANCE = 1e-12  # s² floor for payloads at t = 0
+
+
 def payload_match_loglik(images: np.ndarray, payloads: np.ndarray, a: np.ndarray, s: np.ndarray, chunk: int = 2048) -> np.ndarray:
     """max_j [log N(p_j; a_j x, s_j² I) − ℓ̄_j] for every image x, with ℓ̄_j = E log N(p_j; a_j x0, s_j² I)
     the expected log-density of p_j under its true source x0.
@@ -303,7 +306,9 @@ def payload_match_loglik(images: np.ndarray, payloads: np.ndarray, a: np.ndarray
         sj = torch.from_numpy(np.asarray(s[i : i + chunk], dtype=np.float64))[:, None]
         # ‖p − a x‖² = ‖p‖² − 2a p·x + a²‖x‖², for all (payload, candidate) pairs at once.
         d_x = (p.pow(2).sum(1, keepdim=True) - 2.0 * aj * (p @ x.T) + aj.pow(2) * x_sq[None]).clamp_min(0.0)
-        ll = 0.5 * (dim - d_x.double() / sj.pow(2))
+        # s = 0 (t = 0: c = 0 sends the raw image) is an exact observation: a variance floor keeps
+        # the score finite and ranks an exact match above every other candidate.
+        ll = 0.5 * (dim - d_x.double() / sj.pow(2).clamp_min(EXACT_VARIANCE))
         best = torch.maximum(best, ll.max(0).values)
     return best.numpy()
 
