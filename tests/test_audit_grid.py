@@ -62,6 +62,7 @@ def test_grid_cells_are_the_product_and_carry_their_config(tmp_path):
     ({"payload_curve": {"cut_ratios": [0.2], "defenses": {"x": [{"name": "dp-sgd", "epsilon": 8}]}}}, "dp-sgd"),
     ({"payload_curve": {"cut_ratios": [0.2], "defenses": {"x": [{"name": "payload-noise", "sigma": -1}]}}}, "sigma"),
     ({"colour": "blue"}, "unknown grid key"),
+    ({"seeds": [0, 0]}, "lists a cell twice"),
 ])
 def test_bad_grids_are_refused_with_one_line(tmp_path, change, message):
     raw = {**GRID, **change}

@@ -94,6 +94,21 @@ def _coverage(cells) -> dict[str, dict[str, list[str]]]:
     return out
 
 
+def _cell_entry(cell, record: dict) -> dict[str, Any]:
+    """audit.json's description of one finished cell: its config, timing and artifact paths."""
+    artifacts = record["artifacts"]
+    entry: dict[str, Any] = {k: v for k, v in record["cell"].items() if k != "run_config"}
+    entry.update({"cell": cell.cell_id, "config_hash": cell.config_hash, "t_c": cell.t_c,
+                  "seconds": record["info"].get("seconds"), "run_config": record["cell"]["run_config"],
+                  "artifacts": {}})
+    if "reconstructions.png" in artifacts:
+        entry["artifacts"]["reconstructions"] = artifacts["reconstructions.png"]
+        entry["artifacts"]["reconstruction_rows"] = record["info"].get("reconstruction_rows", [])
+    if "roc.json" in artifacts:
+        entry["artifacts"]["roc"] = artifacts["roc.json"]
+    return entry
+
+
 def run_audit_command(
     config: str | None,
     policy: str | None,
@@ -151,20 +166,7 @@ def run_audit_command(
         "cache": str(cache_dir),
         "sweep": {"cells": stats.total, "computed": len(stats.computed), "reused": len(stats.reused)},
         "compute_seconds": round(sum(float(r["info"].get("seconds") or 0.0) for r in records.values()), 2),
-        "cells": [
-            {**{k: v for k, v in records[c.config_hash]["cell"].items() if k != "run_config"},
-             "cell": c.cell_id, "config_hash": c.config_hash, "t_c": c.t_c,
-             "seconds": records[c.config_hash]["info"].get("seconds"),
-             "run_config": records[c.config_hash]["cell"]["run_config"],
-             "artifacts": {
-                 **({"reconstructions": records[c.config_hash]["artifacts"]["reconstructions.png"],
-                     "reconstruction_rows": records[c.config_hash]["info"].get("reconstruction_rows", [])}
-                    if "reconstructions.png" in records[c.config_hash]["artifacts"] else {}),
-                 **({"roc": records[c.config_hash]["artifacts"]["roc.json"]}
-                    if "roc.json" in records[c.config_hash]["artifacts"] else {}),
-             }}
-            for c in cells
-        ],
+        "cells": [_cell_entry(c, records[c.config_hash]) for c in cells],
         "evaluations": evaluations,
         "verdict": decision,
         "coverage": _coverage(cells),

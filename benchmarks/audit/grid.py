@@ -240,6 +240,8 @@ def validate(cells: list[Cell], spec: GridSpec) -> None:
         raise ConfigError("grid error: the grid is empty (no payload_curve or systems cut ratios)")
     if not spec.datasets or not spec.seeds:
         raise ConfigError("grid error: the grid needs at least one dataset and one seed")
+    if len({c.config_hash for c in cells}) != len(cells):
+        raise ConfigError("grid error: the grid lists a cell twice (a repeated seed, cut ratio or payload kind)")
     for name in spec.payload_curve.attacks:
         if name not in RECONSTRUCTION_ATTACKS:
             raise ConfigError(f"grid error: payload_curve.attacks: unknown reconstruction attack {name!r}; "
