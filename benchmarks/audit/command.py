@@ -8,11 +8,14 @@ report. Exit code 0 when some setting passes the policy, 1 when none does.
 """
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import json
 import os
 import platform
+import signal
 import sys
+import threading
 import time
 from importlib import metadata
 from pathlib import Path
@@ -94,6 +97,28 @@ def _coverage(cells) -> dict[str, dict[str, list[str]]]:
     return out
 
 
+@contextlib.contextmanager
+def _interrupt_flag():
+    """Ctrl-C during the sweep, remembered even where Python swallows the KeyboardInterrupt
+    (raised inside a finalizer or a library's cleanup, it is only printed as "ignored"):
+    the audit then still stops before writing results. Yields a list that is non-empty
+    once SIGINT arrived."""
+    seen: list[bool] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield seen
+        return
+
+    def on_sigint(signum, frame):
+        seen.append(True)
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGINT, on_sigint)
+    try:
+        yield seen
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def _cell_entry(cell, record: dict) -> dict[str, Any]:
     """audit.json's description of one finished cell: its config, timing and artifact paths."""
     artifacts = record["artifacts"]
@@ -133,9 +158,12 @@ def run_audit_command(
     started_at = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     started = time.perf_counter()
     audit_dir.mkdir(parents=True, exist_ok=True)
-    try:
-        stats = run_sweep(cells, audit_dir, cache_dir, jobs, backend, address, progress)
-    except KeyboardInterrupt:
+    with _interrupt_flag() as interrupted:
+        try:
+            stats = run_sweep(cells, audit_dir, cache_dir, jobs, backend, address, progress)
+        except KeyboardInterrupt:
+            interrupted.append(True)
+    if interrupted:
         done = len(list((audit_dir / CELLS_DIR).glob("*.json"))) if (audit_dir / CELLS_DIR).is_dir() else 0
         print(f"collafuse: interrupted; {done} finished cells are kept in {audit_dir}; "
               "run the same command again to resume", file=sys.stderr)
