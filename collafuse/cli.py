@@ -2,31 +2,43 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import os
+import re
 import sys
 from pathlib import Path
 
 from collafuse.errors import CollafuseError
+from collafuse.fsutil import EXIT_TERMINATED, Terminated, sigterm_raises
 
 EXIT_BAD_INPUT = 2
+MAX_SAMPLES = 100_000
+MAX_SEED = 2**63 - 1
+# A write the file system refuses is the user's to fix (free space, another folder), not a bug.
+WRITE_ERRNOS = {errno.ENOSPC: "cannot write to", errno.EROFS: "cannot write to", errno.EDQUOT: "cannot write to",
+                errno.EFBIG: "cannot write to", errno.EACCES: "cannot access", errno.EPERM: "cannot access"}
+
+
+class UsageError(CollafuseError):
+    """A command-line usage mistake reported by argparse."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a usage mistake as one ``collafuse: error:`` line, not a usage block."""
+
+    def error(self, message: str):
+        raise UsageError(f"{message} (see '{self.prog} --help')")
 
 
 def _hooks_for(config):
-    """Defense hooks for a config. Only the command line joins the core and the defenses."""
-    from collafuse.training import Hooks
+    """Defense hooks for a config: :func:`collafuse.api.hooks_for` (the API and the CLI share one path)."""
+    from collafuse.api import hooks_for
 
-    if not config.defenses:
-        return Hooks()
-    from collafuse.defenses import build_hooks
-
-    return build_hooks(config.defenses, config)
+    return hooks_for(config)
 
 
-def _warn_uncovered(config) -> None:
+def _warn_uncovered(left: list[str]) -> None:
     """Say which threats (DESIGN §3) no configured defense addresses; the run still goes ahead."""
-    from collafuse.defenses import uncovered_threats
-
-    left = uncovered_threats(config.defenses, config)
     if left:
         print(f"collafuse: warning: no configured defense addresses {', '.join(left)}", file=sys.stderr)
 
@@ -57,14 +69,11 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from collafuse.config import load_config
-    from collafuse.runs import create_run
+    from collafuse.api import train_run  # the same path as collafuse.api.train: defenses → hooks → run
 
-    config = load_config(args.config)
-    hooks = _hooks_for(config)
-    out = create_run(config, Path(args.out), hooks=hooks, progress=not args.quiet)
+    out, left = train_run(args.config, Path(args.out), progress=not args.quiet)
     print(f"run written to {out}")
-    _warn_uncovered(config)  # after the run, so bad input still gets exactly one line
+    _warn_uncovered(left)  # after the run, so bad input still gets exactly one line
     return 0
 
 
@@ -78,16 +87,19 @@ def _cmd_sample(args: argparse.Namespace) -> int:
         raise CollafuseError(f"--out must end in .png or .npz, got {out.name!r}")
     if out.exists():
         raise CollafuseError(f"{out} already exists; choose a new file")
-    if args.n < 1:
-        raise CollafuseError(f"-n must be at least 1, got {args.n}")
+    if not 1 <= args.n <= MAX_SAMPLES:
+        raise CollafuseError(f"-n must be in 1..{MAX_SAMPLES}, got {args.n}")
+    if args.seed is not None and not 0 <= args.seed <= MAX_SEED:
+        raise CollafuseError(f"--seed must be in 0..2**63-1, got {args.seed}")
     run = Run.load(args.run)
     if not 0 <= args.client < len(run.client_models):
         raise CollafuseError(f"--client must be in 0..{len(run.client_models) - 1}, got {args.client}")
     seed = run.config.seed if args.seed is None else args.seed
     images = to_uint8(generate(run, args.client, args.n, seed, progress=not args.quiet))
-    out.parent.mkdir(parents=True, exist_ok=True)
+    created = [p for p in reversed(out.parents) if not p.exists()]  # removed again if the write fails
     tmp = out.with_name(f".{out.name}.partial-{os.getpid()}{out.suffix}")
     try:
+        out.parent.mkdir(parents=True, exist_ok=True)
         if out.suffix.lower() == ".png":
             rows = max(1, min(run.num_classes or 10, args.n))
             save_png(image_grid(images, rows=-(-args.n // -(-args.n // rows))), tmp, scale=2)
@@ -101,13 +113,18 @@ def _cmd_sample(args: argparse.Namespace) -> int:
         tmp.rename(out)
     except BaseException:
         tmp.unlink(missing_ok=True)
+        for folder in reversed(created):
+            try:
+                folder.rmdir()
+            except OSError:
+                pass
         raise
     print(f"{args.n} samples written to {out}")
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="collafuse", description="Split-diffusion training and leakage audits.")
+    parser = _Parser(prog="collafuse", description="Split-diffusion training and leakage audits.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     train = sub.add_parser("train", help="train a split-diffusion system and record the server's view")
@@ -160,17 +177,80 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _write_error(exc: BaseException) -> tuple[str, str | None, str] | None:
+    """(verb, path, reason) when ``exc`` is a file system refusing a write (full, read-only, no permission).
+
+    safetensors reports its own I/O errors as ``SafetensorError: ... (os error 28) at path "..."``.
+    """
+    if isinstance(exc, OSError) and exc.errno in WRITE_ERRNOS:
+        return WRITE_ERRNOS[exc.errno], exc.filename, exc.strerror or os.strerror(exc.errno)
+    if type(exc).__name__ == "SafetensorError":
+        m = re.search(r"os error (\d+)\)", str(exc))
+        if m and int(m.group(1)) in WRITE_ERRNOS:
+            code = int(m.group(1))
+            where = re.search(r'at path "([^"]*)"', str(exc))
+            path = Path(where.group(1)) if where else None
+            if path is not None and path.name.startswith(".tmp"):  # safetensors' own temporary file
+                path = path.parent
+            return WRITE_ERRNOS[code], None if path is None else str(path), os.strerror(code)
+    return None
+
+
+_PARTIAL = re.compile(r"^\.(.+?)\.partial-\d+(\.[A-Za-z0-9]+)?$")
+
+
+def _intended(path: str) -> str:
+    """The path the user asked for, not the temporary sibling it was being written to (``.x.partial-<pid>``)."""
+    parts = Path(path).parts
+    for i, part in enumerate(parts):
+        m = _PARTIAL.match(part)
+        if m:
+            return str(Path(*parts[:i], m.group(1)))
+    return path
+
+
+def _one_line(text: str, limit: int = 2000) -> str:
+    text = " ".join(str(text).split("\n")).replace("\r", " ")
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _error(message: str) -> int:
+    print(f"collafuse: error: {_one_line(message)}", file=sys.stderr)
+    return EXIT_BAD_INPUT
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
     try:
-        return args.func(args)
+        args = parser.parse_args(argv)
+    except UsageError as exc:
+        return _error(str(exc))
+    try:
+        with sigterm_raises():  # SIGTERM → Terminated: temporaries (.partial-<pid>) and locks are cleaned up
+            return args.func(args)
     except CollafuseError as exc:
-        print(f"collafuse: error: {exc}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+        return _error(str(exc))
+    except Exception as exc:
+        refused = _write_error(exc)
+        if refused is None:
+            raise  # anything else is a bug: keep its traceback
+        verb, path, reason = refused
+        where = _intended(path) if path else getattr(args, "out", None) or getattr(args, "audit_dir", None) or "the output folder"
+        if args.command == "audit" and Path(args.out).is_dir():
+            after = f"cells finished so far are kept in {args.out}; free space and run the same command again to resume"
+        else:
+            after = "nothing was written"
+        return _error(f"{verb} {where}: {reason}; {after}")
     except KeyboardInterrupt:
         print("collafuse: interrupted; nothing was written", file=sys.stderr)
         return 130
+    except Terminated:
+        if args.command == "audit":
+            after = f"finished cells are kept in {args.out}; run the same command again to resume"
+        else:
+            after = "nothing was written"
+        print(f"collafuse: terminated (SIGTERM); {after}", file=sys.stderr)
+        return EXIT_TERMINATED
 
 
 if __name__ == "__main__":  # pragma: no cover

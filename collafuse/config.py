@@ -6,12 +6,20 @@ class-conditional digits (16×16), 4 IID clients, cosine schedule, T = 1000, c =
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, Strict, ValidationError, model_validator
 
 from collafuse.errors import ConfigError
+from collafuse.safeio import read_yaml, short_repr, short_text
+
+# Strict scalars: YAML's `epochs: true` or `epochs: "2"` is a mistake, not 1 or 2. A float field
+# takes an integer (`lr: 1`) but never a bool or a string; an int field never takes 2.0.
+Int = Annotated[int, Strict()]
+Float = Annotated[float, Strict()]
+Bool = Annotated[bool, Strict()]
+MAX_SEED = 2**63 - 1  # seeds end up in torch generators (64-bit)
 
 
 class _Strict(BaseModel):
@@ -21,51 +29,51 @@ class _Strict(BaseModel):
 class DataConfig(_Strict):
     source: Literal["digits", "mnist5k", "lfw", "folder", "npz"] = "digits"
     path: str | None = None                  # required for folder / npz
-    image_size: int = Field(16, ge=4, le=256)
-    channels: int = Field(1, ge=1, le=4)
-    n_members: int = Field(1024, ge=1)       # images the clients train on (split among clients)
-    n_nonmembers: int = Field(256, ge=0)     # held out, same distribution: membership inference
-    n_aux: int = Field(256, ge=0)            # public auxiliary split for the attacker
-    num_clients: int = Field(4, ge=1)
+    image_size: Int = Field(16, ge=4, le=256)
+    channels: Int = Field(1, ge=1, le=4)
+    n_members: Int = Field(1024, ge=1)       # images the clients train on (split among clients)
+    n_nonmembers: Int = Field(256, ge=0)     # held out, same distribution: membership inference
+    n_aux: Int = Field(256, ge=0)            # public auxiliary split for the attacker
+    num_clients: Int = Field(4, ge=1)
     partition: Literal["iid", "label", "dirichlet"] = "iid"
-    dirichlet_alpha: float = Field(0.5, gt=0)
-    labels_per_client: int = Field(2, ge=1)
+    dirichlet_alpha: Float = Field(0.5, gt=0)
+    labels_per_client: Int = Field(2, ge=1)
 
 
 class DiffusionConfig(_Strict):
-    T: int = Field(1000, ge=2, le=100_000)
+    T: Int = Field(1000, ge=2, le=100_000)
     schedule: Literal["linear", "cosine"] = "cosine"
-    cut_ratio: float = Field(0.2, ge=0.0, le=1.0)  # t_c = round(c·T); 0 = central, 1 = local-only
+    cut_ratio: Float = Field(0.2, ge=0.0, le=1.0)  # t_c = round(c·T); 0 = central, 1 = local-only
 
 
 class ModelConfig(_Strict):
-    channels: tuple[int, ...] = (32, 64)
-    blocks_per_level: int = Field(1, ge=1, le=4)
-    time_dim: int = Field(128, ge=8)
-    groups: int = Field(8, ge=1)
+    channels: tuple[Annotated[int, Strict(), Field(ge=1, le=1024)], ...] = Field((32, 64), min_length=1, max_length=6)
+    blocks_per_level: Int = Field(1, ge=1, le=4)
+    time_dim: Int = Field(128, ge=8, le=4096)
+    groups: Int = Field(8, ge=1, le=1024)
 
 
 class TrainingConfig(_Strict):
-    epochs: int = Field(60, ge=1)
-    batch_size: int = Field(64, ge=1)
-    lr: float = Field(1e-3, gt=0)
-    label_dropout: float = Field(0.1, ge=0, lt=1)  # classifier-free guidance training
-    ema_decay: float = Field(0.995, ge=0, lt=1)    # checkpoints hold this EMA of the weights; 0 = raw weights
+    epochs: Int = Field(60, ge=1)
+    batch_size: Int = Field(64, ge=1)
+    lr: Float = Field(1e-3, gt=0)
+    label_dropout: Float = Field(0.1, ge=0, lt=1)  # classifier-free guidance training
+    ema_decay: Float = Field(0.995, ge=0, lt=1)    # checkpoints hold this EMA of the weights; 0 = raw weights
     payload: Literal["cut", "trajectory", "naive"] = "cut"
-    shard_rows: int = Field(4096, ge=1)            # transcript rows per shard and client
+    shard_rows: Int = Field(4096, ge=1)            # transcript rows per shard and client
 
 
 class SamplingConfig(_Strict):
     sampler: Literal["ddpm", "ddim"] = "ddim"
-    steps: int = Field(100, ge=1)                  # DDIM steps in total (DDPM always runs all T)
-    guidance: float = Field(1.0, ge=0)
-    per_client: int = Field(20, ge=1)              # grid samples per client at the end of training
+    steps: Int = Field(100, ge=1)                  # DDIM steps in total (DDPM always runs all T)
+    guidance: Float = Field(1.0, ge=0)
+    per_client: Int = Field(20, ge=1)              # grid samples per client at the end of training
 
 
 class RunConfig(_Strict):
-    seed: int = 0
+    seed: Int = Field(0, ge=0, le=MAX_SEED)
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    conditional: bool = True
+    conditional: Bool = True
     data: DataConfig = DataConfig()
     diffusion: DiffusionConfig = DiffusionConfig()
     server_model: ModelConfig = ModelConfig()
@@ -107,12 +115,12 @@ DEFAULT_CONFIG = RunConfig()
 
 def _format_error(exc: ValidationError) -> str:
     err = exc.errors()[0]
-    where = ".".join(str(p) for p in err["loc"]) or "config"
-    msg = err["msg"].removeprefix("Value error, ")
+    where = short_text(".".join(str(p) for p in err["loc"]), 200) or "config"
+    msg = short_text(err["msg"].removeprefix("Value error, "), 300)
     if err["type"] == "extra_forbidden":
         return f"unknown config key '{where}'"
     got = err.get("input")
-    shown = "" if isinstance(got, dict) or err["type"] == "value_error" else f" (got {got!r})"
+    shown = "" if isinstance(got, dict) or err["type"] == "value_error" else f" (got {short_repr(got)})"
     return f"{where}: {msg}{shown}"
 
 
@@ -124,20 +132,22 @@ def config_from_dict(raw: dict[str, Any]) -> RunConfig:
         return RunConfig.model_validate(raw)
     except ValidationError as exc:
         raise ConfigError(f"config error: {_format_error(exc)}") from None
+    except RecursionError:  # a self-referencing dict handed in through the Python API
+        raise ConfigError("config error: the config is nested too deeply") from None
 
 
 def load_config(path: Path | str | None) -> RunConfig:
-    """Read a YAML config; ``None`` gives the embedded default."""
+    """Read a YAML config (any readable file, a pipe too); ``None`` gives the embedded default.
+
+    An empty file is the default config; anything but a mapping is refused.
+    """
     if path is None:
         return DEFAULT_CONFIG
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        first = str(exc).splitlines()[0] if str(exc) else "invalid YAML"
-        raise ConfigError(f"{path}: not valid YAML ({first})") from None
+    raw, _text = read_yaml(Path(path), "config", ConfigError)
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the config must be a mapping of sections, got a YAML {type(raw).__name__}")
     return config_from_dict(raw)
 
 

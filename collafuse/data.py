@@ -5,6 +5,8 @@ Images are float32 tensors in [-1, 1] with shape (N, C, H, W); labels are int64
 """
 from __future__ import annotations
 
+import struct
+import warnings
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +18,9 @@ from torch.nn import functional as F
 from collafuse.errors import DataError
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
+MAX_IMAGE_PIXELS = 1 << 25        # one image file: 33.5 M pixels (e.g. 5792 x 5792); larger ones are refused unread
+MAX_ARRAY_BYTES = 4 << 30         # one array of a .npz: 4 GiB
+MAX_CLASSES = 10_000
 SOURCES: tuple[str, ...] = ("digits", "mnist5k", "lfw", "folder", "npz")
 PARTITIONS: tuple[str, ...] = ("iid", "label", "dirichlet")
 
@@ -39,8 +44,8 @@ class ImageSet:
 def _validate_pixels(images: np.ndarray, source: str) -> np.ndarray:
     if images.size == 0:
         raise DataError(f"{source}: no images")
-    if not np.issubdtype(images.dtype, np.number):
-        raise DataError(f"{source}: images must be numeric, got dtype {images.dtype}")
+    if not (np.issubdtype(images.dtype, np.integer) or np.issubdtype(images.dtype, np.floating)):
+        raise DataError(f"{source}: images must be numeric (uint8 or float), got dtype {images.dtype}")
     if np.isnan(images).any() if np.issubdtype(images.dtype, np.floating) else False:
         raise DataError(f"{source}: images contain NaN pixels")
     if np.issubdtype(images.dtype, np.floating) and not np.isfinite(images).all():
@@ -60,6 +65,13 @@ def _to_nchw(images01: np.ndarray, channels: int, source: str) -> torch.Tensor:
     if images01.ndim != 4:
         raise DataError(f"{source}: images must have shape (N, H, W) or (N, H, W, C), got {tuple(images01.shape)}")
     found = images01.shape[-1]
+    if found != channels and images01.shape[1] == channels:
+        shape = tuple(images01.shape)
+        raise DataError(
+            f"{source}: images of shape {shape} look channel-first (N, C, H, W) with C = {channels}, but this loader "
+            f"reads channel-last (N, H, W, C) and would see {found} channels; save them as "
+            f"images.transpose(0, 2, 3, 1) (shape {(shape[0], shape[2], shape[3], shape[1])})"
+        )
     if found != channels:
         raise DataError(f"{source}: images have {found} channel(s) but the config says channels={channels}")
     return torch.from_numpy(np.ascontiguousarray(images01.transpose(0, 3, 1, 2)))
@@ -79,6 +91,8 @@ def _labels(labels: np.ndarray | None, n: int, source: str) -> tuple[torch.Tenso
         raise DataError(f"{source}: labels must have shape ({n},), got {labels.shape}")
     if not np.issubdtype(labels.dtype, np.integer) or labels.min() < 0:
         raise DataError(f"{source}: labels must be non-negative integers")
+    if int(labels.max()) >= MAX_CLASSES:
+        raise DataError(f"{source}: labels go up to {int(labels.max())}; at most {MAX_CLASSES} classes (labels 0..{MAX_CLASSES - 1})")
     return torch.from_numpy(labels.astype(np.int64)), int(labels.max()) + 1
 
 
@@ -112,20 +126,59 @@ def load_lfw_faces(channels: int, size: int) -> ImageSet:
     return _finish(np.asarray(images, dtype=np.float64).clip(0, 1), None, channels, size, "lfw")
 
 
+def _npz_headers(path: Path) -> dict[str, tuple[tuple[int, ...], np.dtype, int]]:
+    """``name → (shape, dtype, stored bytes)`` of each array of a ``.npz``, read from the headers alone.
+
+    Checked before anything is loaded: numpy allocates what a header claims before it reads
+    the data, so a header claiming 10^13 entries would otherwise be a MemoryError.
+    """
+    headers = {}
+    with zipfile.ZipFile(path) as archive:
+        for info in archive.infolist():
+            if not info.filename.endswith(".npy"):
+                continue
+            with archive.open(info) as f:
+                version = np.lib.format.read_magic(f)
+                if version == (1, 0):
+                    shape, _, dtype = np.lib.format.read_array_header_1_0(f)
+                else:
+                    shape, _, dtype = np.lib.format.read_array_header_2_0(f)
+            headers[info.filename[:-4]] = (tuple(shape), dtype, info.file_size)
+    return headers
+
+
+def _check_npz_array(path: Path, name: str, shape: tuple[int, ...], dtype: np.dtype, stored: int) -> None:
+    if dtype.hasobject:
+        raise DataError(f"{path}: array {name!r} holds pickled Python objects, which are never loaded; "
+                        "save plain numeric arrays (uint8 or float32)")
+    nbytes = int(np.prod(shape, dtype=object)) * dtype.itemsize
+    if nbytes > MAX_ARRAY_BYTES:
+        raise DataError(f"{path}: array {name!r} of shape {shape} would take {nbytes / 2**30:.3g} GiB; "
+                        f"at most {MAX_ARRAY_BYTES >> 30} GiB per array")
+    if nbytes > stored:
+        raise DataError(f"{path}: array {name!r} claims shape {shape} ({nbytes} bytes) but holds only {stored} "
+                        "bytes: the file is truncated or corrupt")
+
+
 def load_npz(path: Path, channels: int, size: int) -> ImageSet:
     """A ``.npz`` with ``images`` ((N,H,W) or (N,H,W,C), uint8 or float in [0,1]) and optional ``labels``."""
     if not path.is_file():
         raise DataError(f"npz file not found: {path}")
     try:
+        headers = _npz_headers(path)
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError, struct.error, NotImplementedError) as exc:
+        raise DataError(f"{path}: not a readable .npz file ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
+    if "images" not in headers:
+        raise DataError(f"{path}: the .npz has no 'images' array (found: {', '.join(sorted(headers)) or 'nothing'})")
+    for name in ("images", "labels"):
+        if name in headers:
+            _check_npz_array(path, name, *headers[name])
+    try:
         with np.load(path, allow_pickle=False) as npz:
-            if "images" not in npz.files:
-                raise DataError(f"{path}: the .npz has no 'images' array (found: {', '.join(npz.files) or 'nothing'})")
             images = npz["images"]
-            labels = npz["labels"] if "labels" in npz.files else None
-    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
-        if isinstance(exc, DataError):
-            raise
-        raise DataError(f"{path}: not a readable .npz file ({exc})") from None
+            labels = npz["labels"] if "labels" in headers else None
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError, MemoryError, struct.error, NotImplementedError) as exc:
+        raise DataError(f"{path}: not a readable .npz file ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
     return _finish(images, labels, channels, size, str(path))
 
 
@@ -135,6 +188,8 @@ def load_folder(path: Path, channels: int, size: int) -> ImageSet:
 
     if not path.is_dir():
         raise DataError(f"image folder not found: {path}")
+    if channels not in (1, 3):
+        raise DataError(f"{path}: channels must be 1 or 3 for image folders, got {channels}")
     class_dirs = sorted(p for p in path.iterdir() if p.is_dir())
     groups = [(i, d) for i, d in enumerate(class_dirs)] if class_dirs else [(None, path)]
     images, labels = [], []
@@ -144,12 +199,19 @@ def load_folder(path: Path, channels: int, size: int) -> ImageSet:
             if file.suffix.lower() not in IMAGE_SUFFIXES:
                 continue
             try:
-                with Image.open(file) as img:
-                    if channels not in (1, 3):
-                        raise DataError(f"{file}: channels must be 1 or 3 for image folders, got {channels}")
-                    arr = np.asarray(img.convert(mode).resize((size, size), Image.BILINEAR), dtype=np.uint8)
-            except (UnidentifiedImageError, OSError) as exc:
-                raise DataError(f"{file}: not a readable image ({exc})") from None
+                with warnings.catch_warnings():
+                    warnings.simplefilter("error", Image.DecompressionBombWarning)  # an exception, not a stderr line
+                    with Image.open(file) as img:  # reads the header only
+                        if img.width * img.height > MAX_IMAGE_PIXELS:
+                            raise DataError(f"{file}: {img.width}x{img.height} pixels is too large to load "
+                                            f"(at most {MAX_IMAGE_PIXELS} pixels); resize it first")
+                        arr = np.asarray(img.convert(mode).resize((size, size), Image.BILINEAR), dtype=np.uint8)
+            except DataError:
+                raise
+            except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+                raise DataError(f"{file}: too large to load, refused as a decompression bomb ({exc})") from None
+            except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError, MemoryError, struct.error) as exc:
+                raise DataError(f"{file}: not a readable image ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
             images.append(arr)
             labels.append(label)
     if not images:

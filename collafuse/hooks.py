@@ -5,21 +5,41 @@ of every method is the identity, so a run without hooks is the plain protocol.
 
 - :class:`ReleaseHook` shapes how a client turns images into a payload: change the
   images before noising (clipping), choose the noise (a per-image seed), or
-  transform the finished payload (extra noise, quantisation, dropping labels).
+  transform the finished payload (extra noise, quantisation, dropping labels); and,
+  once per round, how the round's payloads reach the server (:meth:`ReleaseHook.mix_round`:
+  a mixing relay, for an id-free release). :func:`relay_round` is what the core calls.
 - :class:`TrainingHook` wraps a side's model, optimiser and data loader (DP-SGD)
   and reports per-step metrics (ε spent) for the training log.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Literal
+from dataclasses import dataclass
+from typing import Any, Literal, Sequence
 
 import torch
 from torch import nn
 
-if TYPE_CHECKING:
-    from collafuse.protocol import Payload
+from collafuse.payload import Payload
 
 Role = Literal["server", "client"]
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """One message the server receives once a round has been relayed.
+
+    ``source``: (B,) int64, for each row of ``payload``, its index into the round's rows
+    (the round's payloads concatenated in the order the clients released them). The core
+    uses it to write the audit key (true sender, member index); the server never sees it.
+    """
+
+    payload: Payload
+    source: torch.Tensor
+
+    def __post_init__(self) -> None:
+        if self.source.dtype != torch.int64 or self.source.shape != (len(self.payload),):
+            raise ValueError(f"Delivery.source must be int64 of shape ({len(self.payload)},), "
+                             f"got {self.source.dtype} {tuple(self.source.shape)}")
 
 
 class ReleaseHook:
@@ -41,9 +61,21 @@ class ReleaseHook:
         """The release noise (B,C,H,W), or None to let the client draw fresh N(0, I)."""
         return None
 
-    def transform(self, payload: "Payload", generator: torch.Generator) -> "Payload":
+    def transform(self, payload: Payload, generator: torch.Generator) -> Payload:
         """The finished payload, just before it crosses to the server."""
         return payload
+
+    def mix_round(
+        self, payloads: Sequence[Payload], round_index: int, generator: torch.Generator
+    ) -> list[Delivery] | None:
+        """How one round's payloads (one per client that had a batch, in release order) reach the server.
+
+        None (the default): as they are, one message per payload, in release order. A relay
+        returns the messages it delivers instead; together they must carry every row of the
+        round exactly once (:func:`relay_round` checks), so the server still trains on every
+        payload once per round. ``generator`` is the run's own relay stream.
+        """
+        return None
 
     def release_step(self, t: int) -> int:
         """The step a payload released at ``t`` sits at once :meth:`transform` is done.
@@ -85,3 +117,54 @@ class TrainingHook:
     def metrics(self, role: Role, owner: int | None) -> dict[str, Any]:
         """Numbers to add to the training log after each epoch (e.g. ε spent)."""
         return {}
+
+
+def relay_round(
+    hooks: Sequence[ReleaseHook], payloads: Sequence[Payload], round_index: int, generator: torch.Generator
+) -> list[Delivery] | None:
+    """Pass one round's payloads through every hook's :meth:`ReleaseHook.mix_round`, in hook order.
+
+    Returns None when no hook mixed (the plain protocol: each payload is its own message, in
+    release order), else the messages to deliver, each row's ``source`` composed through the
+    hooks and indexing the round's rows in release order. Refuses a relay that drops,
+    duplicates or invents rows.
+    """
+    n = sum(len(p) for p in payloads)
+    current: list[Delivery] | None = None
+    for hook in hooks:
+        inputs = [d.payload for d in current] if current is not None else list(payloads)
+        mixed = hook.mix_round(inputs, round_index, generator)
+        if mixed is None:
+            continue
+        if current is not None:  # compose: a row's source in the previous hook's output → in the round
+            previous = torch.cat([d.source for d in current])
+            mixed = [Delivery(d.payload, previous[d.source]) for d in mixed]
+        current = list(mixed)
+        if not current and n == 0:
+            continue
+        rows = torch.cat([d.source for d in current]) if current else torch.empty(0, dtype=torch.int64)
+        if rows.numel() != n or not torch.equal(torch.sort(rows).values, torch.arange(n)):
+            raise ValueError(f"release hook {hook.name!r}: a relayed round must deliver each of its {n} rows "
+                             f"exactly once, got {rows.numel()} rows")
+    return current
+
+
+def deliver_round(
+    hooks: Sequence[ReleaseHook],
+    released: Sequence[tuple[int, Payload, torch.Tensor]],
+    round_index: int,
+    generator: torch.Generator,
+) -> tuple[list[tuple[Payload, torch.Tensor, int | torch.Tensor]], bool]:
+    """What the server receives for one round, with the audit key's truth for each message.
+
+    ``released``: (client, payload, member ids) per payload of the round, in release order.
+    Returns ((payload, member ids (B,), true sender: the client, or (B,) int64 per row when
+    a relay mixed the round) per message, in delivery order; whether a relay mixed the round).
+    Unmixed, the messages are ``released`` itself, unchanged.
+    """
+    deliveries = relay_round(hooks, [p for _, p, _ in released], round_index, generator)
+    if deliveries is None:
+        return [(p, ids, k) for k, p, ids in released], False
+    ids = torch.cat([ids.to(torch.int64).cpu() for _, _, ids in released])
+    senders = torch.cat([torch.full((len(p),), k, dtype=torch.int64) for k, p, _ in released])
+    return [(d.payload, ids[d.source], senders[d.source]) for d in deliveries], True

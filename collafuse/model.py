@@ -8,7 +8,7 @@ more than it helps, and every layer here has an Opacus per-sample-gradient rule.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import nn

@@ -3,7 +3,8 @@
 Layout of RUN_DIR::
 
     config.yaml                 the resolved config (every default filled in)
-    run.json                    version, t_c, payload kind, clients, classes, wall time
+    run.json                    version, t_c, payload kind, clients, classes, wall time, every hook
+                                applied (its describe()) and the sha256 of every other file
     train_log.jsonl             one JSON line per epoch: per-side losses (+ hook metrics)
     checkpoints/server.safetensors, checkpoints/client_{k}.safetensors
     data.safetensors            the source images/labels and the split indices (ground truth)
@@ -13,27 +14,38 @@ Layout of RUN_DIR::
 
 A run is built in a hidden sibling folder and renamed into place only when it is
 complete, so a failed or interrupted run leaves RUN_DIR untouched.
+
+``run.json``'s ``files`` maps every other file's relative path to its sha256.
+:meth:`Run.load` refuses a folder in which one of them changed or went missing, and
+a checkpoint holding NaN/inf weights. Transcript shards are checked lazily, when an
+attack reads them (:class:`~collafuse.transcript.ServerView` compares each with the
+index, whose hash is checked here), and ``data.safetensors`` when
+:meth:`Run.load_data` opens it, so loading stays fast.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
 import time
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import BinaryIO
 
 import numpy as np
 import torch
 import yaml
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError
+from safetensors.torch import load as load_bytes
+from safetensors.torch import save_file
 
 from collafuse import __version__
 from collafuse.config import RunConfig, config_from_dict, config_to_yaml
 from collafuse.data import ImageSet, Splits, load_source, make_splits, partition
-from collafuse.errors import RunError
+from collafuse.errors import ConfigError, RunError
+from collafuse.fsutil import sweep_stale_partials
+from collafuse.safeio import parse_yaml
 from collafuse.model import UNet
 from collafuse.sampling import collaborative_sample
 from collafuse.schedule import NoiseSchedule
@@ -43,6 +55,42 @@ from collafuse.training import (
 )
 
 RUN_MARKER = "run.json"
+CONFIG_FILE = "config.yaml"
+DATA_FILE = "data.safetensors"
+TRANSCRIPT_INDEX = "transcript/index.json"
+# Files Run.load does not hash itself: shards (ServerView checks them against the index) and the
+# source data (Run.load_data checks it when a scorer opens it).
+LAZY_FILES = (DATA_FILE,)
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def file_hashes(run_dir: Path) -> dict[str, str]:
+    """``{relative posix path: sha256}`` of every file under ``run_dir`` except run.json."""
+    return {
+        path.relative_to(run_dir).as_posix(): file_sha256(path)
+        for path in sorted(run_dir.rglob("*"))
+        if path.is_file() and path.relative_to(run_dir).as_posix() != RUN_MARKER
+    }
+
+
+def check_hooks(config: RunConfig, hooks: Hooks) -> None:
+    """Refuse hooks that were not built from the config's own ``defenses:`` (config.yaml must not lie)."""
+    if not config.defenses and hooks.built_from is None:
+        return  # the plain protocol, or hand-made hooks (recorded in run.json)
+    if hooks.built_from != Hooks.fingerprint(config.defenses):
+        names = ", ".join(str(spec.get("name")) for spec in config.defenses) or "none"
+        what = "were not built from them" if hooks.built_from is None else "were built from other defenses"
+        raise ConfigError(
+            f"the config lists defenses ({names}) but the hooks passed {what}; train with collafuse.api.train "
+            "(or pass collafuse.defenses.build_hooks(config.defenses, config))"
+        )
 
 
 def check_output_dir(out: Path) -> None:
@@ -124,18 +172,35 @@ def _state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
 
 
+def _first_non_finite(state: dict[str, torch.Tensor]) -> str | None:
+    """The name of the first floating-point tensor holding NaN or ±inf, or None."""
+    for name, value in state.items():
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            return name
+    return None
+
+
 def create_run(
     config: RunConfig, out: Path, hooks: Hooks = Hooks(), progress: bool = True
 ) -> Path:
-    """Train a system and write a complete run folder at ``out`` (atomically)."""
+    """Train a system and write a complete run folder at ``out`` (atomically).
+
+    ``hooks`` must be built from ``config.defenses`` (``collafuse.defenses.build_hooks``; the
+    usual way in is ``collafuse.api.train``): a config that lists defenses with hooks that do
+    not come from them is refused, since the run folder would claim a protection that never ran.
+    """
     out = Path(out)
+    check_hooks(config, hooks)
+    if config.defenses and not (hooks.release or hooks.training):
+        raise ConfigError("the config lists defenses but no hook was built from them")
     check_output_dir(out)
     data, splits = prepare_data(config)  # every data error is raised before anything is written
+    sweep_stale_partials(out.parent)  # staging folders of runs killed by SIGKILL (dead writers only)
     staging = out.parent / f".{out.name}.partial-{os.getpid()}"
     if staging.exists():
         shutil.rmtree(staging)
-    staging.mkdir(parents=True)
     try:
+        staging.mkdir(parents=True)
         started = time.perf_counter()
         with open(staging / "train_log.jsonl", "w") as log_file:
             system = train_system(
@@ -144,17 +209,21 @@ def create_run(
             )
         train_seconds = time.perf_counter() - started
         (staging / "checkpoints").mkdir()
-        if system.server_model is not None:
-            save_file(_state(system.server_model), str(staging / "checkpoints" / "server.safetensors"))
-        for k, model in enumerate(system.client_models):
-            if model is not None:
-                save_file(_state(model), str(staging / "checkpoints" / f"client_{k}.safetensors"))
+        models = [("server", system.server_model)] + [(f"client_{k}", m) for k, m in enumerate(system.client_models)]
+        for name, model in models:
+            if model is None:
+                continue
+            state = _state(model)
+            bad = _first_non_finite(state)
+            if bad is not None:  # a run whose checkpoints Run.load would refuse is not written
+                raise RunError(f"training diverged: the {name} model has NaN/inf weights ({bad}); lower training.lr")
+            save_file(state, str(staging / "checkpoints" / f"{name}.safetensors"))
         stored = {"images": data.images.contiguous()}
         if data.labels is not None:
             stored["labels"] = data.labels
         stored.update({f"split.{name}": idx.contiguous() for name, idx in splits.to_dict().items()})
         save_file(stored, str(staging / "data.safetensors"), metadata={"num_classes": str(data.num_classes)})
-        (staging / "config.yaml").write_text(config_to_yaml(config))
+        (staging / CONFIG_FILE).write_text(config_to_yaml(config))
 
         per_client = config.sampling.per_client
         rows = [
@@ -174,7 +243,8 @@ def create_run(
                     "num_classes": system.num_classes,
                     "has_server": system.server_model is not None,
                     "train_seconds": round(train_seconds, 2),
-                    "hooks": [h.describe() for h in hooks.release] + [h.describe() for h in hooks.training],
+                    "hooks": hooks.describe(),  # after training: a DP hook reports the ε it spent
+                    "files": file_hashes(staging),
                 },
                 indent=1,
             )
@@ -188,15 +258,119 @@ def create_run(
     return out
 
 
-def _load_model(path: Path, config: RunConfig, side: str, num_classes: int) -> UNet:
+def _check_manifest(path: Path, info: dict) -> dict[str, str]:
+    """run.json's ``files`` (relative path → sha256), checked for shape; refuses a run without one."""
+    files = info.get("files")
+    if files is None:
+        raise RunError(f"{path}: run.json records no file hashes: written by an older collafuse; re-train it")
+    if not isinstance(files, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in files.items()):
+        raise RunError(f"{path}: run.json 'files' must map relative paths to sha256 digests")
+    for rel in files:
+        parts = PurePosixPath(rel).parts
+        if not rel or rel.startswith("/") or ".." in parts or rel == RUN_MARKER:
+            raise RunError(f"{path}: run.json 'files' names a path outside the run folder: {rel!r}")
+    return files
+
+
+def _missing_or_unlisted(path: Path, files: dict[str, str], rel: str) -> None:
+    if rel not in files:
+        raise RunError(f"{path}: run.json records no hash for {rel}; the run folder was changed after it was written")
+    if not (path / rel).is_file():
+        raise RunError(f"{path}: {rel} is missing; the run folder was changed after it was written")
+
+
+def _changed(path: Path, rel: str) -> RunError:
+    return RunError(f"{path}: {rel} was changed after the run was written (its sha256 differs from run.json); "
+                    "restore it or re-train")
+
+
+def _read_verified(path: Path, files: dict[str, str], rel: str) -> bytes:
+    """The bytes of ``rel``, refused unless their sha256 is the one run.json recorded (read once: no race)."""
+    _missing_or_unlisted(path, files, rel)
+    try:
+        data = (path / rel).read_bytes()
+    except OSError as exc:
+        raise RunError(f"{path}: {rel} unreadable ({exc.strerror or exc})") from None
+    if hashlib.sha256(data).hexdigest() != files[rel]:
+        raise _changed(path, rel)
+    return data
+
+
+def _verify_file(path: Path, files: dict[str, str], rel: str) -> None:
+    _missing_or_unlisted(path, files, rel)
+    try:
+        digest = file_sha256(path / rel)
+    except OSError as exc:
+        raise RunError(f"{path}: {rel} unreadable ({exc.strerror or exc})") from None
+    if digest != files[rel]:
+        raise _changed(path, rel)
+
+
+def _shards_checked_later(index_bytes: bytes | None) -> dict[str, str]:
+    """``{transcript/<file>: sha256}`` of the shards the (verified) index lists: ServerView checks each on read."""
+    if index_bytes is None:
+        return {}
+    try:
+        index = json.loads(index_bytes)
+        return {f"transcript/{s['file']}": s["sha256"] for s in index["shards"]
+                if isinstance(s["file"], str) and isinstance(s["sha256"], str)}
+    except (ValueError, KeyError, TypeError, RecursionError):
+        return {}  # a garbled index is refused by ServerView; here every shard is simply hashed now
+
+
+def _verify_run_files(path: Path, files: dict[str, str], already: set[str]) -> None:
+    """Every recorded file exists; each is hashed now unless it is checked when it is opened."""
+    index = _read_verified(path, files, TRANSCRIPT_INDEX) if TRANSCRIPT_INDEX in files else None
+    later = _shards_checked_later(index)
+    for rel, digest in files.items():
+        if rel in already or rel == TRANSCRIPT_INDEX:
+            continue
+        if rel in LAZY_FILES or later.get(rel) == digest:
+            _missing_or_unlisted(path, files, rel)
+        else:
+            _verify_file(path, files, rel)
+
+
+def _load_model(path: Path, files: dict[str, str], rel: str, config: RunConfig, side: str, num_classes: int) -> UNet:
     model_cfg = config.server_model if side == "server" else config.client_model
     model = build_model(unet_config(model_cfg, config.data.channels, num_classes), config.seed)
+    raw = _read_verified(path, files, rel)
     try:
-        state = load_file(str(path))  # safetensors: tensors only, nothing is unpickled
+        state = load_bytes(raw)  # safetensors: tensors only, nothing is unpickled
+    except (SafetensorError, OSError, RuntimeError, ValueError) as exc:
+        raise RunError(f"checkpoint unreadable: {path / rel} ({str(exc).splitlines()[0]})") from None
+    bad = _first_non_finite(state)
+    if bad is not None:
+        raise RunError(f"checkpoint {path / rel} holds NaN/inf weights ({bad}); the run is unusable, re-train it")
+    try:
         model.load_state_dict(state)
-    except (SafetensorError, OSError, RuntimeError) as exc:
-        raise RunError(f"checkpoint unreadable or does not match the config: {path} ({str(exc).splitlines()[0]})") from None
+    except RuntimeError as exc:
+        raise RunError(f"checkpoint does not match the config: {path / rel} ({str(exc).splitlines()[0]})") from None
     return model.to(resolve_device(config.device)).eval()
+
+
+def _run_metadata(path: Path, info: dict, config: RunConfig) -> tuple[int, int, int, bool]:
+    """(t_c, num_classes, num_clients, has_server) from run.json, checked against the config."""
+    try:
+        t_c, num_classes, n, T = int(info["t_c"]), int(info["num_classes"]), int(info["num_clients"]), int(info["T"])
+        has_server = info["has_server"]
+    except KeyError as exc:
+        raise RunError(f"{path}: run.json lacks {exc.args[0]!r}") from None
+    except (TypeError, ValueError) as exc:
+        raise RunError(f"{path}: run.json metadata unreadable ({str(exc).splitlines()[0]})") from None
+    if not isinstance(has_server, bool):
+        raise RunError(f"{path}: run.json has_server must be true or false, got {has_server!r}")
+    if T != config.diffusion.T:
+        raise RunError(f"{path}: run.json says T = {T} but config.yaml says T = {config.diffusion.T}")
+    if not 0 <= t_c <= T or (has_server and t_c == T):
+        raise RunError(f"{path}: run.json t_c = {t_c} is outside 0..{T - 1 if has_server else T}")
+    if n != config.data.num_clients:
+        raise RunError(f"{path}: run.json says {n} clients but config.yaml says {config.data.num_clients}")
+    if has_server != (config.t_c < T):
+        raise RunError(f"{path}: run.json has_server = {has_server} contradicts cut_ratio {config.diffusion.cut_ratio}")
+    if num_classes < 0:
+        raise RunError(f"{path}: run.json num_classes must be >= 0, got {num_classes}")
+    return t_c, num_classes, n, has_server
 
 
 @dataclass
@@ -214,34 +388,55 @@ class Run:
 
     @classmethod
     def load(cls, path: Path | str) -> "Run":
+        """Load a run folder, refusing one whose files differ from the hashes in run.json or whose
+        checkpoints hold NaN/inf weights (:class:`RunError`, one line naming the file)."""
         path = Path(path)
         marker = path / RUN_MARKER
         if not path.is_dir() or not marker.is_file():
             raise RunError(f"{path} is not a collafuse run folder (no {RUN_MARKER})")
         try:
             info = json.loads(marker.read_text())
-            config = config_from_dict(yaml.safe_load((path / "config.yaml").read_text()))
-            t_c, num_classes, n = int(info["t_c"]), int(info["num_classes"]), int(info["num_clients"])
-        except (OSError, json.JSONDecodeError, yaml.YAMLError, KeyError, TypeError, ValueError) as exc:
-            raise RunError(f"{path}: run metadata unreadable ({str(exc).splitlines()[0]})") from None
+        except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
+            raise RunError(f"{path}: {RUN_MARKER} unreadable ({str(exc).splitlines()[0]})") from None
+        if not isinstance(info, dict):
+            raise RunError(f"{path}: {RUN_MARKER} must hold a JSON object")
+        files = _check_manifest(path, info)
+        raw_config = _read_verified(path, files, CONFIG_FILE)
+        try:
+            config = config_from_dict(parse_yaml(raw_config.decode("utf-8"), str(path / CONFIG_FILE), RunError))
+        except (UnicodeDecodeError, yaml.YAMLError) as exc:
+            raise RunError(f"{path}: {CONFIG_FILE} unreadable ({str(exc).splitlines()[0]})") from None
+        t_c, num_classes, n, has_server = _run_metadata(path, info, config)
+        ckpts = [("checkpoints/server.safetensors", "server")] if has_server else []
+        if t_c > 0:
+            ckpts += [(f"checkpoints/client_{k}.safetensors", "client") for k in range(n)]
+        _verify_run_files(path, files, {CONFIG_FILE, *(rel for rel, _ in ckpts)})
+        models = {rel: _load_model(path, files, rel, config, side, num_classes) for rel, side in ckpts}
         schedule = NoiseSchedule.create(config.diffusion.schedule, config.diffusion.T)
-        ckpt = path / "checkpoints"
-        server = _load_model(ckpt / "server.safetensors", config, "server", num_classes) if info["has_server"] else None
-        clients = [
-            _load_model(ckpt / f"client_{k}.safetensors", config, "client", num_classes) if t_c > 0 else None
-            for k in range(n)
-        ]
+        server = models.get("checkpoints/server.safetensors")
+        clients = [models.get(f"checkpoints/client_{k}.safetensors") for k in range(n)]
         return cls(path, config, schedule, t_c, num_classes, server, clients, info)
 
     def load_data(self) -> tuple[ImageSet, Splits]:
-        """The source images and the split indices: ground truth for scoring, not for attacks."""
-        path = self.path / "data.safetensors"
+        """The source images and the split indices: ground truth for scoring, not for attacks.
+
+        Hash-checked against run.json here (not in :meth:`load`: the source can be large)."""
+        files = _check_manifest(self.path, self.info)
+        raw = _read_verified(self.path, files, DATA_FILE)
+        path = self.path / DATA_FILE
         try:
-            stored = load_file(str(path))
-            with safe_open(str(path), framework="pt") as f:
-                num_classes = int(f.metadata()["num_classes"])
+            stored = load_bytes(raw)
+            num_classes = int(_safetensors_metadata(raw)["num_classes"])
         except (SafetensorError, OSError, KeyError, TypeError, ValueError) as exc:
             raise RunError(f"run data unreadable: {path} ({exc})") from None
         data = ImageSet(stored["images"], stored.get("labels"), num_classes)
         splits = Splits.from_dict({k.removeprefix("split."): v for k, v in stored.items() if k.startswith("split.")})
         return data, splits
+
+
+def _safetensors_metadata(raw: bytes) -> dict[str, str]:
+    """The ``__metadata__`` of a safetensors file held in memory (8-byte header length, then JSON)."""
+    size = int.from_bytes(raw[:8], "little")
+    if not 0 < size <= len(raw) - 8:
+        raise ValueError("bad safetensors header")
+    return json.loads(raw[8 : 8 + size]).get("__metadata__") or {}

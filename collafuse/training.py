@@ -1,14 +1,16 @@
 """Training N clients and the server together (DESIGN.md §2.2, §2.4).
 
 One epoch = every client walks once through its own data, round-robin over
-clients, one minibatch at a time. For each minibatch the client takes a step on
-t ∈ {1..t_c}, releases a payload, the transcript records it, and the server
-takes a step on it. c = 0 (central) and c = 1 (local-only) are the same loop
-with an empty client side or an empty server side.
+clients, one minibatch at a time. A *round* is one turn of every client that
+still has data: each takes a step on t ∈ {1..t_c} and releases a payload; then
+the round's payloads cross to the server (through a relay when a release hook
+mixes rounds: :meth:`collafuse.hooks.ReleaseHook.mix_round`), the transcript
+records each message and the server takes a step on it. Without a relay every
+payload is its own message, in release order. c = 0 (central) and c = 1
+(local-only) are the same loop with an empty client side or an empty server side.
 """
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,8 +25,9 @@ from tqdm import tqdm
 from collafuse.config import ModelConfig, RunConfig
 from collafuse.data import ImageSet, Splits
 from collafuse.errors import ConfigError
-from collafuse.hooks import ReleaseHook, TrainingHook
+from collafuse.hooks import ReleaseHook, TrainingHook, deliver_round
 from collafuse.model import UNet, UNetConfig
+from collafuse.payload import Payload
 from collafuse.protocol import Client, Server
 from collafuse.schedule import NoiseSchedule
 from collafuse.transcript import TranscriptWriter
@@ -41,6 +44,7 @@ def generator_for(seed: int, *stream: int) -> torch.Generator:
 
 # Stream ids: fixed numbers so adding a stream never shifts the others.
 STREAM_SPLIT, STREAM_PARTITION, STREAM_SERVER, STREAM_CLIENT, STREAM_LOADER, STREAM_INIT, STREAM_SAMPLE = range(7)
+STREAM_RELAY = 7  # the relay's shuffle of a round (an id-free release); unused without one
 
 
 def resolve_device(name: str) -> torch.device:
@@ -71,10 +75,30 @@ def build_model(config: UNetConfig, seed: int, *stream: int) -> UNet:
 
 @dataclass(frozen=True)
 class Hooks:
-    """What the core calls out to; empty = the plain protocol."""
+    """What the core calls out to; empty = the plain protocol.
+
+    ``built_from`` is the :meth:`fingerprint` of the ``defenses:`` list the hooks were built
+    from (``collafuse.defenses.build_hooks`` sets it; None = hand-made hooks). ``create_run``
+    compares it with the config's ``defenses:``, so a run folder never claims a defense that
+    did not run.
+    """
 
     release: tuple[ReleaseHook, ...] = ()
     training: tuple[TrainingHook, ...] = ()
+    built_from: str | None = None
+
+    @staticmethod
+    def fingerprint(defenses) -> str:
+        """sha256 of the canonical JSON of a ``defenses:`` list (a sequence of mappings)."""
+        import hashlib
+        import json
+
+        canonical = json.dumps([dict(spec) for spec in defenses], sort_keys=True, separators=(",", ":"), default=str)
+        return hashlib.sha256(canonical.encode()).hexdigest()
+
+    def describe(self) -> list[dict]:
+        """Every hook's ``describe()``, release hooks first: what run.json records as ``hooks``."""
+        return [h.describe() for h in self.release] + [h.describe() for h in self.training]
 
 
 @dataclass
@@ -186,6 +210,8 @@ def train_system(
     writer = TranscriptWriter(out_dir, tr.payload, tr.shard_rows)
     log: list[dict] = []
     step = 0
+    relay = generator_for(config.seed, STREAM_RELAY)
+    round_index = 0
     bar = tqdm(range(1, tr.epochs + 1), desc="train", unit="epoch", disable=not progress)
     for epoch in bar:
         started = time.perf_counter()
@@ -194,6 +220,10 @@ def train_system(
         iterators = [iter(loader) for loader in loaders]
         active = list(range(len(clients)))
         while active:
+            # One round. The server's side (its idle steps and payloads, in turn order) waits for the
+            # round's end, so a relay can mix the round; its numbers do not depend on when it runs.
+            released: list[tuple[int, Payload, torch.Tensor]] = []  # (client, payload, member ids)
+            turns: list[str] = []
             for k in list(active):
                 batch = next(iterators[k], None)
                 if batch is None:
@@ -206,9 +236,7 @@ def train_system(
                     clients[k].idle_step()
                     if client_averages[k] is not None:
                         client_averages[k].update()  # the noise-only step moved the weights too
-                    if server is not None:
-                        server.idle_step()
-                        server_average.update()
+                    turns.append("idle")
                     continue
                 x0, y = x0.to(device), (y.to(device) if num_classes > 0 else None)
                 loss = clients[k].train_step(x0, y)
@@ -216,11 +244,25 @@ def train_system(
                     client_losses[k].append(loss)
                     client_averages[k].update()
                 if server is not None:
-                    payload = clients[k].release(x0, y, ids, step)
-                    writer.record(payload, ids, client=k)  # the audit key gets ids; the server gets only the payload
-                    server_losses.append(server.receive(payload))  # ← the payload crosses here
-                    server_average.update()
+                    released.append((k, clients[k].release(x0, y, ids, step), ids))
+                    turns.append("payload")
                 step += 1
+            if server is None or not turns:
+                continue
+            messages, mixed = deliver_round(hooks.release, released, round_index, relay)
+            round_index += 1
+            if mixed:  # a relay's messages no longer line up with the turns: idle steps first
+                turns = ["idle"] * turns.count("idle") + ["payload"] * len(messages)
+            pending = iter(messages)
+            for turn in turns:
+                if turn == "idle":
+                    server.idle_step()
+                    server_average.update()
+                    continue
+                payload, ids, sender = next(pending)
+                writer.record(payload, ids, client=sender)  # the audit key gets ids and sender; the server only the payload
+                server_losses.append(server.receive(payload))  # ← the payload crosses here
+                server_average.update()
         entry = {
             "epoch": epoch,
             "steps": step,

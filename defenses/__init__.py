@@ -13,9 +13,16 @@ target ε, impossible combinations: one line, :class:`~collafuse.errors.ConfigEr
 and turned into the core's hooks by :func:`build_hooks`. The core never imports
 this package; the command line joins them.
 
+What a setting does, as one typed value that readers take instead of re-deriving it
+from config keys: :func:`describe_setting` (from a config) and :func:`setting_from_run`
+(from a trained run's run.json) give a :class:`~.setting.SettingSummary` (release step,
+payload row bytes, noise multiplicity, payload guarantee, models' ε, coverage, per-hook
+records); :func:`defense_effects` gives only its cheap protocol part.
+
 Modules: one per defense (:mod:`.dp_sgd`, :mod:`.payload_noise`, :mod:`.payload_clip`,
 :mod:`.minimize`), the pure math (:mod:`.accounting`), the payload channel's ε for a
-whole setting (:mod:`.guarantees`) and the threat coverage map (:mod:`.coverage`).
+whole setting (:mod:`.guarantees`), the threat coverage map (:mod:`.coverage`) and the
+setting as a typed value (:mod:`.setting`).
 """
 from __future__ import annotations
 
@@ -24,15 +31,20 @@ from typing import Any, Callable, Iterable, Mapping
 
 from collafuse.errors import ConfigError
 from collafuse.hooks import ReleaseHook
+from collafuse.registry import Registry
 
 from . import dp_sgd, minimize, payload_clip, payload_noise
 from .coverage import THREATS, coverage_map, spec_label, uncovered
-from .guarantees import DEFAULT_DELTA, PayloadGuarantee, payload_guarantee
-from .registry import Registry
+from .guarantees import PayloadGuarantee
+from .setting import (
+    DefenseEffects, HookRecord, PrivacyReport, SettingSummary, effects_of, guarantee_of, model_epsilon, summarize,
+    summary_from_run,
+)
 
 __all__ = [
     "DEFENSES", "THREATS", "build_hooks", "parse_specs", "uncovered_threats", "coverage", "payload_epsilon",
-    "PrivacyReport",
+    "PrivacyReport", "DefenseEffects", "HookRecord", "PayloadGuarantee", "SettingSummary", "defense_effects",
+    "describe_setting", "setting_from_run", "model_epsilon",
 ]
 
 
@@ -55,7 +67,7 @@ _MINIMIZE_ORDER = {"single-release": 1, "no-labels": 3, "id-free": 4, "quantize"
 
 
 def _order(spec: Any) -> int:
-    if spec.name == "minimize":
+    if isinstance(spec, minimize.MinimizeSpec):
         return _MINIMIZE_ORDER[spec.key]
     return DEFENSES.get(spec.name).order
 
@@ -69,15 +81,14 @@ def parse_specs(specs: Iterable[Mapping[str, Any]]) -> list[Any]:
         kind = DEFENSES.get(raw.get("name"))
         where = f"defenses[{i}] ({raw['name']})"
         spec = kind.parse(raw, where)
-        key = f"minimize:{spec.key}" if spec.name == "minimize" else spec.name
+        key = f"{spec.name}:{spec.key}" if isinstance(spec, minimize.MinimizeSpec) else spec.name
         if key in seen:
-            what = "a second quantiser" if key == "minimize:quantize" else f"{spec_label(spec)!r} twice"
+            what = "a second quantiser" if key.endswith(":quantize") else f"{spec_label(spec)!r} twice"
             raise ConfigError(f"defenses[{i}]: {what} (first at defenses[{seen[key]}])")
         seen[key] = i
         parsed.append(spec)
-    modes = {getattr(s, "mode", None) for s in parsed}
-    names = {s.name for s in parsed}
-    if "single-release" in modes and "payload-noise" in names:
+    modes = {s.mode for s in parsed if isinstance(s, minimize.MinimizeSpec)}
+    if "single-release" in modes and any(isinstance(s, payload_noise.PayloadNoiseSpec) for s in parsed):
         raise ConfigError(
             "defenses: minimize single-release cannot be combined with payload-noise (the extra noise would be "
             "fresh every epoch and average out); use a larger cut_ratio instead"
@@ -85,85 +96,25 @@ def parse_specs(specs: Iterable[Mapping[str, Any]]) -> list[Any]:
     return parsed
 
 
-def _schedule_and_d(config):
-    from collafuse.schedule import NoiseSchedule
-
-    schedule = NoiseSchedule.create(config.diffusion.schedule, config.diffusion.T)
-    d = config.data.channels * config.data.image_size**2
-    return schedule, d
-
-
-def _guarantee(parsed: list[Any], config, poisson_rounds=None) -> PayloadGuarantee:
-    schedule, d = _schedule_and_d(config)
-    clip = next((s for s in parsed if s.name == "payload-clip"), None)
-    noise = next((s for s in parsed if s.name == "payload-noise"), None)
-    dp = next((s for s in parsed if s.name == "dp-sgd"), None)
-    modes = {getattr(s, "mode", None) for s in parsed}
-    if poisson_rounds is None and dp is not None:
-        poisson_rounds = [(config.training.epochs * b, 1.0 / b) for _, b in dp_sgd.iid_client_batches(config)]
-    return payload_guarantee(
-        schedule, config.t_c, config.training.payload, d, config.training.epochs,
-        delta=dp.delta if dp is not None else DEFAULT_DELTA,
-        clip_norm=clip.clip_norm if clip is not None else None,
-        noise_sigma=noise.sigma if noise is not None else 0.0,
-        single_release="single-release" in modes,
-        poisson_rounds=poisson_rounds,
-        labels_sent=bool(config.conditional) and "no-labels" not in modes,
-    )
-
-
-class PrivacyReport(ReleaseHook):
-    """Changes nothing; its ``describe()`` puts the coverage map and the formal ε into run.json."""
-
-    name = "privacy-report"
-
-    def __init__(self, parsed: list[Any], config, dp_hook: "dp_sgd.DPSGD | None" = None):
-        self.parsed = parsed
-        self.config = config
-        self.dp_hook = dp_hook
-
-    def describe(self) -> dict[str, Any]:
-        t_c, T = self.config.t_c, self.config.diffusion.T
-        rounds = None
-        if self.dp_hook is not None and self.dp_hook.client_batches:
-            epochs = self.config.training.epochs
-            rounds = [(epochs * b, 1.0 / b) for b in self.dp_hook.client_batches.values()]
-        guarantee = _guarantee(self.parsed, self.config, rounds)
-        return {
-            "name": self.name,
-            "defenses": [spec_label(s) for s in self.parsed],
-            "coverage": coverage_map(self.parsed, t_c, T),
-            "uncovered": uncovered(self.parsed, t_c, T),
-            "payload_channel": guarantee.to_json(),
-            "models": {
-                # The server model is trained on the payloads alone: post-processing of that channel.
-                "server": {
-                    "epsilon_from_payloads": guarantee.to_json()["epsilon"],
-                    "dp_sgd": "see the dp-sgd entry" if self.dp_hook is not None else None,
-                },
-                "clients": "see the dp-sgd entry" if self.dp_hook is not None else "inf (trained on raw images)",
-            },
-        }
-
-
 def build_hooks(specs: Iterable[Mapping[str, Any]], config):
     """The core's :class:`~collafuse.training.Hooks` for a config's ``defenses:`` (validated first)."""
     from collafuse.training import Hooks
 
+    specs = tuple(specs)  # read twice: parsed here, fingerprinted below
     parsed = parse_specs(specs)
     release: list[tuple[int, ReleaseHook]] = []
     training = []
-    dp_hook = None
     for spec in parsed:
         hook = DEFENSES.get(spec.name).build(spec, config)
-        if spec.name == "dp-sgd":
-            dp_hook = hook
+        if spec.acts_on_training:
             training.append(hook)
         else:
             release.append((_order(spec), hook))
     release.sort(key=lambda pair: pair[0])
-    report = PrivacyReport(parsed, config, dp_hook)
-    return Hooks(release=tuple(h for _, h in release) + (report,), training=tuple(training))
+    report = PrivacyReport(parsed, config, next((h for h in training if isinstance(h, dp_sgd.DPSGD)), None))
+    # built_from: create_run checks that these hooks came from the config's own defenses: list.
+    return Hooks(release=tuple(h for _, h in release) + (report,), training=tuple(training),
+                 built_from=Hooks.fingerprint(specs))
 
 
 def uncovered_threats(specs: Iterable[Mapping[str, Any]], config=None) -> list[str]:
@@ -182,4 +133,19 @@ def coverage(specs: Iterable[Mapping[str, Any]], config=None) -> dict[str, list[
 
 def payload_epsilon(specs: Iterable[Mapping[str, Any]], config) -> PayloadGuarantee:
     """The payload channel's formal ε per client image for this setting (∞ where no bound exists)."""
-    return _guarantee(parse_specs(specs), config)
+    return guarantee_of(parse_specs(specs), config)
+
+
+def defense_effects(specs: Iterable[Mapping[str, Any]], config) -> DefenseEffects:
+    """What the setting changes in the protocol (release step, payload row bytes, noise multiplicity); cheap."""
+    return effects_of(parse_specs(specs), config)
+
+
+def describe_setting(specs: Iterable[Mapping[str, Any]], config) -> SettingSummary:
+    """The whole setting for a config, before any training (DP-SGD's ε as planned)."""
+    return summarize(parse_specs(specs), config)
+
+
+def setting_from_run(run_info: Mapping[str, Any] | None, config) -> SettingSummary:
+    """The setting as a trained run recorded it in run.json (``run_info``: its parsed JSON, with ``hooks``)."""
+    return summary_from_run(parse_specs(config.defenses), config, (run_info or {}).get("hooks", []))

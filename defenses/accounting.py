@@ -240,5 +240,20 @@ def calibrate_noise_multiplier(
 
 
 def as_json_number(value: float) -> float | str:
-    """ε for run.json: JSON has no ∞, so an unbounded ε is written as the string "inf"."""
+    """ε for run.json: JSON has no ∞, so an unbounded ε is written as the string "inf".
+
+    Read it back with :func:`from_json_number`, its inverse (the one place ∞ is decoded).
+    """
     return "inf" if math.isinf(value) else float(np.round(value, 6))
+
+
+def from_json_number(value: float | int | str | None) -> float:
+    """ε read back from JSON, the inverse of :func:`as_json_number`: "inf" → ∞, a number → float.
+
+    ``None`` (no bound recorded) reads as ∞, the conservative reading. Anything else is refused.
+    """
+    if value is None or value == "inf":
+        return INF
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"not an epsilon as run.json writes it (a number or \"inf\"): {value!r}")
+    return float(value)

@@ -8,12 +8,7 @@ from __future__ import annotations
 
 from typing import Any, Iterable
 
-THREATS: dict[str, str] = {
-    "T1": "curious server reading the transcript (payloads)",
-    "T2": "white-box access to the server model",
-    "T3": "white-box access to one client's model",
-    "T4": "black-box: generated images only",
-}
+from collafuse.threats import THREATS
 
 
 def spec_label(spec: Any) -> str:
@@ -43,3 +38,24 @@ def coverage_map(specs: Iterable[Any], t_c: int | None = None, T: int | None = N
 def uncovered(specs: Iterable[Any], t_c: int | None = None, T: int | None = None) -> list[str]:
     """Threats no configured defense addresses, in order T1..T4."""
     return [threat for threat, defenses in coverage_map(specs, t_c, T).items() if not defenses]
+
+
+# The defense whose T1 credit is measured, not declared (DESIGN.md §5 (d)): an id-free release
+# covers sender linkage only where a sender-identification attack that reads every field and
+# the order of arrival is at chance.
+MEASURED_CREDIT: dict[str, str] = {"minimize:id-free": "T1"}
+
+
+def credit_measured(coverage: dict[str, list[str]], sender_at_chance: bool | None) -> dict[str, list[str]]:
+    """The map with every measured credit (:data:`MEASURED_CREDIT`) applied.
+
+    ``sender_at_chance``: the sender-identification attack's outcome for this setting (at chance
+    in every cell that measured it), False (above chance in some cell: the credit is dropped),
+    or None (not measured, e.g. no payload crossed: the declared map stands).
+    """
+    out = {threat: list(labels) for threat, labels in coverage.items()}
+    if sender_at_chance is False:
+        for label, threat in MEASURED_CREDIT.items():
+            if label in out.get(threat, []):
+                out[threat].remove(label)
+    return out

@@ -50,7 +50,7 @@ from collafuse.hooks import TrainingHook
 from collafuse.training import stream_seed
 
 from .accounting import ACCOUNTANTS, as_json_number, calibrate_noise_multiplier, dpsgd_epsilon
-from .registry import check_keys, choice, number
+from .validate import check_keys, choice, number
 
 # Opacus' per-sample hooks make torch warn on every backward pass when the input needs no
 # gradient (always true here: the input is data). Harmless; silenced for this message only.
@@ -89,10 +89,20 @@ class DPSGDSpec:
     accountant: str = "prv"
     multiplicity: int = 1
     name: str = NAME
+    acts_on_training = True  # not a field: DP-SGD wraps the training, it touches no payload
 
     @property
     def threats(self) -> tuple[str, ...]:
         return threats_for(self.target)
+
+    def private(self, role: str) -> bool:
+        """Is this side ("server" or "client") trained with DP-SGD?"""
+        target = self.target
+        return target == "both" or (target, role) in (("server", "server"), ("clients", "client"))
+
+    def noise_multiplicity(self, role: str) -> int:
+        """K noise draws per image per step on this side (1 where the side is not private)."""
+        return self.multiplicity if self.private(role) else 1
 
     @classmethod
     def parse(cls, raw: Mapping[str, Any], where: str) -> "DPSGDSpec":
@@ -184,13 +194,13 @@ class DPSGD(TrainingHook):
 
     # -- the core's calls --
     def noise_multiplicity(self, role: str) -> int:
-        return self.spec.multiplicity if self._private(role) else 1
+        return self.spec.noise_multiplicity(role)
 
     def wrap(self, role, model, optimizer, loader):
         if len(self.client_batches) >= self.num_clients:
             raise RuntimeError("a dp-sgd hook keeps one run's accountants; build new hooks for another run")
         if role == "server":
-            if not self._private("server"):
+            if not self.spec.private("server"):
                 return model, optimizer, loader
             model = PrivateUNet(model, loss_reduction="mean")
             dp_opt = self._optimizer(optimizer, 0, expected_batch_size=1)
@@ -206,7 +216,7 @@ class DPSGD(TrainingHook):
             loader = DPDataLoader.from_data_loader(
                 loader, generator=torch.Generator().manual_seed(stream_seed(self.seed, STREAM_DP_LOADER, k))
             )
-        if self._private("client") and model is not None:
+        if self.spec.private("client") and model is not None:
             model = PrivateUNet(model, loss_reduction="mean")
             q = self.client_rates[k]
             dp_opt = self._optimizer(optimizer, k + 1, expected_batch_size=max(1, round(q * self.client_sizes[k])))
@@ -254,11 +264,6 @@ class DPSGD(TrainingHook):
         return info
 
     # -- helpers --
-    def _private(self, role: str) -> bool:
-        """Is this side ("server" or "client") trained with DP-SGD?"""
-        target = self.spec.target
-        return target == "both" or (target == "server" and role == "server") or (target == "clients" and role == "client")
-
     def _optimizer(self, optimizer, stream: int, expected_batch_size: int) -> MultiplicityDPOptimizer:
         gen = torch.Generator().manual_seed(stream_seed(self.seed, STREAM_DP_NOISE, stream))
         return MultiplicityDPOptimizer(
@@ -311,6 +316,31 @@ def iid_client_batches(config) -> list[tuple[int, int]]:
     n, k, b = config.data.n_members, config.data.num_clients, config.training.batch_size
     sizes = [n // k + (1 if i < n % k else 0) for i in range(k)]
     return [(size, -(-size // min(b, size))) for size in sizes]
+
+
+def planned_epsilon(spec: DPSGDSpec, config) -> dict[str, float]:
+    """ε each private model will have spent after training, from the config alone ("server", "client0", …).
+
+    With a target ε, that target (Opacus calibrates σ to spend at most it); with a given σ,
+    Opacus' accountant on the core's loader plan for an IID partition (:func:`iid_client_batches`;
+    exact for 'iid', as the reachability check of :func:`build`). A trained run's own
+    accountant (``describe()``) is the number to trust afterwards.
+    """
+    t_c, T, epochs = config.t_c, config.diffusion.T, config.training.epochs
+    per_client = iid_client_batches(config)
+
+    def spent(sample_rate: float, steps: int) -> float:
+        if spec.target_epsilon is not None:
+            return float(spec.target_epsilon)
+        return _epsilon_of(((float(spec.noise_multiplier), sample_rate, steps),), spec.delta, spec.accountant)
+
+    out: dict[str, float] = {}
+    if spec.private("server") and t_c < T:
+        out["server"] = spent(max(1.0 / b for _, b in per_client), epochs * sum(b for _, b in per_client))
+    if spec.private("client") and t_c > 0:
+        for k, (_, batches) in enumerate(per_client):
+            out[f"client{k}"] = spent(1.0 / batches, epochs * batches)
+    return out
 
 
 def build(spec: DPSGDSpec, config) -> DPSGD:

@@ -19,14 +19,14 @@ and quantisation is post-processing (no credit).
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
-from typing import Any, Sequence
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Mapping, Sequence
 
 from collafuse.schedule import NoiseSchedule
 
 from .accounting import (
-    INF, as_json_number, composed_release_epsilon, gaussian_epsilon, l2_sensitivity, poisson_release_epsilon,
-    release_mu,
+    INF, as_json_number, composed_release_epsilon, from_json_number, gaussian_epsilon, l2_sensitivity,
+    poisson_release_epsilon, release_mu,
 )
 from .payload_noise import noised_step
 
@@ -51,9 +51,24 @@ class PayloadGuarantee:
 
     def to_json(self) -> dict[str, Any]:
         out = asdict(self)
-        for key in ("epsilon", "per_release_epsilon", "mu_per_release", "label_epsilon"):
+        for key in _UNBOUNDED:
             out[key] = as_json_number(out[key])
         return out
+
+    @classmethod
+    def from_json(cls, obj: Mapping[str, Any]) -> "PayloadGuarantee":
+        """The value :meth:`to_json` wrote (run.json's ``payload_channel``); ε as rounded there."""
+        names = [f.name for f in fields(cls)]
+        missing = [n for n in names if n not in obj and n != "note"]
+        if missing:
+            raise ValueError(f"a payload guarantee record lacks {', '.join(missing)}")
+        values = {n: obj[n] for n in names if n in obj}
+        for key in _UNBOUNDED:
+            values[key] = from_json_number(values[key])
+        return cls(**values)
+
+
+_UNBOUNDED = ("epsilon", "per_release_epsilon", "mu_per_release", "label_epsilon")  # may be ∞: "inf" in JSON
 
 
 def payload_guarantee(

@@ -16,10 +16,21 @@ Modes (one per ``{name: minimize, mode: …}`` entry; several entries combine):
 - ``no-labels``: the class label stays on the client (the server trains its part
   unconditionally). Without it, a conditional run sends every label in the clear:
   label ε = ∞.
-- ``id-free``: the payload no longer says which client sent it (sender −1, as
-  through a mixing relay); rows already carry no image id and each epoch's order
-  is a fresh shuffle, so linking a payload to its client, and its images, must be
-  inferred. The audit key keeps the true sender.
+- ``id-free``: the server cannot tell which client sent a payload (§5 (d)). Blanking
+  the sender field (−1) is not enough: clients take turns, so the global step of a
+  payload (step mod N), its place in the order of arrival and its batch size (a
+  client's last batch of an epoch is smaller) all name the sender. The hook is a
+  mixing relay (:meth:`IdFree.mix_round`): the payloads of all clients in a round are
+  pooled, their rows shuffled with the run's relay stream, and delivered as as many
+  messages as the round had payloads, of one size (sizes differ by at most one row
+  when the round's rows do not divide evenly; they are a function of the round's row
+  and payload counts only). Every message of a round carries the round index as its
+  step, so no per-client order or step is left. The server still trains on every row
+  once per round, with batches of the pooled size. The audit key keeps the true sender
+  and member of every row. Whether this hides the sender is measured, not assumed: the
+  audit credits it for T1 only where :mod:`collafuse.attacks.linkage.sender` is at chance.
+  Content is not hidden: with non-IID clients (label partitions) the images or labels
+  themselves can still point at their client.
 """
 from __future__ import annotations
 
@@ -31,15 +42,17 @@ from typing import Any, Callable, Mapping
 import torch
 
 from collafuse.errors import ConfigError
-from collafuse.hooks import ReleaseHook
-from collafuse.protocol import Payload
+from collafuse.hooks import Delivery, ReleaseHook
+from collafuse.payload import Payload
+from collafuse.registry import Registry
 from collafuse.schedule import NoiseSchedule
+from collafuse.threats import check_threats
 from collafuse.training import stream_seed
 
-from .registry import Registry, check_keys, number
+from .validate import check_keys, number
 
 NAME = "minimize"
-THREATS: tuple[str, ...] = ("T1",)
+COVERS: tuple[str, ...] = check_threats(("T1",), NAME)  # the threats this defense addresses (coverage map)
 # A random stream of its own, far from the core's stream ids 0..6.
 STREAM_SINGLE_RELEASE = 1001
 ANONYMOUS_SENDER = -1
@@ -87,7 +100,7 @@ class SingleRelease(ReleaseHook):
         return per_image_noise(member_ids.cpu(), tuple(x0.shape[1:]), self.run_seed).to(x0.dtype)
 
     def describe(self) -> dict[str, Any]:
-        return {"name": self.name, "threats": list(THREATS)}
+        return {"name": self.name, "threats": list(COVERS)}
 
 
 class Quantize(ReleaseHook):
@@ -107,7 +120,7 @@ class Quantize(ReleaseHook):
         return dataclasses.replace(payload, tensor=codes, scale=scale, offset=offset)
 
     def describe(self) -> dict[str, Any]:
-        return {"name": self.name, "bits": self.bits, "bytes_per_value": 2 if self.bits == 16 else 1, "threats": list(THREATS)}
+        return {"name": self.name, "bits": self.bits, "bytes_per_value": 2 if self.bits == 16 else 1, "threats": list(COVERS)}
 
 
 class NoLabels(ReleaseHook):
@@ -117,17 +130,70 @@ class NoLabels(ReleaseHook):
         return dataclasses.replace(payload, label=None)
 
     def describe(self) -> dict[str, Any]:
-        return {"name": self.name, "threats": list(THREATS)}
+        return {"name": self.name, "threats": list(COVERS)}
+
+
+def mixed_batch_sizes(rows: int, messages: int) -> list[int]:
+    """Sizes of ``messages`` batches holding ``rows`` rows: equal, the first ``rows mod messages`` one larger."""
+    if messages < 1 or rows < messages:
+        raise ValueError(f"cannot split {rows} rows into {messages} non-empty batches")
+    base, extra = divmod(rows, messages)
+    return [base + 1] * extra + [base] * (messages - extra)
+
+
+def concat_payloads(payloads: list[Payload]) -> Payload:
+    """The rows of several payloads as one (N = Σ B_i rows, in order); they must agree on every public field."""
+    first = payloads[0]
+    for p in payloads[1:]:
+        for name, same in (
+            ("kind", p.kind == first.kind),
+            ("tensor dtype and image shape", p.tensor.dtype == first.tensor.dtype and p.tensor.shape[1:] == first.tensor.shape[1:]),
+            ("label (sent or not)", (p.label is None) == (first.label is None)),
+            ("noise (sent or not)", (p.noise is None) == (first.noise is None)),
+            ("quantisation scale and offset", p.scale == first.scale and p.offset == first.offset),
+        ):
+            if not same:
+                raise ValueError(f"id-free relay: the payloads of a round differ in their {name}; they cannot share a batch")
+    cat = lambda name: None if getattr(first, name) is None else torch.cat([getattr(p, name) for p in payloads])  # noqa: E731
+    return dataclasses.replace(first, t=cat("t"), tensor=cat("tensor"), label=cat("label"), noise=cat("noise"))
+
+
+def take_rows(payload: Payload, rows: torch.Tensor, client_id: int, step: int) -> Payload:
+    pick = lambda v: None if v is None else v[rows]  # noqa: E731
+    return dataclasses.replace(payload, client_id=client_id, step=step, t=payload.t[rows], tensor=payload.tensor[rows],
+                               label=pick(payload.label), noise=pick(payload.noise))
 
 
 class IdFree(ReleaseHook):
+    """A mixing relay: each round's payloads pooled, shuffled and re-batched to one size (see the module doc)."""
+
     name = "minimize:id-free"
 
     def transform(self, payload: Payload, generator: torch.Generator) -> Payload:
         return dataclasses.replace(payload, client_id=ANONYMOUS_SENDER)
 
+    def mix_round(self, payloads, round_index: int, generator: torch.Generator) -> list[Delivery] | None:
+        """(B_1..B_m payloads of a round) → m messages of the pooled rows in a uniformly random order.
+
+        Row order and the row → message assignment are one ``torch.randperm`` of the round's
+        rows (the core's relay stream), so nothing a message carries depends on who sent its
+        rows beyond the round's composition. Every message's step is ``round_index``.
+        """
+        payloads = list(payloads)
+        if not payloads:
+            return []
+        pooled = concat_payloads(payloads)
+        order = torch.randperm(len(pooled), generator=generator)
+        out, start = [], 0
+        for size in mixed_batch_sizes(len(pooled), len(payloads)):
+            rows = order[start:start + size]
+            start += size
+            out.append(Delivery(take_rows(pooled, rows, ANONYMOUS_SENDER, round_index), rows))
+        return out
+
     def describe(self) -> dict[str, Any]:
-        return {"name": self.name, "sender": ANONYMOUS_SENDER, "threats": list(THREATS)}
+        return {"name": self.name, "sender": ANONYMOUS_SENDER, "relay": "round-mixed, one batch size, step = round",
+                "threats": list(COVERS)}
 
 
 # ---------- specs ----------
@@ -139,7 +205,8 @@ class MinimizeSpec:
     mode: str
     bits: int | None = None
     name: str = NAME
-    threats: tuple[str, ...] = THREATS
+    threats: tuple[str, ...] = COVERS
+    acts_on_training = False  # not a field: a release-side defense (it acts on payloads)
 
     @classmethod
     def parse(cls, raw: Mapping[str, Any], where: str) -> "MinimizeSpec":
@@ -181,7 +248,20 @@ MODES.register("fp16", _quantize)
 MODES.register("int8", _quantize)
 MODES.register("k-bit", _quantize)
 MODES.register("no-labels", lambda spec, config: NoLabels())
-MODES.register("id-free", lambda spec, config: IdFree())
+def _id_free(spec: MinimizeSpec, config) -> ReleaseHook:
+    payload_kind = config.training.payload
+    coded = [d for d in (config.defenses or []) if isinstance(d, Mapping) and d.get("name") == NAME
+             and d.get("mode") in ("int8", "k-bit")]
+    if coded and payload_kind != "cut":
+        raise ConfigError(
+            f"minimize id-free with an integer quantiser ({coded[0]['mode']}) needs training.payload 'cut' "
+            f"(got {payload_kind!r}): each batch's code range depends on its t, so the payloads of a round "
+            "cannot be mixed into one batch; use fp16, or payload 'cut'"
+        )
+    return IdFree()
+
+
+MODES.register("id-free", _id_free)
 
 
 def build(spec: MinimizeSpec, config) -> ReleaseHook:

@@ -20,11 +20,12 @@ import torch
 
 from collafuse.errors import ConfigError
 from collafuse.hooks import ReleaseHook
+from collafuse.threats import check_threats
 
-from .registry import check_keys, number
+from .validate import check_keys, number
 
 NAME = "payload-clip"
-THREATS: tuple[str, ...] = ("T1", "T2")
+COVERS: tuple[str, ...] = check_threats(("T1", "T2"), NAME)  # the threats this defense addresses (coverage map)
 
 
 def clip_images(x0: torch.Tensor, clip_norm: float, center: float = 0.0) -> torch.Tensor:
@@ -44,7 +45,8 @@ class PayloadClipSpec:
     clip_norm: float
     center: float = 0.0
     name: str = NAME
-    threats: tuple[str, ...] = THREATS
+    threats: tuple[str, ...] = COVERS
+    acts_on_training = False  # not a field: a release-side defense (it acts on payloads)
 
     @classmethod
     def parse(cls, raw: Mapping[str, Any], where: str) -> "PayloadClipSpec":
@@ -70,7 +72,7 @@ class PayloadClip(ReleaseHook):
         return clip_images(x0, self.clip_norm, self.center)
 
     def describe(self) -> dict[str, Any]:
-        return {"name": self.name, "C": self.clip_norm, "center": self.center, "threats": list(THREATS)}
+        return {"name": self.name, "C": self.clip_norm, "center": self.center, "threats": list(COVERS)}
 
 
 def build(spec: PayloadClipSpec, config) -> PayloadClip:

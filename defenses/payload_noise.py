@@ -25,13 +25,14 @@ import torch
 
 from collafuse.errors import ConfigError
 from collafuse.hooks import ReleaseHook
-from collafuse.protocol import Payload
+from collafuse.payload import Payload
 from collafuse.schedule import NoiseSchedule
+from collafuse.threats import check_threats
 
-from .registry import check_keys, number
+from .validate import check_keys, number
 
 NAME = "payload-noise"
-THREATS: tuple[str, ...] = ("T1", "T2")
+COVERS: tuple[str, ...] = check_threats(("T1", "T2"), NAME)  # the threats this defense addresses (coverage map)
 
 
 def noised_step(alpha_bar: torch.Tensor, t: int, sigma: float) -> int:
@@ -66,7 +67,8 @@ class PayloadNoiseSpec:
 
     sigma: float
     name: str = NAME
-    threats: tuple[str, ...] = THREATS
+    threats: tuple[str, ...] = COVERS
+    acts_on_training = False  # not a field: a release-side defense (it acts on payloads)
 
     @classmethod
     def parse(cls, raw: Mapping[str, Any], where: str) -> "PayloadNoiseSpec":
@@ -108,7 +110,7 @@ class PayloadNoise(ReleaseHook):
         return dataclasses.replace(payload, tensor=out, t=t_new)
 
     def describe(self) -> dict[str, Any]:
-        info: dict[str, Any] = {"name": self.name, "sigma": self.sigma, "threats": list(THREATS)}
+        info: dict[str, Any] = {"name": self.name, "sigma": self.sigma, "threats": list(COVERS)}
         if self.t_c is not None:
             t_prime = self.release_step(self.t_c)
             info.update(t_c=self.t_c, t_release=t_prime, sigma_effective=effective_sigma(self.schedule.alpha_bar, self.t_c, t_prime))

@@ -22,6 +22,19 @@ def _one_thread():
         yield
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _private_cache(tmp_path_factory):
+    """Point ``$COLLAFUSE_CACHE`` (the attacker denoiser, the audit cache) at a session temp folder.
+
+    Without it a command run without ``--cache`` writes into ``~/.cache/collafuse``. Set in
+    ``os.environ`` so that subprocesses (``collafuse audit`` in the end-to-end tests) inherit it;
+    a test's own ``monkeypatch.setenv`` still wins and is undone after it.
+    """
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("COLLAFUSE_CACHE", str(tmp_path_factory.mktemp("collafuse-cache")))
+        yield
+
+
 def tiny_config_dict(**overrides) -> dict:
     """A config that trains in about a second: 128 digits, 2 clients, T = 50, tiny UNets."""
     base = {

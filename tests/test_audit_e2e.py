@@ -51,7 +51,7 @@ def quick_audit(tmp_path_factory, audit_cache) -> tuple[Path, subprocess.Complet
 
 
 def test_quick_audit_writes_table_report_and_verdict(quick_audit):
-    out, proc, seconds = quick_audit
+    out, proc, _ = quick_audit
     assert proc.returncode in (0, 1), proc.stderr[-2000:]
     meta = json.loads((out / "audit.json").read_text())
     assert (proc.returncode == 0) == (meta["verdict"]["status"] == "pass")
@@ -70,7 +70,7 @@ def test_quick_audit_writes_table_report_and_verdict(quick_audit):
     assert len(csv) == len(rows) and list(csv["metric"]) == [r["metric"] for r in rows]
     for name in ("report.html", "report.md"):
         assert (out / name).stat().st_size > 1000
-    assert seconds < 240, f"the quick audit took {seconds:.0f} s (target: 2 min on a quiet machine)"
+    # Its wall time (target: 2 min on a quiet machine) is measured by benchmarks/perf_audit.py, not asserted.
 
 
 def test_quick_audit_finds_leakage_where_it_is_certain(quick_audit):
@@ -178,6 +178,35 @@ def test_killed_sweep_resumes_without_losing_or_repeating_cells(quick_audit, aud
     assert sweep == {"cells": QUICK_CELLS, "computed": QUICK_CELLS - finished, "reused": finished}
     assert load_rows(resumed) == load_rows(out)
     assert not list(resumed.rglob("*.partial-*"))
+    assert "taking over the stale lock" in again.stderr  # the killed sweep could not release its lock
+    assert not (resumed / ".lock").exists()
+
+
+def test_a_second_audit_on_a_running_audits_folder_is_refused_and_sigterm_cleans_up(audit_cache, tmp_path):
+    """Two audits on one --out would compute every cell twice: the second is refused (one line, exit 2).
+    SIGTERM then ends the first with exit 143 (128 + 15), its lock released and no temporaries left."""
+    out = tmp_path / "busy"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    first = subprocess.Popen([sys.executable, "-m", "collafuse.cli", "audit", "--quick", "--out", str(out),
+                              "--cache", str(audit_cache), "--jobs", "2", "--quiet"],
+                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and first.poll() is None:
+        if (out / "cells").is_dir() and len(list((out / "cells").glob("*.json"))) >= 1:
+            break
+        time.sleep(0.05)
+    assert first.poll() is None, "the first audit finished before the second started"
+    assert (out / ".lock").read_text().split()[0] == str(first.pid)
+    second = collafuse("audit", "--quick", "--out", str(out), "--cache", str(audit_cache), "--quiet")
+    assert second.returncode == 2 and second.stderr.count("\n") == 1, second.stderr[-2000:]
+    assert f"in use by another collafuse process (pid {first.pid})" in second.stderr
+    assert first.poll() is None, "the first audit finished while the second was refused"
+    first.send_signal(signal.SIGTERM)
+    _, stderr = first.communicate(timeout=120)
+    assert first.returncode == 143, stderr[-2000:]
+    assert "terminated (SIGTERM); finished cells are kept" in stderr
+    assert not (out / ".lock").exists() and not list(out.rglob("*.partial-*"))
+    assert not list(audit_cache.rglob("*.partial-*"))
 
 
 def test_ray_backend_gives_the_same_table(quick_audit, audit_cache, tmp_path):

@@ -172,3 +172,35 @@ def test_inception_fid_needs_its_optional_wheel(tmp_path, monkeypatch):
     cells = load_grid(write(tmp_path, "g.yaml", grid)).cells()
     assert cells[-1].inception_fid and cells[-1].to_json()["inception_fid"] is True
     assert "inception_fid" not in cells[0].to_json()  # off: the key is absent, older hashes stay valid
+
+
+def test_verdict_compares_the_recommendation_with_training_alone(tmp_path):
+    """Issue 11 item 7: the verdict says what the recommended split saves against local-only training (c = 1)
+    and what it costs in sample quality; the baselines are marked as such."""
+    grid = {**GRID, "payload_curve": {}, "systems": {**GRID["systems"], "cut_ratios": [0.0, 0.5, 1.0]}}
+    cells = load_grid(write(tmp_path, "g.yaml", grid)).cells()
+    assert [c.baseline for c in cells] == ["central", None, "local-only"]
+    reid = {0.0: 1.0, 0.5: 0.03, 1.0: 0.0}
+    gflops = {0.0: 0.0, 0.5: 0.6, 1.0: 0.8}
+    accuracy = {0.0: 0.9, 0.5: 0.6, 1.0: 0.7}
+    df = pd.concat([_rows(c, [("T1", "payload", "oracle", "reid_pool", reid[c.cut_ratio], None, None),
+                              ("cost", "clients", "count", "client_gflops_sample", gflops[c.cut_ratio], None, None),
+                              ("utility", "pooled", "classifier-features", "accuracy", accuracy[c.cut_ratio], None, None)])
+                    for c in cells], ignore_index=True)
+    policy = parse_policy({"limits": {"T1": {"reid_pool": {"max": 0.05}}}})
+    _, decision = verdict(policy, cells, df)
+    assert decision["recommendation"]["cut_ratio"] == 0.5
+    cmp = decision["recommendation"]["against_local_only"]
+    assert math.isclose(cmp["saved_fraction"], 0.25) and cmp["accuracy"] == 0.6 and cmp["baseline_accuracy"] == 0.7
+    assert "saves 25% of the client compute" in decision["text"] and "sample accuracy 0.60 vs 0.70" in decision["text"]
+    # Without a local-only cell in the grid the verdict says there is nothing to compare with.
+    _, alone = verdict(policy, cells[:2], df)
+    assert "no local-only baseline" in alone["text"]
+    # When only training alone passes, the verdict says so.
+    _, only = verdict(parse_policy({"limits": {"T1": {"reid_pool": {"max": 0.001}}}}), cells, df)
+    assert only["recommendation"]["cut_ratio"] == 1.0 and "That is training alone" in only["text"]
+
+
+def test_default_grid_holds_both_baselines():
+    cells = load_grid(None).cells()
+    assert {c.baseline for c in cells if c.baseline} == {"central", "local-only"}

@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from collafuse.attacks.stats import wilson_interval
+from collafuse.benchmarks.audit import costs as K
 from collafuse.benchmarks.audit import utility as U
 from collafuse.config import DEFAULT_CONFIG, ModelConfig, replace
 from collafuse.data import load_digits16
@@ -174,12 +175,13 @@ def _cfg(**sections):
 
 
 def test_costs_are_all_server_at_c0_and_all_client_at_c1():
-    central = U.compute_costs(_cfg(diffusion={"cut_ratio": 0.0}))
+    central = K.compute_costs(_cfg(diffusion={"cut_ratio": 0.0}))
     for key in ("client_eval_share_train", "client_flops_share_train", "client_eval_share_sample",
                 "client_flops_share_sample", "client_gflops_train_per_image_epoch", "client_gflops_sample"):
         assert central[key] == 0.0, key
-    assert central["payload_bytes_per_image_epoch"] > 0  # raw images cross at c = 0
-    local = U.compute_costs(_cfg(diffusion={"cut_ratio": 1.0}))
+    # Raw images cross at c = 0: one 16×16 float32 image, its int64 t and int64 label per image and epoch.
+    assert central["payload_bytes_per_image_epoch"] == 16 * 16 * 4 + 8 + 8
+    local = K.compute_costs(_cfg(diffusion={"cut_ratio": 1.0}))
     for key in ("client_eval_share_train", "client_flops_share_train", "client_eval_share_sample",
                 "client_flops_share_sample"):
         assert local[key] == 1.0, key
@@ -211,7 +213,7 @@ def test_sample_evaluations_equal_hand_counts_and_what_the_sampler_runs(
 ):
     cfg = _cfg(conditional=conditional, diffusion={"T": 10, "cut_ratio": cut},
                sampling={"sampler": sampler, "steps": steps, "guidance": guidance})
-    costs = U.compute_costs(cfg)
+    costs = K.compute_costs(cfg)
     assert (costs["server_evals_sample"], costs["client_evals_sample"]) == (server, client)
     assert costs["client_eval_share_sample"] == pytest.approx(client / (client + server))
 
@@ -237,9 +239,9 @@ def test_sample_evaluations_equal_hand_counts_and_what_the_sampler_runs(
 
 def test_training_shares_and_dp_multiplicity():
     cfg = _cfg(diffusion={"cut_ratio": 0.5})
-    costs = U.compute_costs(cfg)
-    f_c = U.denoiser_flops(cfg.client_model, 1, 16, 1)
-    f_s = U.denoiser_flops(cfg.server_model, 1, 16, 1)
+    costs = K.compute_costs(cfg)
+    f_c = K.denoiser_flops(cfg.client_model, 1, 16, 1)
+    f_s = K.denoiser_flops(cfg.server_model, 1, 16, 1)
     assert costs["client_eval_share_train"] == 0.5
     assert costs["client_flops_share_train"] == pytest.approx(f_c / (f_c + f_s))
     assert costs["client_gflops_train_per_image_epoch"] == pytest.approx(3 * f_c / 1e9)
@@ -247,12 +249,12 @@ def test_training_shares_and_dp_multiplicity():
     dp = _cfg(diffusion={"cut_ratio": 0.5}, defenses=[{"name": "dp-sgd", "target": "clients", "sigma": 1.0, "multiplicity": 4}])
     from collafuse.defenses import parse_specs
 
-    assert parse_specs(dp.defenses)[0].multiplicity == 4  # the key name compute_costs reads
-    dpc = U.compute_costs(dp)
+    assert parse_specs(dp.defenses)[0].multiplicity == 4
+    dpc = K.compute_costs(dp)
     assert dpc["client_eval_share_train"] == pytest.approx(0.8)
     assert dpc["client_gflops_train_per_image_epoch"] == pytest.approx(4 * 3 * f_c / 1e9)
     assert dpc["client_eval_share_sample"] == costs["client_eval_share_sample"]  # sampling is unchanged
-    both = U.compute_costs(_cfg(diffusion={"cut_ratio": 0.5}, defenses=[{"name": "dp-sgd", "sigma": 1.0, "multiplicity": 3}]))
+    both = K.compute_costs(_cfg(diffusion={"cut_ratio": 0.5}, defenses=[{"name": "dp-sgd", "sigma": 1.0, "multiplicity": 3}]))
     assert both["client_eval_share_train"] == 0.5
 
 
@@ -280,7 +282,7 @@ def test_payload_bytes_equal_the_wire_bytes_of_a_real_release(sections):
                     release_hooks=hooks.release, send_labels=cfg.conditional)
     x0 = torch.rand(3, 1, 16, 16) * 2 - 1
     payload = client.release(x0, torch.tensor([1, 2, 3]), torch.arange(3), 0)
-    costs = U.compute_costs(cfg)
+    costs = K.compute_costs(cfg)
     assert costs["payload_bytes_per_image_epoch"] == int(payload.row_wire_bytes()[0])
     # The hand-off step: what the core derives from the release hooks.
     t_hand = cfg.t_c
@@ -302,11 +304,11 @@ def test_denoiser_flops_match_a_hand_count():
         + conv(w, c, 3)                                        # output conv
     )
     model = ModelConfig(channels=(w,), time_dim=e, groups=8)
-    assert U.denoiser_flops(model, c, h, 0) == expected
+    assert K.denoiser_flops(model, c, h, 0) == expected
     # The class embedding is a lookup: no FLOPs counted.
-    assert U.denoiser_flops(model, c, h, 10) == expected
+    assert K.denoiser_flops(model, c, h, 10) == expected
     # Convolutions dominate: twice the width costs nearly four times as much.
-    wide = U.denoiser_flops(ModelConfig(channels=(2 * w,), time_dim=e, groups=8), c, h, 0)
+    wide = K.denoiser_flops(ModelConfig(channels=(2 * w,), time_dim=e, groups=8), c, h, 0)
     assert 3.5 < wide / expected < 4.0
 
 
@@ -409,7 +411,7 @@ def test_sample_utility_on_real_digits_and_noise():
 def test_payload_noise_past_T_is_refused_like_the_defense():
     cfg = _cfg(diffusion={"T": 100, "cut_ratio": 0.9}, defenses=[{"name": "payload-noise", "sigma": 100.0}])
     with pytest.raises(ConfigError, match="payload-noise"):
-        U.compute_costs(cfg)
+        K.compute_costs(cfg)
 
 
 @pytest.mark.slow

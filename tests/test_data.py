@@ -75,3 +75,98 @@ def test_partition_errors():
         partition(30, None, 2, "label", g)
     with pytest.raises(DataError, match="cannot cover 10 classes"):
         partition(100, torch.arange(100) % 10, 2, "label", g, labels_per_client=2)
+
+
+# ----------------------------------------------------------------------------- issue 11: hostile data files
+
+
+def _npz_with_header(path, name, real, claimed, **others):
+    """A .npz whose array ``name`` holds ``real`` but whose header claims shape ``claimed``."""
+    import io
+    import struct
+    import zipfile
+
+    with zipfile.ZipFile(path, "w") as z:
+        for key, arr in {**others, name: real}.items():
+            buf = io.BytesIO()
+            np.lib.format.write_array(buf, arr)
+            raw = buf.getvalue()
+            if key == name:
+                body = raw[10 + struct.unpack("<H", raw[8:10])[0]:]
+                header = repr({"descr": np.lib.format.dtype_to_descr(arr.dtype), "fortran_order": False, "shape": claimed})
+                header += " " * ((64 - (10 + len(header) + 1) % 64) % 64) + "\n"
+                raw = raw[:8] + struct.pack("<H", len(header)) + header.encode("latin1") + body
+            z.writestr(f"{key}.npy", raw)
+    return path
+
+
+def test_npz_header_claiming_10_to_the_13_labels_is_refused_unread(tmp_path):
+    from collafuse.data import load_npz
+
+    images = np.random.default_rng(0).random((8, 8, 8)).astype(np.float32)
+    path = _npz_with_header(tmp_path / "d.npz", "labels", np.zeros(8, np.int64), (10**13,), images=images)
+    with pytest.raises(DataError, match="'labels' of shape \\(10000000000000,\\) would take"):
+        load_npz(path, 1, 8)
+    path = _npz_with_header(tmp_path / "e.npz", "images", images, (8000, 8, 8))
+    with pytest.raises(DataError, match="truncated or corrupt"):
+        load_npz(path, 1, 8)
+
+
+def test_npz_of_pickled_objects_or_not_an_npz_is_refused(tmp_path):
+    from collafuse.data import load_npz
+
+    np.savez(tmp_path / "p.npz", images=np.array([{"x": 1}, None], dtype=object))
+    with pytest.raises(DataError, match="pickled Python objects"):
+        load_npz(tmp_path / "p.npz", 1, 8)
+    np.save(tmp_path / "plain.npy", np.zeros((4, 8, 8)))
+    with pytest.raises(DataError, match="not a readable .npz"):
+        load_npz(tmp_path / "plain.npy", 1, 8)
+    np.savez(tmp_path / "c.npz", images=np.zeros((4, 8, 8), complex))
+    with pytest.raises(DataError, match="numeric"):
+        load_npz(tmp_path / "c.npz", 1, 8)
+    np.savez(tmp_path / "l.npz", images=np.zeros((4, 8, 8)), labels=np.array([0, 1, 2, 10**12]))
+    with pytest.raises(DataError, match="at most 10000 classes"):
+        load_npz(tmp_path / "l.npz", 1, 8)
+
+
+def test_channel_first_npz_names_the_layout_and_the_fix(tmp_path):
+    from collafuse.data import load_npz
+
+    np.savez(tmp_path / "cf.npz", images=np.random.default_rng(0).random((10, 1, 16, 16)).astype(np.float32))
+    with pytest.raises(DataError) as info:
+        load_npz(tmp_path / "cf.npz", 1, 16)
+    message = str(info.value)
+    assert "channel-first (N, C, H, W)" in message and "channel-last (N, H, W, C)" in message
+    assert "images.transpose(0, 2, 3, 1)" in message and "(10, 16, 16, 1)" in message
+    np.savez(tmp_path / "rgb.npz", images=np.zeros((10, 3, 8, 8), np.uint8))
+    with pytest.raises(DataError, match="channel-first"):
+        load_npz(tmp_path / "rgb.npz", 3, 8)
+    np.savez(tmp_path / "hw3.npz", images=np.zeros((10, 8, 8, 3), np.uint8))
+    with pytest.raises(DataError, match="3 channel\\(s\\) but the config says channels=1"):
+        load_npz(tmp_path / "hw3.npz", 1, 8)
+
+
+def _png_claiming(width: int, height: int) -> bytes:
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+
+
+@pytest.mark.parametrize("side, phrase", [(20000, "decompression bomb"), (10000, "decompression bomb"),
+                                          (6000, "too large to load")])
+def test_huge_png_is_a_data_error_without_a_warning(side, phrase, tmp_path, recwarn):
+    (tmp_path / "big.png").write_bytes(_png_claiming(side, side))
+    with pytest.raises(DataError, match=phrase):
+        load_folder(tmp_path, 1, 8)
+    assert not [w for w in recwarn if "DecompressionBomb" in type(w.message).__name__]
+
+
+def test_truncated_png_is_a_data_error(tmp_path):
+    (tmp_path / "t.png").write_bytes(_png_claiming(64, 64))
+    with pytest.raises(DataError, match="not a readable image"):
+        load_folder(tmp_path, 1, 8)

@@ -5,12 +5,11 @@ import math
 
 import numpy as np
 import pytest
-import torch
 from scipy.stats import norm
 
 from collafuse.defenses.accounting import (
-    calibrate_noise_multiplier, composed_release_epsilon, dpsgd_epsilon, gaussian_delta, gaussian_epsilon,
-    l2_sensitivity, poisson_release_epsilon, release_epsilon, release_mu,
+    calibrate_noise_multiplier, compose_gaussian_mu, composed_release_epsilon, dpsgd_epsilon, gaussian_delta,
+    gaussian_epsilon, l2_sensitivity, mixture_delta, poisson_release_epsilon, release_epsilon, release_mu,
 )
 from collafuse.defenses.guarantees import payload_guarantee
 from collafuse.schedule import NoiseSchedule
@@ -123,4 +122,134 @@ def test_calibrated_sigma_reaches_the_target_with_opacus():
     assert eps <= 8.0 and eps > 7.5
     with pytest.raises(ValueError):
         calibrate_noise_multiplier(-1.0, DELTA, 0.25, 40, "rdp")
-    assert np.isfinite(dpsgd_epsilon([(1.0, 0.1, 100)], DELTA, "prv"))
+
+
+# ----------------------------------------------------------------------------- golden numbers
+# Computed once with this code and cross-checked independently (see each test). The
+# tolerance is far below any modelling change and far above float64 / root-finder noise
+# (brentq runs to xtol 1e-12 for one release, 1e-10 for the Poisson mixture).
+
+
+@pytest.mark.parametrize(
+    "epsilon, mu, expected",
+    # δ(ε; μ) = Φ(μ/2 − ε/μ) − e^ε Φ(−μ/2 − ε/μ): matched by mpmath at 60 digits to 3e-15
+    # relative, and by scipy's plain norm.cdf form of Balle & Wang (2018, Thm 8).
+    [(0.0, 1.0, 0.3829249225480263), (1.0, 1.0, 0.12693673750664392), (2.0, 1.7, 0.2142165523923298),
+     (10.0, 3.0, 0.018589514315857855), (0.5, 0.5, 0.05244032328766968)],
+)
+def test_gaussian_delta_golden(epsilon, mu, expected):
+    assert gaussian_delta(epsilon, mu) == pytest.approx(expected, rel=1e-9)
+
+
+def test_gaussian_delta_at_zero_epsilon_is_the_total_variation():
+    # δ(0; μ) = Φ(μ/2) − Φ(−μ/2) = 2Φ(μ/2) − 1: an independent closed form.
+    for mu in (0.1, 1.0, 4.0):
+        assert gaussian_delta(0.0, mu) == pytest.approx(2 * norm.cdf(mu / 2) - 1, rel=1e-12)
+
+
+@pytest.mark.parametrize(
+    "mu, expected",
+    # The root of δ(ε; μ) = 1e-5, by 200-step bisection in mpmath (60 digits): agreement to 8e-14.
+    [(0.3, 1.1317748966409809), (1.0, 4.377178095681427), (5.0, 33.10373233592253), (95.0, 4916.686455135372)],
+)
+def test_gaussian_epsilon_golden(mu, expected):
+    assert gaussian_epsilon(mu, DELTA) == pytest.approx(expected, rel=1e-9)
+
+
+@pytest.mark.parametrize(
+    "schedule, t, mu, epsilon, mu_clip2",
+    # μ = 2·a_t·16/s_t (no clipping, d = 256) and 2·a_t·2/s_t (C = 2); the mpmath schedule gives the same μ to 4e-16.
+    [
+        (COSINE, 200, 95.3162063580241, 4948.124567527727, 11.914525794753013),
+        (COSINE, 900, 5.027816498051605, 33.360810815324335, 0.6284770622564506),
+        (COSINE, 990, 0.4987446352801831, 1.9875045480863673, 0.062343079410022886),
+        (LINEAR, 800, 1.253501902918978, 5.698328167487846, 0.15668773786487225),
+    ],
+)
+def test_release_mu_and_epsilon_golden(schedule, t, mu, epsilon, mu_clip2):
+    a, s = schedule.a(t), schedule.s(t)
+    assert release_mu(a, s, D16) == pytest.approx(mu, rel=1e-12)
+    assert release_mu(a, s, D16) == pytest.approx(2 * a * 16 / s, rel=1e-15)
+    assert release_mu(a, s, D16, clip_norm=2.0) == pytest.approx(mu_clip2, rel=1e-12)
+    assert release_epsilon(a, s, D16, DELTA) == pytest.approx(epsilon, rel=1e-9)
+
+
+def test_composition_golden():
+    mu = release_mu(COSINE.a(900), COSINE.s(900), D16)
+    # Independent: the mpmath root at μ√k (33.36081081532426, 92.61169726735967, 923.5168360050002).
+    for k, expected in ((1, 33.360810815324335), (4, 92.61169726735967), (60, 923.5168360050125)):
+        assert composed_release_epsilon(mu, k, DELTA) == pytest.approx(expected, rel=1e-9)
+    assert compose_gaussian_mu([0.3, 0.4, 1.2]) == pytest.approx(1.3, rel=1e-15)  # √(0.09 + 0.16 + 1.44)
+
+
+def test_rdp_golden_against_the_closed_form_at_sample_rate_one():
+    # At q = 1 the RDP of k Gaussian steps is k·α/(2σ²) and Opacus converts with
+    # ε = min_α rdp(α) − (log δ + log α)/(α − 1) + log((α − 1)/α) over its default orders:
+    # recomputed here in numpy, independently of Opacus.
+    mu = release_mu(COSINE.a(900), COSINE.s(900), D16)
+    alphas = np.array([1 + x / 10.0 for x in range(1, 100)] + list(range(12, 64)), dtype=float)
+    for k, expected in ((1, 35.34674582023217), (4, 96.95312463929572)):
+        rdp = k * alphas * mu * mu / 2
+        by_hand = float(np.min(rdp - (np.log(DELTA) + np.log(alphas)) / (alphas - 1) + np.log((alphas - 1) / alphas)))
+        assert by_hand == pytest.approx(expected, rel=1e-12)
+        assert dpsgd_epsilon([(1.0 / mu, 1.0, k)], DELTA, "rdp") == pytest.approx(expected, rel=1e-9)
+
+
+def test_dpsgd_epsilon_golden():
+    # Opacus' own accountants (opacus 1.6.0), pinned so that a changed history (σ, q, steps) or
+    # accountant wiring shows. Subsampled RDP and PRV have no independent closed form here; a new
+    # Opacus release may move them and must then be re-pinned deliberately.
+    assert dpsgd_epsilon([(1.0, 0.01, 1000)], DELTA, "rdp") == pytest.approx(2.1013652716430564, rel=1e-9)
+    assert dpsgd_epsilon([(1.1, 0.25, 40)], DELTA, "rdp") == pytest.approx(10.686809130199526, rel=1e-9)
+    assert dpsgd_epsilon([(1.0, 0.1, 100)], DELTA, "prv") == pytest.approx(7.057056439561377, rel=1e-9)
+    assert dpsgd_epsilon([(1.0, 0.01, 1000)], DELTA, "prv") == pytest.approx(1.838371637017295, rel=1e-9)
+    # PRV is the tighter accountant on the same history.
+    assert dpsgd_epsilon([(1.0, 0.01, 1000)], DELTA, "prv") < dpsgd_epsilon([(1.0, 0.01, 1000)], DELTA, "rdp")
+    assert dpsgd_epsilon([], DELTA, "rdp") == 0.0
+
+
+def test_poisson_release_golden():
+    # Independent: Σ_r Binom(r; n, q)·δ_G(ε; μ√r) = 1e-5 solved by bisection in mpmath (60 digits):
+    # 62.61606412159005, 9.997251544980928, 8.16969437482247 (agreement to 2e-12).
+    assert poisson_release_epsilon(2.0, 40, 0.25, DELTA) == pytest.approx(62.616064121590064, rel=1e-9)
+    assert poisson_release_epsilon(2.0, 40, 0.25, DELTA, single_release=True) == pytest.approx(9.997251545002033, rel=1e-9)
+    assert poisson_release_epsilon(1.0, 10, 0.1, DELTA) == pytest.approx(8.169694374811934, rel=1e-9)
+    assert poisson_release_epsilon(2.0, 10, 1.0, DELTA) == pytest.approx(46.21121019121809, rel=1e-9)
+    # mixture δ at ε = 3, μ = 1, P(r) = (1/4, 1/2, 1/4): ½δ_G(3; 1) + ¼δ_G(3; √2) (mpmath: 0.00868664123114719).
+    assert mixture_delta(3.0, 1.0, [0.25, 0.5, 0.25]) == pytest.approx(0.0086866412311472, rel=1e-9)
+
+
+@pytest.mark.parametrize(
+    "kwargs, t_release, per_release, epsilon",
+    # Cosine T = 1000, t_c = 200, cut payloads, 16×16, 60 epochs, δ = 1e-5. Cross-checked end to end in
+    # mpmath: ᾱ from the definition, t' = the first step with ᾱ_t' ≤ ᾱ_200/(1 + σ²) (351 for σ = 0.5,
+    # 720 for σ = 2), μ = 2a·min(C, 16)/s, ε the root at μ√60 (or μ for one release): agreement to 1e-14.
+    [
+        ({}, 200, 4948.124567527727, 275703.2165048404),
+        ({"noise_sigma": 0.5}, 351, 1523.6006486984452, 80080.52992704316),
+        ({"noise_sigma": 2.0}, 720, 174.11904445543755, 7173.126173173642),
+        ({"clip_norm": 2.0}, 200, 120.93833886422675, 4651.3049241968),
+        ({"single_release": True}, 200, 4948.124567527727, 4948.124567527727),
+    ],
+)
+def test_payload_guarantee_golden(kwargs, t_release, per_release, epsilon):
+    g = payload_guarantee(COSINE, 200, "cut", D16, 60, **kwargs)
+    assert g.t_release == t_release
+    assert g.per_release_epsilon == pytest.approx(per_release, rel=1e-9)
+    assert g.epsilon == pytest.approx(epsilon, rel=1e-9)
+
+
+def test_payload_guarantee_golden_high_cut_trajectory_and_poisson():
+    high = payload_guarantee(COSINE, 900, "cut", D16, 60)
+    assert high.t_release == 900 and high.mu_per_release == pytest.approx(5.027816498051605, rel=1e-12)
+    assert high.sensitivity == pytest.approx(4.966882877564958, rel=1e-12)
+    assert high.epsilon == pytest.approx(923.5168360050125, rel=1e-9)
+    # Trajectory: counted at t_c + 1 = 201 (mpmath: μ = 94.82581331846558, ε = 272889.68635202426).
+    traj = payload_guarantee(COSINE, 200, "trajectory", D16, 60)
+    assert traj.t_release == 201 and traj.mu_per_release == pytest.approx(94.8258133184655, rel=1e-12)
+    assert traj.epsilon == pytest.approx(272889.6863520239, rel=1e-9)
+    # Poisson loader: the worst client over (rounds, q) is reported.
+    pois = payload_guarantee(COSINE, 900, "cut", D16, 60, poisson_rounds=[(40, 0.25), (20, 0.5)])
+    assert pois.epsilon == pytest.approx(311.8842342264554, rel=1e-9)
+    assert pois.epsilon == pytest.approx(max(poisson_release_epsilon(high.mu_per_release, 40, 0.25, DELTA),
+                                             poisson_release_epsilon(high.mu_per_release, 20, 0.5, DELTA)), rel=1e-12)

@@ -9,8 +9,8 @@ import yaml
 
 from collafuse.cli import main
 from collafuse.defenses import DEFENSES, build_hooks, coverage, parse_specs, uncovered_threats
-from collafuse.defenses.registry import Registry
 from collafuse.errors import ConfigError
+from collafuse.registry import Registry
 
 from conftest import tiny_config, tiny_config_dict
 
@@ -23,7 +23,7 @@ from conftest import tiny_config, tiny_config_dict
         ({"name": "payload-clip", "C": -2}, "C must be > 0"),
         ({"name": "dp-sgd", "C": 0, "sigma": 1.0}, "C must be > 0"),
         ({"name": "dp-sgd", "sigma": -1.0}, "sigma must be > 0"),
-        ({"name": "payload-nois", "sigma": 1.0}, "unknown defense 'payload-nois'; valid: dp-sgd, minimize, payload-clip, payload-noise"),
+        ({"name": "payload-nois", "sigma": 1.0}, "unknown defense 'payload-nois'; valid: payload-clip, payload-noise, minimize, dp-sgd"),
         ({"name": "payload-noise", "sgima": 1.0}, "unknown key 'sgima'; valid: sigma"),
         ({"name": "minimize", "mode": "int4"}, "unknown minimize mode 'int4'; valid:"),
         ({"name": "minimize", "mode": "k-bit", "bits": 12}, "bits must be <= 8"),

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -139,7 +140,7 @@ def test_dp_models_still_train_and_unwrap(dp_run):
     assert all(entry["server_loss"] is not None and entry["server_loss"] < 5 for entry in log)
 
 
-def _canary_gap(private: bool) -> float:
+def _canary_gap(private: bool, out_dir: Path) -> float:
     """How much including one outlier image ("canary") lowers the client model's loss on it: the
     signal a loss-threshold membership attack (T3) reads. Two trainings with every seed shared."""
     digits = load_digits16(1, 8)
@@ -164,7 +165,7 @@ def _canary_gap(private: bool) -> float:
         hooks = build_hooks(config.defenses, config) if private else None
         from collafuse.training import Hooks
 
-        system = train_system(config, data, splits, __import__("pathlib").Path(__import__("tempfile").mkdtemp()), hooks or Hooks(), progress=False)
+        system = train_system(config, data, splits, out_dir / f"{len(members)}", hooks or Hooks(), progress=False)
         model = system.client_models[0].eval()
         gen = torch.Generator().manual_seed(0)
         t = torch.randint(1, 15, (256,), generator=gen)
@@ -175,7 +176,7 @@ def _canary_gap(private: bool) -> float:
     return losses[1] - losses[0]  # loss without the canary − loss with it
 
 
-def test_dp_sgd_shrinks_the_membership_signal_of_a_canary():
-    plain, private = _canary_gap(False), _canary_gap(True)
+def test_dp_sgd_shrinks_the_membership_signal_of_a_canary(tmp_path):
+    plain, private = _canary_gap(False, tmp_path / "plain"), _canary_gap(True, tmp_path / "private")
     assert plain > 0.03
     assert private < plain / 4

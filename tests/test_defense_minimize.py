@@ -8,14 +8,17 @@ import math
 import pytest
 import torch
 
+from collafuse.attacks.linkage import identify_senders, score_sender_identification
 from collafuse.attacks.reconstruction.multiview import fuse
+from collafuse.attacks.reconstruction.view import ViewArrays
 from collafuse.attacks.reconstruction.oracle import posterior_log_weights
 from collafuse.data import load_digits16
 from collafuse.defenses import build_hooks
 from collafuse.defenses.minimize import (
     ANONYMOUS_SENDER, NoLabels, Quantize, expected_quantization_mse, per_image_noise, quant_range, quantize,
 )
-from collafuse.protocol import Client, Payload
+from collafuse.payload import Payload
+from collafuse.protocol import Client
 from collafuse.runs import prepare_data
 from collafuse.schedule import NoiseSchedule
 from collafuse.training import Hooks, train_system
@@ -201,13 +204,27 @@ def test_id_free_release_hides_the_sender(runs):
     assert set(rows["client"].tolist()) == {ANONYMOUS_SENDER}
     assert set(true_client.tolist()) == {0, 1}  # the audit key keeps the truth
     assert "label" not in rows
+    # Against the attack it claims to stop: sender identification from every field and the
+    # order of arrival is at chance with id-free, and exact without it (or with the field blanked only).
+    n_clients = 2
+    hidden = score_sender_identification(identify_senders(ViewArrays.from_rows(rows), n_clients), true_client, n_clients)
+    assert hidden.at_chance and hidden.accuracy.lo <= 0.5 <= hidden.accuracy.hi
+    plain = ViewArrays.from_rows(_rows_and_members(runs["plain"][0])[0])
+    plain_client = _rows_and_members(runs["plain"][0])[2]
+    assert score_sender_identification(identify_senders(plain, n_clients), plain_client, n_clients).accuracy.value == 1.0
+    blanked = ViewArrays.from_rows({**_rows_and_members(runs["plain"][0])[0],
+                                    "client": torch.full_like(plain_client, ANONYMOUS_SENDER)})
+    assert score_sender_identification(identify_senders(blanked, n_clients), plain_client, n_clients).accuracy.value >= 0.99
+    # No per-client step or order is left: one step per round, every client in it.
+    steps = rows["step"]
+    assert sorted(set(steps.tolist())) == list(range(6))  # 3 epochs × 2 rounds
+    for rnd in range(6):
+        assert torch.bincount(true_client[steps == rnd], minlength=2).tolist() == [32, 32]
     # Leakage it changes: with the sender known, re-identification only needs the sender's own images.
     run_dir, data, config = runs["plain"]
     plain_rows, plain_member, plain_client = _rows_and_members(run_dir)
     _, splits = prepare_data(config)
     sched = NoiseSchedule.create("cosine", 50)
-    a, s = sched.a(config.t_c), sched.s(config.t_c)
-    noisy = plain_rows["tensor"].double()
     # Make the channel noisy enough that the pool size matters: one view at a late step.
     t_late = 40
     gen = torch.Generator().manual_seed(0)
@@ -223,3 +240,15 @@ def test_id_free_release_hides_the_sender(runs):
     lw = posterior_log_weights(noisy / sched.a(t_late), prec, data.images[splits.members])
     hits_unknown = int((splits.members[lw.argmax(1)] == plain_member).sum())
     assert hits_known > hits_unknown
+
+
+def test_id_free_refuses_integer_codes_whose_range_differs_per_batch():
+    from collafuse.errors import ConfigError
+
+    config = tiny_config(defenses=[{"name": "minimize", "mode": "int8"}, {"name": "minimize", "mode": "id-free"}],
+                         training={"payload": "trajectory"})
+    with pytest.raises(ConfigError, match="id-free with an integer quantiser"):
+        build_hooks(config.defenses, config)
+    fp16 = tiny_config(defenses=[{"name": "minimize", "mode": "fp16"}, {"name": "minimize", "mode": "id-free"}],
+                       training={"payload": "trajectory"})
+    assert any(h.name == "minimize:id-free" for h in build_hooks(fp16.defenses, fp16).release)

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import functools
 
-import pytest
 import torch
 
 from collafuse.attacks.reconstruction.oracle import posterior_log_weights

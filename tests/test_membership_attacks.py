@@ -10,7 +10,7 @@ from sklearn.metrics import roc_auc_score
 from collafuse.attacks.membership import loss, nn_distance, pia, pian, secmi, sima
 from collafuse.attacks.membership.base import MembershipAttack, SignalSettings
 from collafuse.attacks.membership.catalog import ATTACKS
-from collafuse.attacks.membership.registry import Registry, UnknownNameError
+from collafuse.registry import Registry, UnknownNameError
 from collafuse.attacks.membership.signals import (
     ModelView, loss_target_scale, model_signal_cache, payload_signal_cache, sample_signal_cache, step_grid,
 )
@@ -93,7 +93,10 @@ def test_every_attack_declares_threats_direction_and_cost():
         a: MembershipAttack = ATTACKS.get(name)
         assert a.direction == "higher = more likely member"
         assert set(a.threats) <= {"T1", "T2", "T3", "T4"} and a.threats
-        assert a.queries_per_image(SignalSettings(), 8) >= 0
+    # Model forwards per image at M = 8 steps, K = 4 noise draws: loss M·K, SimA M, PIA/PIAN M + 1
+    # (the origin ε query), SecMI M + 1 (the chained inversion), the model-free ones none.
+    queries = {name: ATTACKS.get(name).queries_per_image(SignalSettings(n_noise=4), 8) for name in ATTACKS}
+    assert queries == {"loss": 32, "sima": 8, "pia": 9, "pian": 9, "secmi": 9, "payload-lr": 0, "nn-distance": 0}
     assert ATTACKS.get("payload-lr").threats == ("T1",) and ATTACKS.get("nn-distance").threats == ("T4",)
     assert all(ATTACKS.get(n).threats == ("T2", "T3") for n in MODEL_ATTACKS)
 

@@ -18,8 +18,9 @@ def test_clopper_pearson_closed_forms():
     # k = 0: the upper bound solves (1 − p)^n = α.
     for n, alpha in ((10, 0.05), (1000, 0.01)):
         assert clopper_pearson_upper(0, n, alpha) == pytest.approx(1 - alpha ** (1 / n), rel=1e-9)
-    # k = n − 1: P(X ≥ n−1 | p)... the bound is > (n−1)/n and < 1; k = n gives 1.
-    assert (n - 1) / n < clopper_pearson_upper(n - 1, n, 0.05) < 1.0
+    # k = n − 1: the upper bound solves P(X ≤ n−1 | p) = 1 − p^n = α, so p = (1 − α)^(1/n); k = n gives 1.
+    for n, alpha in ((10, 0.05), (1000, 0.05), (50, 0.01)):
+        assert clopper_pearson_upper(n - 1, n, alpha) == pytest.approx((1 - alpha) ** (1 / n), rel=1e-9)
     assert clopper_pearson_upper(7, 7, 0.05) == 1.0
     # Monotone in k, and always above the point estimate.
     k = np.arange(0, 51)
@@ -74,9 +75,11 @@ def test_bounds_stay_below_the_true_epsilon_and_rise_with_the_signal():
             m, n = _simulate(sigma, 20_000, seed)
             out = empirical_epsilon(m, n, delta=DELTA, alpha=0.05)
             assert out["delta"] == DELTA and out["confidence"] == 0.95 and out["caveat"]
-            assert 0.0 <= out["clopper_pearson"]["epsilon_lb"] <= true_eps
-            assert 0.0 <= out["gaussian_dp"]["epsilon_lb"] <= true_eps
-            assert out["gaussian_dp"]["mu_lb"] <= 1 / sigma
+            # Sound (never above the truth) and not vacuous: 20,000 draws per side find the signal
+            # even at σ = 4, and the Gaussian-DP form recovers most of the true ε (measured: ≥ 0.78×).
+            assert 0.0 < out["clopper_pearson"]["epsilon_lb"] <= true_eps
+            assert 0.75 * true_eps < out["gaussian_dp"]["epsilon_lb"] <= true_eps
+            assert 0.75 / sigma < out["gaussian_dp"]["mu_lb"] <= 1 / sigma
         cp.append(out["clopper_pearson"]["epsilon_lb"])
         gdp.append(out["gaussian_dp"]["epsilon_lb"])
     assert all(b > a for a, b in zip(cp, cp[1:])), cp

@@ -66,7 +66,7 @@ def test_unresolved_when_too_few_nonmembers():
     assert resolvable(100, 0.01) and not resolvable(99, 0.01)
     assert resolvable(1000, 0.001) and not resolvable(999, 0.001)
     rng = np.random.default_rng(0)
-    out = evaluate(rng.normal(1, 1, 200), rng.normal(0, 1, 200), n_boot=20)
+    out = evaluate(rng.normal(1, 1, 200), rng.normal(0, 1, 200), n_boot=20).to_json()
     assert out["tpr_at_fpr"]["0.01"]["resolved"] is True
     assert out["tpr_at_fpr"]["0.001"]["resolved"] is False
     assert "200 non-members" in out["tpr_at_fpr"]["0.001"]["note"]
@@ -75,9 +75,9 @@ def test_unresolved_when_too_few_nonmembers():
 def test_bootstrap_intervals_are_seeded_and_cover_the_point():
     rng = np.random.default_rng(3)
     m, n = rng.normal(0.5, 1, 400), rng.normal(0, 1, 400)
-    a = evaluate(m, n, n_boot=100, seed=5)
-    b = evaluate(m, n, n_boot=100, seed=5)
-    c = evaluate(m, n, n_boot=100, seed=6)
+    a = evaluate(m, n, n_boot=100, seed=5).to_json()
+    b = evaluate(m, n, n_boot=100, seed=5).to_json()
+    c = evaluate(m, n, n_boot=100, seed=6).to_json()
     assert a == b and a["auc_ci"] != c["auc_ci"]
     lo, hi = a["auc_ci"]
     assert lo < a["auc"] < hi and hi - lo < 0.12

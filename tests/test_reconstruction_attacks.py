@@ -13,7 +13,7 @@ import torch
 
 import collafuse.attacks.reconstruction as rec
 from collafuse.attacks.reconstruction import (
-    RECONSTRUCTION_ATTACKS, AttackerResources, AuditKeyLeak, Registry, ViewArrays,
+    RECONSTRUCTION_ATTACKS, AttackerResources, AuditKeyLeak, ViewArrays, reconstruction_attack, run_attack,
 )
 from collafuse.attacks.reconstruction.curve import payload_curve, simulate_view, truth_for
 from collafuse.attacks.reconstruction.denoiser import DenoiserConfig, train_denoiser
@@ -25,6 +25,7 @@ from collafuse.attacks.reconstruction.scoring import HIGHER_IS_BETTER, linkage_a
 from collafuse.attacks.stats import wilson_interval
 from collafuse.config import config_from_dict
 from collafuse.errors import ConfigError
+from collafuse.registry import Registry
 from collafuse.runs import prepare_data
 from collafuse.schedule import NoiseSchedule, q_sample
 from collafuse.transcript import AuditKey
@@ -68,13 +69,14 @@ def resources_for(data, splits, denoiser, epochs=1, **kw) -> AttackerResources:
 def test_registry_order_duplicates_and_unknown_names() -> None:
     assert ALL == ("rescale", "tweedie", "ddim", "inversion", "multiview", "oracle")
     with pytest.raises(ValueError, match="already registered"):
-        RECONSTRUCTION_ATTACKS.register("rescale", threat="T1")(lambda v, s, r: None)
+        reconstruction_attack("rescale", threat="T1")(lambda v, s, r: None)
     with pytest.raises(ConfigError, match="valid: rescale, tweedie, ddim, inversion, multiview, oracle"):
         RECONSTRUCTION_ATTACKS.parse("rescale,nope")
     assert RECONSTRUCTION_ATTACKS.parse(" oracle,rescale,oracle ") == ("oracle", "rescale")
     assert all(RECONSTRUCTION_ATTACKS.get(n).threat == "T1" for n in ALL)
-    fresh = Registry("thing")
-    fresh.register("a", threat="T1")(lambda v, s, r: None)
+    assert RECONSTRUCTION_ATTACKS.needing("denoiser", ("oracle", "ddim", "payload-lr", "tweedie")) == ("ddim", "tweedie")
+    fresh: Registry[int] = Registry("thing")
+    fresh.register("a", 1)
     with pytest.raises(ConfigError, match="unknown thing 'b'; valid: a"):
         fresh.get("b")
 
@@ -89,7 +91,7 @@ def test_attacks_cannot_be_given_the_audit_key(setting) -> None:
         with pytest.raises(AuditKeyLeak):
             spec.fn(key, schedule, res)
         with pytest.raises(AuditKeyLeak):
-            RECONSTRUCTION_ATTACKS.run(name, view, schedule, key)
+            run_attack(name, view, schedule, key)
         with pytest.raises(TypeError):  # not a view at all
             spec.fn({"tensor": view.tensor}, schedule, res)
     with pytest.raises(AuditKeyLeak):
@@ -123,7 +125,7 @@ def test_attack_finds_total_leakage_in_naive_payloads(name, setting, denoiser) -
     assert view.noise is not None
     truth = truth_for(member, view, data, splits)
     res = resources_for(data, splits, denoiser)
-    recon = RECONSTRUCTION_ATTACKS.run(name, view, schedule, res)
+    recon = run_attack(name, view, schedule, res)
     sc = score(recon, truth, None, truth.pool)
     assert sc.per_row["psnr"].min() >= 60.0
     assert sc.per_row["reid_client"].mean() == 1.0 and sc.per_row["reid_pool"].mean() == 1.0
@@ -136,7 +138,7 @@ def test_attack_finds_nothing_in_pure_noise_payloads(name, setting, denoiser) ->
     g = torch.Generator().manual_seed(9)
     noise_view = ViewArrays(torch.randn(view.tensor.shape, generator=g), view.t, view.client, view.step, view.seq)
     truth = truth_for(member, noise_view, data, splits)
-    recon = RECONSTRUCTION_ATTACKS.run(name, noise_view, schedule, resources_for(data, splits, denoiser))
+    recon = run_attack(name, noise_view, schedule, resources_for(data, splits, denoiser))
     sc = score(recon, truth, None, truth.pool)
     n = len(noise_view)
     chance_client = 1.0 / splits.clients[0].numel()  # equal-size IID clients
@@ -153,9 +155,9 @@ def test_attack_is_deterministic_and_leaves_the_view_alone(name, setting, denois
     view, _ = simulate_view(data, splits, schedule, 400, 2)
     before = view.tensor.clone()
     res = resources_for(data, splits, denoiser, epochs=2, inversion_steps=20)
-    a = RECONSTRUCTION_ATTACKS.run(name, view, schedule, res)
+    a = run_attack(name, view, schedule, res)
     assert torch.equal(view.tensor, before)
-    b = RECONSTRUCTION_ATTACKS.run(name, view, schedule, res)
+    b = run_attack(name, view, schedule, res)
     assert torch.equal(a.images, b.images)
     assert a.images.shape == view.tensor.shape and torch.isfinite(a.images).all()
 
@@ -165,7 +167,7 @@ def test_attacks_refuse_missing_resources(setting) -> None:
     view, _ = simulate_view(data, splits, schedule, 100, 1)
     for name, missing in [("tweedie", "denoiser"), ("ddim", "denoiser"), ("oracle", "candidates"), ("multiview", "epochs"), ("inversion", "aux")]:
         with pytest.raises(ConfigError, match=missing):
-            RECONSTRUCTION_ATTACKS.run(name, view, schedule, AttackerResources())
+            run_attack(name, view, schedule, AttackerResources())
 
 
 # ---------------------------------------------------------------- must-show properties
@@ -181,8 +183,8 @@ def test_tweedie_beats_rescale_in_mse_at_every_cut_step(setting, denoiser) -> No
         t = torch.full((n,), t_c)
         p = q_sample(images, t, torch.randn(images.shape, generator=g), schedule.alpha_bar)
         view = ViewArrays(p, t, torch.zeros(n, dtype=torch.long), torch.zeros(n, dtype=torch.long), torch.arange(n))
-        mse_r = mse_per_image(RECONSTRUCTION_ATTACKS.run("rescale", view, schedule, res).images, images).mean()
-        mse_t = mse_per_image(RECONSTRUCTION_ATTACKS.run("tweedie", view, schedule, res).images, images).mean()
+        mse_r = mse_per_image(run_attack("rescale", view, schedule, res).images, images).mean()
+        mse_t = mse_per_image(run_attack("tweedie", view, schedule, res).images, images).mean()
         assert mse_t < mse_r, (t_c, float(mse_t), float(mse_r))
 
 
@@ -211,11 +213,11 @@ def test_multiview_psnr_grows_with_epochs_and_links_well_at_low_noise(setting) -
         view, member = simulate_view(data, splits, schedule, 500, epochs)
         truth = truth_for(member, view, data, splits)
         perfect.append(score(perfect_linking(view, schedule, member), truth).per_row["psnr"].mean())
-        own.append(score(RECONSTRUCTION_ATTACKS.run("multiview", view, schedule, AttackerResources(epochs=epochs)), truth).per_row["psnr"].mean())
+        own.append(score(run_attack("multiview", view, schedule, AttackerResources(epochs=epochs)), truth).per_row["psnr"].mean())
     assert all(b > a for a, b in zip(perfect, perfect[1:])), perfect
     assert all(o <= p + 1e-9 for o, p in zip(own, perfect)), (own, perfect)
     view, member = simulate_view(data, splits, schedule, 200, 3)
-    recon = RECONSTRUCTION_ATTACKS.run("multiview", view, schedule, resources_for(data, splits, None, epochs=3))
+    recon = run_attack("multiview", view, schedule, resources_for(data, splits, None, epochs=3))
 
     assert linkage_accuracy(recon.groups, member) >= 0.95
 
@@ -279,7 +281,7 @@ def test_oracle_all_views_is_the_posterior_given_every_view(setting) -> None:
             torch.testing.assert_close(fast.pool_log_weights[r].double(), log_w - log_w.max(), rtol=1e-5, atol=1e-3)
             torch.testing.assert_close(fast.images[r].double(), mean, rtol=0, atol=1e-5)
     one, _ = simulate_view(data, splits, schedule, 600, 1)
-    single = RECONSTRUCTION_ATTACKS.run("oracle", one, schedule, AttackerResources(candidates=cand))
+    single = run_attack("oracle", one, schedule, AttackerResources(candidates=cand))
     every = oracle_module.all_views(one, schedule, cand, torch.arange(len(one)))
     torch.testing.assert_close(every.images, single.images, rtol=0, atol=1e-5)
     assert torch.equal(every.pool_log_weights.argmax(1), single.pool_log_weights.argmax(1))

@@ -68,7 +68,7 @@ def test_reconstruct_writes_json_and_png_per_attack_per_client(runs, tmp_path, c
             for metric in ("mse", "psnr", "ssim", "reid_client", "reid_pool", "label"):
                 assert per_image[f"{name}/{metric}"].shape == (result["rows"],)
         assert per_image["rescale/psnr"].mean() == pytest.approx(result["attacks"]["rescale"]["pooled"]["psnr"]["value"])
-    assert 0.0 <= result["attacks"]["multiview"]["linkage_accuracy"] <= 1.0
+    assert result["attacks"]["multiview"]["linkage_accuracy"] > 0.9  # c = 0.2: the two views of an image link (measured 0.97)
     assert result["label_inference_payload"]["pooled"]["value"] == 1.0  # conditional: the label crossed in clear
     png = out.with_suffix(".png")
     with Image.open(png) as img:

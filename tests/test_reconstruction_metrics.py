@@ -83,8 +83,16 @@ def test_wilson_interval_covers_the_true_proportion_in_simulation() -> None:
         hits = rng.binomial(n, p, size=3000)
         covered = np.mean([wilson_interval(int(k), n).lo <= p <= wilson_interval(int(k), n).hi for k in hits])
         assert covered >= 0.92, (p, n, covered)
+    # Closed forms (Wilson 1927): centre (k + z²/2)/(n + z²), half-width z/(n + z²)·√(k(n−k)/n + z²/4);
+    # at k = 0 the interval is [0, z²/(n + z²)].
+    z = 1.959963984540054  # Φ⁻¹(0.975)
     iv = wilson_interval(0, 50)
-    assert iv.lo == 0.0 and 0.0 < iv.hi < 0.1
+    assert iv.lo == 0.0 and iv.hi == pytest.approx(z * z / (50 + z * z), rel=1e-9)
+    k, n = 10, 40
+    centre, half = (k + z * z / 2) / (n + z * z), z / (n + z * z) * np.sqrt(k * (n - k) / n + z * z / 4)
+    iv = wilson_interval(k, n)
+    assert (iv.lo, iv.hi) == (pytest.approx(centre - half, rel=1e-9), pytest.approx(centre + half, rel=1e-9))
+    assert iv.value == 0.25
 
 
 def test_cluster_bootstrap_covers_the_true_mean_with_correlated_rows() -> None:

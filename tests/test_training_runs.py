@@ -2,7 +2,6 @@
 import hashlib
 from pathlib import Path
 
-import pytest
 import torch
 from opacus.validators import ModuleValidator
 

@@ -14,12 +14,7 @@ from typing import Callable, Mapping
 
 import numpy as np
 
-THREATS: dict[str, str] = {
-    "T1": "curious server reading the transcript (payloads)",
-    "T2": "white-box access to the server model",
-    "T3": "white-box access to one client's model",
-    "T4": "black-box: generated images only",
-}
+from collafuse.threats import THREATS, check_threats  # noqa: F401  (THREATS: read here by the command)
 
 Signals = Mapping[str, np.ndarray]
 
@@ -50,6 +45,12 @@ def low_noise_mean(per_step: np.ndarray, steps: np.ndarray, t_range: np.ndarray,
     keep = steps <= t_min + fraction * (t_max - t_min)
     keep[0] = True
     return np.asarray(per_step, dtype=np.float64)[:, keep].mean(axis=1)
+
+
+def low_noise_scores(per_step: np.ndarray, steps: np.ndarray, t_range: np.ndarray) -> AttackScores:
+    """Per-step scores (N, M) at ``steps`` (M,) → :class:`AttackScores`: their :func:`low_noise_mean`
+    as the score, the per-step columns kept for the leakage-per-timestep curve."""
+    return AttackScores(low_noise_mean(per_step, steps, t_range), per_step, tuple(int(t) for t in steps))
 
 
 @dataclass(frozen=True)
@@ -92,6 +93,4 @@ class MembershipAttack:
     reference: str = ""
 
     def __post_init__(self) -> None:
-        unknown = set(self.threats) - set(THREATS)
-        if unknown or not self.threats:
-            raise ValueError(f"attack {self.name!r}: threats must be a non-empty subset of {sorted(THREATS)}, got {self.threats}")
+        check_threats(self.threats, f"attack {self.name!r}")

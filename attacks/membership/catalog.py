@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from collafuse.attacks.membership import loss, nn_distance, payload_lr, pia, pian, secmi, sima
 from collafuse.attacks.membership.base import MembershipAttack
-from collafuse.attacks.membership.registry import Registry
+from collafuse.registry import Registry
 
 ATTACKS: Registry[MembershipAttack] = Registry("membership attack")
 for _module in (loss, sima, pia, pian, secmi, payload_lr, nn_distance):

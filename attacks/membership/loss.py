@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import numpy as np
 
-from collafuse.attacks.membership.base import AttackScores, MembershipAttack, Signals, low_noise_mean
+from collafuse.attacks.membership.base import AttackScores, MembershipAttack, Signals, low_noise_scores
 
 
 def score(signals: Signals) -> AttackScores:
     """signals: loss_sq (N, M, K), steps (M,), t_range (2,) → scores (N,), per-step scores (N, M)."""
     per_step = -np.asarray(signals["loss_sq"], dtype=np.float64).mean(axis=2)
-    steps = signals["steps"]
-    return AttackScores(low_noise_mean(per_step, steps, signals["t_range"]), per_step, tuple(int(t) for t in steps))
+    return low_noise_scores(per_step, signals["steps"], signals["t_range"])
 
 
 ATTACK = MembershipAttack(

@@ -141,6 +141,64 @@ def percentile_interval(values: Sequence[float], confidence: float = 0.95) -> tu
     return float(np.quantile(v, lo)), float(np.quantile(v, 1.0 - lo))
 
 
+@dataclass(frozen=True)
+class Interval:
+    """A point value and its two-sided interval (``low``/``high`` None when no bootstrap was run)."""
+
+    value: float
+    low: float | None = None
+    high: float | None = None
+
+    def ci(self) -> list[float] | None:
+        return None if self.low is None else [self.low, self.high]
+
+
+@dataclass(frozen=True)
+class RateAtFpr:
+    """TPR at one target FPR; ``resolved`` is False when too few non-members make the target reachable."""
+
+    target: float
+    tpr: Interval
+    resolved: bool
+    note: str | None = None
+
+
+@dataclass(frozen=True)
+class MembershipMetrics:
+    """Every membership metric of one (target, attack) evaluation, with bootstrap intervals."""
+
+    n_members: int
+    n_nonmembers: int
+    auc: Interval
+    tpr_at_fpr: tuple[RateAtFpr, ...]
+    balanced_accuracy: Interval
+    confidence: float
+    bootstrap: int
+
+    def at_fpr(self, target: float) -> RateAtFpr:
+        for r in self.tpr_at_fpr:
+            if r.target == target:
+                return r
+        raise KeyError(f"TPR at FPR {target:g} was not computed; computed: {[r.target for r in self.tpr_at_fpr]}")
+
+    def to_json(self) -> dict:
+        return {
+            "n_members": self.n_members,
+            "n_nonmembers": self.n_nonmembers,
+            "auc": self.auc.value,
+            "auc_ci": self.auc.ci(),
+            "tpr_at_fpr": {
+                f"{r.target:g}": {"tpr": r.tpr.value, "ci": r.tpr.ci(), "resolved": r.resolved,
+                                  **({} if r.note is None else {"note": r.note})}
+                for r in self.tpr_at_fpr
+            },
+            "balanced_accuracy": self.balanced_accuracy.value,
+            "balanced_accuracy_ci": self.balanced_accuracy.ci(),
+            "confidence": self.confidence,
+            "bootstrap": self.bootstrap,
+        }
+
+
 def evaluate(
     member_scores: np.ndarray,
     nonmember_scores: np.ndarray,
@@ -148,8 +206,8 @@ def evaluate(
     seed: int = 0,
     confidence: float = 0.95,
     targets: Sequence[float] = FPR_TARGETS,
-) -> dict:
-    """Every metric with its bootstrap interval, as a JSON-ready dict.
+) -> MembershipMetrics:
+    """Every metric with its bootstrap interval.
 
     ``member_scores`` (Nm,), ``nonmember_scores`` (Nn,); higher = more likely member.
     """
@@ -158,30 +216,27 @@ def evaluate(
     point = point_metrics(labels, np.concatenate([m, n]), targets)
     boots = bootstrap_metrics(m, n, n_boot, np.random.default_rng(seed), targets) if n_boot > 0 else []
 
-    def ci(getter) -> list[float] | None:
-        return list(percentile_interval([getter(b) for b in boots], confidence)) if boots else None
+    def interval(value: float, getter) -> Interval:
+        if not boots:
+            return Interval(value)
+        lo, hi = percentile_interval([getter(b) for b in boots], confidence)
+        return Interval(value, lo, hi)
 
-    return {
-        "n_members": int(m.size),
-        "n_nonmembers": int(n.size),
-        "auc": point.auc,
-        "auc_ci": ci(lambda b: b.auc),
-        "tpr_at_fpr": {
-            f"{t:g}": {
-                "tpr": point.tpr_at_fpr[t],
-                "ci": ci(lambda b, t=t: b.tpr_at_fpr[t]),
-                "resolved": resolvable(int(n.size), t),
-                **({} if resolvable(int(n.size), t) else {
-                    "note": f"only {n.size} non-members: FPR {t:g} needs at least {math.ceil(1 / t)}; this is TPR at FPR 0"
-                }),
-            }
-            for t in targets
-        },
-        "balanced_accuracy": point.balanced_accuracy,
-        "balanced_accuracy_ci": ci(lambda b: b.balanced_accuracy),
-        "confidence": confidence,
-        "bootstrap": n_boot,
-    }
+    def rate(t: float) -> RateAtFpr:
+        ok = resolvable(int(n.size), t)
+        note = None if ok else (
+            f"only {n.size} non-members: FPR {t:g} needs at least {math.ceil(1 / t)}; this is TPR at FPR 0")
+        return RateAtFpr(t, interval(point.tpr_at_fpr[t], lambda b, t=t: b.tpr_at_fpr[t]), ok, note)
+
+    return MembershipMetrics(
+        n_members=int(m.size),
+        n_nonmembers=int(n.size),
+        auc=interval(point.auc, lambda b: b.auc),
+        tpr_at_fpr=tuple(rate(t) for t in targets),
+        balanced_accuracy=interval(point.balanced_accuracy, lambda b: b.balanced_accuracy),
+        confidence=confidence,
+        bootstrap=n_boot,
+    )
 
 
 def save_roc_png(curves: dict[str, tuple[np.ndarray, np.ndarray]], path: Path, title: str) -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from collafuse.attacks.membership.base import AttackScores, MembershipAttack, Signals, low_noise_mean
+from collafuse.attacks.membership.base import AttackScores, MembershipAttack, Signals, low_noise_scores
 
 P_NORM = 4.0
 
@@ -24,8 +24,7 @@ def pia_distance(eps0: np.ndarray, eps_t: np.ndarray, p: float = P_NORM) -> np.n
 def score(signals: Signals) -> AttackScores:
     """signals: eps_origin (N, D), pia_eps (N, M, D), steps (M,), t_range (2,) → scores (N,), per-step (N, M)."""
     per_step = -np.log(pia_distance(signals["eps_origin"], signals["pia_eps"]) + 1e-12)
-    steps = signals["steps"]
-    return AttackScores(low_noise_mean(per_step, steps, signals["t_range"]), per_step, tuple(int(t) for t in steps))
+    return low_noise_scores(per_step, signals["steps"], signals["t_range"])
 
 
 ATTACK = MembershipAttack(

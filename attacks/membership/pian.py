@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from collafuse.attacks.membership.base import AttackScores, MembershipAttack, Signals, low_noise_mean
+from collafuse.attacks.membership.base import AttackScores, MembershipAttack, Signals, low_noise_scores
 from collafuse.attacks.membership.pia import pia_distance
 
 
@@ -22,8 +22,7 @@ def rescale_rows(eps0: np.ndarray) -> np.ndarray:
 def score(signals: Signals) -> AttackScores:
     """signals: eps_origin (N, D), pian_eps (N, M, D), steps (M,), t_range (2,) → scores (N,), per-step (N, M)."""
     per_step = -np.log(pia_distance(rescale_rows(signals["eps_origin"]), signals["pian_eps"]) + 1e-12)
-    steps = signals["steps"]
-    return AttackScores(low_noise_mean(per_step, steps, signals["t_range"]), per_step, tuple(int(t) for t in steps))
+    return low_noise_scores(per_step, signals["steps"], signals["t_range"])
 
 
 ATTACK = MembershipAttack(

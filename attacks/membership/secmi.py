@@ -10,15 +10,14 @@ from __future__ import annotations
 
 import numpy as np
 
-from collafuse.attacks.membership.base import AttackScores, MembershipAttack, Signals, low_noise_mean
+from collafuse.attacks.membership.base import AttackScores, MembershipAttack, Signals, low_noise_scores
 
 
 def score(signals: Signals) -> AttackScores:
     """signals: secmi_inv, secmi_rec (N, M, D), secmi_steps (M,), t_range (2,) → scores (N,), per-step (N, M)."""
     err = ((np.asarray(signals["secmi_inv"], np.float64) - np.asarray(signals["secmi_rec"], np.float64)) ** 2).sum(axis=2)
     per_step = -np.log(err + 1e-12)
-    steps = signals["secmi_steps"]
-    return AttackScores(low_noise_mean(per_step, steps, signals["t_range"]), per_step, tuple(int(t) for t in steps))
+    return low_noise_scores(per_step, signals["secmi_steps"], signals["t_range"])
 
 
 ATTACK = MembershipAttack(

@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import numpy as np
 
-from collafuse.attacks.membership.base import AttackScores, MembershipAttack, Signals, low_noise_mean
+from collafuse.attacks.membership.base import AttackScores, MembershipAttack, Signals, low_noise_scores
 
 
 def score(signals: Signals) -> AttackScores:
     """signals: sima_eps (N, M, D), steps (M,), t_range (2,) → scores (N,), per-step (N, M)."""
     per_step = -np.log(np.linalg.norm(np.asarray(signals["sima_eps"], dtype=np.float64), axis=2) + 1e-12)
-    steps = signals["steps"]
-    return AttackScores(low_noise_mean(per_step, steps, signals["t_range"]), per_step, tuple(int(t) for t in steps))
+    return low_noise_scores(per_step, signals["steps"], signals["t_range"])
 
 
 ATTACK = MembershipAttack(

@@ -22,10 +22,10 @@ import torch
 
 from collafuse.attacks.membership.base import SignalSettings
 from collafuse.attacks.membership.metrics import ScoreError
-from collafuse.attacks.membership.registry import Registry
 from collafuse.attacks.membership.signals import (
     ModelView, SignalCache, model_signal_cache, payload_signal_cache, sample_signal_cache,
 )
+from collafuse.registry import Registry
 from collafuse.training import generator_for, resolve_device, stream_seed
 
 STREAM_MEMBERSHIP = 1_004  # the attacker's own random streams (never a training stream)

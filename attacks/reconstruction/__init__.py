@@ -12,9 +12,10 @@ from collafuse.attacks.reconstruction import ddim  # noqa: F401
 from collafuse.attacks.reconstruction import inversion  # noqa: F401
 from collafuse.attacks.reconstruction import multiview  # noqa: F401
 from collafuse.attacks.reconstruction import oracle  # noqa: F401
-from collafuse.attacks.reconstruction.registry import RECONSTRUCTION_ATTACKS, AttackSpec, Registry
+from collafuse.attacks.reconstruction.registry import RECONSTRUCTION_ATTACKS, AttackSpec, reconstruction_attack, run_attack
 from collafuse.attacks.reconstruction.view import AttackerResources, AuditKeyLeak, Reconstruction, ViewArrays
 
 __all__ = [
-    "RECONSTRUCTION_ATTACKS", "AttackSpec", "Registry", "AttackerResources", "AuditKeyLeak", "Reconstruction", "ViewArrays",
+    "RECONSTRUCTION_ATTACKS", "AttackSpec", "reconstruction_attack", "run_attack",
+    "AttackerResources", "AuditKeyLeak", "Reconstruction", "ViewArrays",
 ]

@@ -14,23 +14,22 @@ from __future__ import annotations
 import json
 import math
 import os
-from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from collafuse import __version__
-from collafuse.errors import CollafuseError, RunError
+from collafuse.errors import CollafuseError
 from collafuse.runs import Run, image_grid, save_png, to_uint8
-from collafuse.transcript import TRANSCRIPT_DIR, AuditKey, ServerView
 
 from collafuse.attacks.reconstruction.curve import POOL_DESCRIPTION
-from collafuse.attacks.reconstruction.denoiser import DenoiserConfig, default_cache_dir, load_or_train
-from collafuse.attacks.reconstruction.evaluate import UPPER_BOUNDS, ViewEvaluation, evaluate_view
+from collafuse.attacks.reconstruction.denoiser import DenoiserConfig, default_cache_dir
+from collafuse.attacks.reconstruction.engine import RunReconstruction, reconstruct_run
+from collafuse.attacks.reconstruction.evaluate import UPPER_BOUNDS, ViewEvaluation
 from collafuse.attacks.reconstruction.registry import RECONSTRUCTION_ATTACKS
 from collafuse.attacks.reconstruction.scoring import Truth
-from collafuse.attacks.reconstruction.view import AttackerResources, ViewArrays
+from collafuse.attacks.reconstruction.view import ViewArrays
 
 GRID_COLUMNS_PER_CLIENT = 3
 GRID_MAX_COLUMNS = 12
@@ -61,23 +60,6 @@ def _check_output(out: Path) -> Path:
         if path.exists():
             raise CollafuseError(f"{path} already exists; choose a new --out")
     return png
-
-
-def resolve_truth_rows(view: ViewArrays, key: AuditKey) -> tuple[torch.Tensor, torch.Tensor]:
-    """Scorer side: (member index, true sender) of every view row, by ``seq``, each (N,).
-
-    The sender comes from the key, not the view: an id-free release (a defense) hides it from
-    the server, but re-identification within a client and per-client results use the truth.
-    Refuses a key that does not match the transcript.
-    """
-    if key.seq.numel() != len(view):
-        raise RunError(f"the audit key has {key.seq.numel()} rows but the transcript has {len(view)}")
-    order = torch.argsort(key.seq)
-    seq_sorted = key.seq[order]
-    pos = torch.searchsorted(seq_sorted, view.seq).clamp(max=max(0, seq_sorted.numel() - 1))
-    if not bool((seq_sorted[pos] == view.seq).all()):
-        raise RunError("the audit key does not match the transcript (sequence numbers differ)")
-    return key.member_index[order][pos], key.client[order][pos]
 
 
 def _grid_rows(view: ViewArrays) -> torch.Tensor:
@@ -151,6 +133,52 @@ def _write_atomic(result: dict, out: Path, grid: tuple[ViewEvaluation, Truth, Vi
         raise
 
 
+def result_json(run: Run, names: tuple[str, ...], attacked: RunReconstruction, out_path: Path,
+                cache_dir: Path | None) -> dict:
+    """The ``attack reconstruct`` JSON report of an engine result (the only place it is built)."""
+    cfg, schedule = run.config, run.schedule
+    base = {
+        "command": "attack reconstruct",
+        "collafuse_version": __version__,
+        "run": str(run.path),
+        "threat": "T1",
+        "schedule": schedule.name,
+        "T": schedule.T,
+        "t_c": run.t_c,
+        "cut_ratio": cfg.diffusion.cut_ratio,
+        "payload_kind": cfg.training.payload,
+        "attacks_requested": list(names),
+    }
+    if not attacked.attacked:
+        return {**base, "status": "nothing-to-attack", "reason": attacked.reason, "rows": 0, "attacks": {}}
+    ev, truth, view, seed = attacked.evaluation, attacked.truth, attacked.view, cfg.seed
+    sender = truth.client
+    lab = ev.payload_label_summary(seed=seed)
+    return {
+        **base,
+        "status": "ok",
+        "rows": len(view),
+        "clients": sorted(int(k) for k in torch.unique(sender)),
+        "epochs": cfg.training.epochs,
+        "labels_sent": ev.labels_sent,
+        "candidate_pool": {"description": POOL_DESCRIPTION, "size": int(truth.pool.numel())},
+        "chance": ev.chance,
+        "attacker": {
+            "aux_images": attacked.aux_images,
+            "denoiser": None if attacked.denoiser is None else attacked.denoiser.to_json(cache_dir or default_cache_dir()),
+        },
+        "label_inference_payload": None if lab is None else {
+            "method": "label sent with the payload" if ev.labels_sent else "classifier trained on aux images noised at the view's steps, reading p/a",
+            "pooled": lab,
+            "clients": {str(int(k)): ev.payload_label_summary(sender.numpy() == int(k), seed) for k in torch.unique(sender)},
+        },
+        "intervals": "95 %: t (means) / Wilson (proportions) over rows; cluster bootstrap over images when an image has several rows",
+        "png": str(out_path.with_suffix(".png")),
+        "per_image_file": str(per_image_path(out_path)),
+        "attacks": {name: _attack_entry(name, ev, seed) for name in ev.scores},
+    }
+
+
 def run_command(
     run_dir: Path,
     attacks: str | None,
@@ -169,82 +197,20 @@ def run_command(
     run = Run.load(run_dir)
     out_path = Path(out) if out else default_output(run_dir)
     _check_output(out_path)
-    cfg, schedule = run.config, run.schedule
-    base = {
-        "command": "attack reconstruct",
-        "collafuse_version": __version__,
-        "run": str(run_dir),
-        "threat": "T1",
-        "schedule": schedule.name,
-        "T": schedule.T,
-        "t_c": run.t_c,
-        "cut_ratio": cfg.diffusion.cut_ratio,
-        "payload_kind": cfg.training.payload,
-        "attacks_requested": list(names),
-    }
-    has_transcript = (run_dir / TRANSCRIPT_DIR).is_dir()
-    view = ViewArrays.from_server_view(ServerView.open(run_dir)) if run.server_model is not None and has_transcript else None
-    if view is None or len(view) == 0:
-        if run.server_model is not None and not has_transcript:
-            raise RunError(f"{run_dir}: the run has a server but no transcript folder")
-        reason = (
-            f"c = {cfg.diffusion.cut_ratio} (t_c = {run.t_c} = T): every client works alone; no payload crossed to a server"
-            if run.t_c >= schedule.T else "the transcript holds no payload rows"
-        )
-        _write_atomic({**base, "status": "nothing-to-attack", "reason": reason, "rows": 0, "attacks": {}}, out_path, None)
-        print(f"nothing to attack ({reason}); result written to {out_path}")
+    attacked = reconstruct_run(run, names, denoiser_config=denoiser_config, denoiser_cache=cache_dir,
+                               forbid_under=(run_dir,), progress=progress)
+    if progress and attacked.denoiser is not None:
+        verb = "loaded from" if attacked.denoiser.cache_hit else "trained and cached at"
+        print(f"attacker denoiser {verb} {attacked.denoiser.cache_file}", flush=True)
+    result = result_json(run, names, attacked, out_path, cache_dir)
+    if not attacked.attacked:
+        _write_atomic(result, out_path, None)
+        print(f"nothing to attack ({attacked.reason}); result written to {out_path}")
         return 0
-
-    data, splits = run.load_data()
-    aux = data.subset(splits.aux)
-    member, sender = resolve_truth_rows(view, AuditKey.open(run_dir))  # scorer side only
-    pool = torch.cat([splits.members, splits.nonmembers])
-    truth = Truth(member, sender, data.images, data.labels, {k: idx for k, idx in enumerate(splits.clients)}, pool, POOL_DESCRIPTION)
-
-    denoiser, cache_file = None, None
-    dcfg = denoiser_config or DenoiserConfig(seed=cfg.seed)
-    if {"tweedie", "ddim"} & set(names):
-        if len(aux) < 2:
-            raise RunError("tweedie/ddim need the attacker's auxiliary public split; the run has data.n_aux < 2")
-        denoiser, cache_file, hit = load_or_train(aux.images, schedule, dcfg, cache_dir, forbid_under=(run_dir,), progress=progress)
-        if progress:
-            print(f"attacker denoiser {'loaded from' if hit else 'trained and cached at'} {cache_file}", flush=True)
-    if "inversion" in names and len(aux) < 2:
-        raise RunError("inversion needs the attacker's auxiliary public split; the run has data.n_aux < 2")
-    resources = AttackerResources(
-        aux=aux if len(aux) else None, denoiser=denoiser, candidates=data.images[pool],
-        epochs=cfg.training.epochs, seed=cfg.seed,
-    )
-    ev = evaluate_view(view, schedule, truth, resources, names, data.num_classes, progress=progress)
-    seed = cfg.seed
-    lab = ev.payload_label_summary(seed=seed)
-    result = {
-        **base,
-        "status": "ok",
-        "rows": len(view),
-        "clients": sorted(int(k) for k in torch.unique(sender)),
-        "epochs": cfg.training.epochs,
-        "labels_sent": ev.labels_sent,
-        "candidate_pool": {"description": POOL_DESCRIPTION, "size": int(pool.numel())},
-        "chance": ev.chance,
-        "attacker": {
-            "aux_images": len(aux),
-            "denoiser": None if denoiser is None else {"cache_file": str(cache_file), "config": asdict(dcfg), "cache_root": str(cache_dir or default_cache_dir())},
-        },
-        "label_inference_payload": None if lab is None else {
-            "method": "label sent with the payload" if ev.labels_sent else "classifier trained on aux images noised at the view's steps, reading p/a",
-            "pooled": lab,
-            "clients": {str(int(k)): ev.payload_label_summary(sender.numpy() == int(k), seed) for k in torch.unique(sender)},
-        },
-        "intervals": "95 %: t (means) / Wilson (proportions) over rows; cluster bootstrap over images when an image has several rows",
-        "png": str(out_path.with_suffix(".png")),
-        "per_image_file": str(per_image_path(out_path)),
-        "attacks": {name: _attack_entry(name, ev, seed) for name in ev.scores},
-    }
-    _write_atomic(result, out_path, (ev, truth, view))
+    _write_atomic(result, out_path, (attacked.evaluation, attacked.truth, attacked.view))
     if progress:
-        for name, sc in ev.scores.items():
-            s = sc.summary(seed=seed)
+        for name, sc in attacked.evaluation.scores.items():
+            s = sc.summary(seed=run.config.seed)
             print(f"  {name:28s} PSNR {s['psnr']['value']:6.2f} dB  SSIM {s['ssim']['value']:.3f}  re-id(client) {s['reid_client']['value']:.3f}")
     print(f"reconstruction results written to {out_path}")
     return 0

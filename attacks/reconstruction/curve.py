@@ -5,7 +5,9 @@ defense-free protocol alone — no CollaFuse system is trained. For each cut rat
 the payloads are simulated exactly as a client sends them, with
 :meth:`collafuse.protocol.Client.release` (the client's model plays no part in
 what it releases), for the given number of epochs: every client walks its own
-data once per epoch in a fresh random order, round-robin over clients, as
+data once per epoch in a fresh random order, round-robin over clients, and each
+round's payloads reach the server through the release hooks' relay
+(:func:`collafuse.hooks.deliver_round`: an id-free release mixes them), as
 :func:`collafuse.training.train_system` does. The data splits (members, non-members,
 aux, client partition) are the ones a trained run with the same config would use
 (:func:`collafuse.runs.prepare_data`), so curve and trained runs line up.
@@ -25,11 +27,11 @@ from tqdm import tqdm
 from collafuse.config import RunConfig
 from collafuse.data import ImageSet, Splits
 from collafuse.errors import ConfigError
-from collafuse.hooks import ReleaseHook
+from collafuse.hooks import ReleaseHook, deliver_round
 from collafuse.protocol import Client
 from collafuse.runs import prepare_data
 from collafuse.schedule import NoiseSchedule, cut_step
-from collafuse.training import STREAM_CLIENT, STREAM_LOADER, generator_for
+from collafuse.training import STREAM_CLIENT, STREAM_LOADER, STREAM_RELAY, generator_for
 
 from collafuse.attacks.reconstruction.denoiser import AttackerDenoiser, DenoiserConfig, load_or_train
 from collafuse.attacks.reconstruction.evaluate import ViewEvaluation, evaluate_view
@@ -39,6 +41,16 @@ from collafuse.attacks.reconstruction.view import AttackerResources, ViewArrays
 
 CURVE_ATTACKS: tuple[str, ...] = ("rescale", "tweedie", "ddim", "multiview", "oracle")
 POOL_DESCRIPTION = "all member and non-member images of the data split (the population the clients' data is drawn from)"
+
+
+@dataclass(frozen=True)
+class SimulatedView:
+    """A simulated server view and its own audit key: ``member`` (N,) source index and
+    ``sender`` (N,) true client of every row (scoring only; the view may hide the sender)."""
+
+    view: ViewArrays
+    member: torch.Tensor
+    sender: torch.Tensor
 
 
 def simulate_view(
@@ -59,8 +71,26 @@ def simulate_view(
     exactly as a trained run's clients apply them; none gives the plain protocol.
 
     Returns (view with N = epochs · n_members rows in crossing order, member (N,) source index of
-    each row — the simulation's own audit key, for scoring only).
+    each row — the simulation's own audit key, for scoring only). :func:`simulate_rounds` also
+    returns each row's true sender (needed when a release hides it).
     """
+    sim = simulate_rounds(data, splits, schedule, t_c, epochs, payload_kind, batch_size, seed, send_labels, release_hooks)
+    return sim.view, sim.member
+
+
+def simulate_rounds(
+    data: ImageSet,
+    splits: Splits,
+    schedule: NoiseSchedule,
+    t_c: int,
+    epochs: int,
+    payload_kind: str = "cut",
+    batch_size: int = 64,
+    seed: int = 0,
+    send_labels: bool = False,
+    release_hooks: tuple[ReleaseHook, ...] = (),
+) -> SimulatedView:
+    """:func:`simulate_view` with the true sender of every row (see :class:`SimulatedView`)."""
     if epochs < 1:
         raise ConfigError(f"epochs must be >= 1, got {epochs}")
     clients = [
@@ -69,31 +99,41 @@ def simulate_view(
         for k in range(len(splits.clients))
     ]
     orders = [generator_for(seed, STREAM_LOADER, k) for k in range(len(splits.clients))]
-    rows: dict[str, list[torch.Tensor]] = {"tensor": [], "t": [], "client": [], "step": [], "label": [], "noise": []}
+    rows: dict[str, list[torch.Tensor]] = {"tensor": [], "t": [], "client": [], "step": [], "label": [], "noise": [],
+                                           "wire_bytes": []}
     members: list[torch.Tensor] = []
+    senders: list[torch.Tensor] = []
     step = 0
+    relay, round_index = generator_for(seed, STREAM_RELAY), 0
     for _ in range(epochs):
         batches = []
         for k, idx in enumerate(splits.clients):
             perm = idx[torch.randperm(idx.numel(), generator=orders[k])]
             batches.append(list(torch.split(perm, batch_size)))
         for j in range(max(len(b) for b in batches)):
+            released = []  # one round: (client, payload, member ids), in turn order
             for k, client_batches in enumerate(batches):
                 if j >= len(client_batches):
                     continue
                 ids = client_batches[j]
                 y = data.labels[ids] if data.labels is not None else None
-                payload = clients[k].release(data.images[ids], y, ids, step)  # exactly what a client sends
-                rows["tensor"].append(payload.tensor.float())
+                released.append((k, clients[k].release(data.images[ids], y, ids, step), ids))  # exactly what a client sends
+                step += 1
+            messages, _ = deliver_round(release_hooks, released, round_index, relay)  # what reaches the server
+            round_index += 1
+            for payload, ids, sender in messages:
+                n_rows = len(payload)
+                rows["tensor"].append(payload.values().float())
                 rows["t"].append(payload.t)
-                rows["client"].append(torch.full((len(payload),), k, dtype=torch.long))
-                rows["step"].append(torch.full((len(payload),), step, dtype=torch.long))
+                rows["client"].append(torch.full((n_rows,), payload.client_id, dtype=torch.long))  # what the server sees
+                rows["step"].append(torch.full((n_rows,), payload.step, dtype=torch.long))
+                rows["wire_bytes"].append(payload.row_wire_bytes())
                 if payload.label is not None:
                     rows["label"].append(payload.label)
                 if payload.noise is not None:
                     rows["noise"].append(payload.noise)
                 members.append(ids)
-                step += 1
+                senders.append(sender if isinstance(sender, torch.Tensor) else torch.full((n_rows,), sender, dtype=torch.long))
     n = sum(r.shape[0] for r in rows["tensor"])
     view = ViewArrays(
         tensor=torch.cat(rows["tensor"]),
@@ -103,15 +143,25 @@ def simulate_view(
         seq=torch.arange(n),
         label=torch.cat(rows["label"]).long() if rows["label"] else None,
         noise=torch.cat(rows["noise"]) if rows["noise"] else None,
+        wire_bytes=torch.cat(rows["wire_bytes"]).long(),
     )
-    return view, torch.cat(members)
+    return SimulatedView(view, torch.cat(members), torch.cat(senders).long())
 
 
-def truth_for(member: torch.Tensor, view: ViewArrays, data: ImageSet, splits: Splits) -> Truth:
-    """Scorer-side ground truth for simulated (or audit-key-resolved) rows."""
+def truth_for(member: torch.Tensor, view: ViewArrays, data: ImageSet, splits: Splits,
+              sender: torch.Tensor | None = None) -> Truth:
+    """Scorer-side ground truth for simulated (or audit-key-resolved) rows.
+
+    ``sender``: (N,) true client of each row; by default the view's own sender field, which
+    must then name a client (an id-free view hides it: pass the simulation's ``sender``).
+    """
+    if sender is None:
+        if len(view) and int(view.client.min()) < 0:
+            raise ValueError("truth_for: the view hides the sender (an id-free release); pass sender=")
+        sender = view.client
     return Truth(
         member=member,
-        client=view.client,
+        client=sender,
         source=data.images,
         source_labels=data.labels,
         client_data={k: idx for k, idx in enumerate(splits.clients)},
@@ -176,7 +226,7 @@ def payload_curve(
     aux = images.subset(splits.aux)
     send_labels = config.conditional and images.labels is not None
     cache = None
-    if denoiser is None and {"tweedie", "ddim"} & set(attacks):
+    if denoiser is None and RECONSTRUCTION_ATTACKS.needing("denoiser", attacks):
         if len(aux) < 2:
             raise ConfigError("tweedie/ddim need the attacker's aux split: set data.n_aux >= 2")
         dcfg = denoiser_config or DenoiserConfig(seed=config.seed)

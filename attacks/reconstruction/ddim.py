@@ -11,7 +11,7 @@ import torch
 
 from collafuse.schedule import NoiseSchedule
 
-from collafuse.attacks.reconstruction.registry import RECONSTRUCTION_ATTACKS
+from collafuse.attacks.reconstruction.registry import reconstruction_attack
 from collafuse.attacks.reconstruction.view import (
     AttackerResources, Reconstruction, ViewArrays, known_noise_x0, require_attack_inputs, signal_noise,
 )
@@ -30,7 +30,7 @@ def ddim_update(x0_hat: torch.Tensor, eps_hat: torch.Tensor, ab_next: torch.Tens
     return (ab_next.sqrt() * x0_hat.double() + (1.0 - ab_next).sqrt() * eps_hat.double()).float()
 
 
-@RECONSTRUCTION_ATTACKS.register(NAME, threat="T1", needs=("denoiser",), summary="deterministic DDIM from t to 0")
+@reconstruction_attack(NAME, threat="T1", needs=("denoiser",), summary="deterministic DDIM from t to 0")
 @torch.no_grad()
 def attack(view: ViewArrays, schedule: NoiseSchedule, resources: AttackerResources) -> Reconstruction:
     """Rows (N,C,H,W) → x̂ (N,C,H,W) after ``resources.ddim_steps`` DDIM steps per row."""

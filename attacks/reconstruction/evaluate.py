@@ -19,7 +19,7 @@ from collafuse.schedule import NoiseSchedule
 
 from collafuse.attacks.reconstruction import oracle
 from collafuse.attacks.reconstruction.multiview import perfect_linking
-from collafuse.attacks.reconstruction.registry import RECONSTRUCTION_ATTACKS
+from collafuse.attacks.reconstruction.registry import run_attack
 from collafuse.attacks.reconstruction.scoring import (
     LabelClassifier, Scores, Truth, chance_levels, linkage_accuracy, score,
 )
@@ -93,7 +93,7 @@ def evaluate_view(
     for name in attacks:
         if progress:
             print(f"  attack {name} on {len(view)} rows", flush=True)
-        recon = RECONSTRUCTION_ATTACKS.run(name, view, schedule, resources)
+        recon = run_attack(name, view, schedule, resources)
         recons[name] = recon
         scores[name] = score(recon, truth, recon_clf, pool_ids)
         if recon.groups is not None:

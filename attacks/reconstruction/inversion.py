@@ -14,7 +14,7 @@ import torch
 from collafuse.schedule import NoiseSchedule
 
 from collafuse.attacks.reconstruction.denoiser import DenoiserConfig, train_denoiser
-from collafuse.attacks.reconstruction.registry import RECONSTRUCTION_ATTACKS
+from collafuse.attacks.reconstruction.registry import reconstruction_attack
 from collafuse.attacks.reconstruction.view import (
     AttackerResources, Reconstruction, ViewArrays, known_noise_x0, require_attack_inputs,
 )
@@ -23,7 +23,7 @@ NAME = "inversion"
 INVERSION_NET = DenoiserConfig(channels=(8, 16), time_dim=16, batch_size=64)
 
 
-@RECONSTRUCTION_ATTACKS.register(NAME, threat="T1", needs=("aux",), summary="regression net trained on noised aux at the view's t")
+@reconstruction_attack(NAME, threat="T1", needs=("aux",), summary="regression net trained on noised aux at the view's t")
 @torch.no_grad()
 def attack(view: ViewArrays, schedule: NoiseSchedule, resources: AttackerResources) -> Reconstruction:
     """Rows (N,C,H,W) → x̂ (N,C,H,W) from a net trained on aux noised at the view's steps."""

@@ -35,7 +35,7 @@ from sklearn.covariance import ledoit_wolf
 
 from collafuse.schedule import NoiseSchedule
 
-from collafuse.attacks.reconstruction.registry import RECONSTRUCTION_ATTACKS
+from collafuse.attacks.reconstruction.registry import reconstruction_attack
 from collafuse.attacks.reconstruction.view import (
     AttackerResources, Reconstruction, ViewArrays, rescaled, require_attack_inputs,
 )
@@ -155,7 +155,7 @@ def link(y: torch.Tensor, var: torch.Tensor, client: torch.Tensor, epochs: int, 
     return groups
 
 
-@RECONSTRUCTION_ATTACKS.register(NAME, threat="T1", needs=("epochs",), summary="link payloads across epochs, fuse them")
+@reconstruction_attack(NAME, threat="T1", needs=("epochs",), summary="link payloads across epochs, fuse them")
 def attack(view: ViewArrays, schedule: NoiseSchedule, resources: AttackerResources) -> Reconstruction:
     """Rows (N,C,H,W) → fused x̂ (N,C,H,W) of each row's linked group, the groups (N,) and the noise variance (N,).
 

@@ -29,7 +29,7 @@ import torch
 
 from collafuse.schedule import NoiseSchedule
 
-from collafuse.attacks.reconstruction.registry import RECONSTRUCTION_ATTACKS
+from collafuse.attacks.reconstruction.registry import reconstruction_attack
 from collafuse.attacks.reconstruction.view import (
     AttackerResources, Reconstruction, ViewArrays, rescaled, require_attack_inputs,
 )
@@ -56,7 +56,7 @@ def posterior_mean(log_w: torch.Tensor, candidates: torch.Tensor) -> torch.Tenso
     return (w @ candidates.reshape(candidates.shape[0], -1).double()).reshape(-1, *candidates.shape[1:]).float()
 
 
-@RECONSTRUCTION_ATTACKS.register(NAME, threat="T1", needs=("candidates",), summary="Bayes posterior over a pool holding the truth")
+@reconstruction_attack(NAME, threat="T1", needs=("candidates",), summary="Bayes posterior over a pool holding the truth")
 def attack(view: ViewArrays, schedule: NoiseSchedule, resources: AttackerResources) -> Reconstruction:
     """Rows (N,C,H,W) → posterior means (N,C,H,W) and log weights (N, M) over ``resources.candidates``."""
     require_attack_inputs(view, schedule, resources)

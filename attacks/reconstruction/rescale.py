@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from collafuse.schedule import NoiseSchedule
 
-from collafuse.attacks.reconstruction.registry import RECONSTRUCTION_ATTACKS
+from collafuse.attacks.reconstruction.registry import reconstruction_attack
 from collafuse.attacks.reconstruction.view import (
     AttackerResources, Reconstruction, ViewArrays, rescaled, require_attack_inputs,
 )
@@ -15,7 +15,7 @@ from collafuse.attacks.reconstruction.view import (
 NAME = "rescale"
 
 
-@RECONSTRUCTION_ATTACKS.register(NAME, threat="T1", summary="x̂ = p / a")
+@reconstruction_attack(NAME, threat="T1", summary="x̂ = p / a")
 def attack(view: ViewArrays, schedule: NoiseSchedule, resources: AttackerResources) -> Reconstruction:
     """Rows (N,C,H,W) of the view → x̂ (N,C,H,W) = p/a_t per row (exact x0 when the noise is known)."""
     require_attack_inputs(view, schedule, resources)

@@ -10,7 +10,7 @@ import torch
 
 from collafuse.schedule import NoiseSchedule
 
-from collafuse.attacks.reconstruction.registry import RECONSTRUCTION_ATTACKS
+from collafuse.attacks.reconstruction.registry import reconstruction_attack
 from collafuse.attacks.reconstruction.view import (
     AttackerResources, Reconstruction, ViewArrays, known_noise_x0, require_attack_inputs, signal_noise,
 )
@@ -32,7 +32,7 @@ def tweedie_x0(p: torch.Tensor, eps_hat: torch.Tensor, a: torch.Tensor, s: torch
     return ((p.double() - s * eps_hat.double()) / a).float()
 
 
-@RECONSTRUCTION_ATTACKS.register(NAME, threat="T1", needs=("denoiser",), summary="Tweedie posterior mean with the attacker's denoiser")
+@reconstruction_attack(NAME, threat="T1", needs=("denoiser",), summary="Tweedie posterior mean with the attacker's denoiser")
 def attack(view: ViewArrays, schedule: NoiseSchedule, resources: AttackerResources) -> Reconstruction:
     """Rows (N,C,H,W) → x̂ (N,C,H,W); rows at t = 0 are returned as they are."""
     require_attack_inputs(view, schedule, resources)

@@ -40,8 +40,11 @@ class ViewArrays:
     """The server view as tensors. N rows, sorted by ``seq`` (crossing order).
 
     tensor: (N, C, H, W) float32 payloads; t: (N,) int64 step of each row;
-    client: (N,) int64 sender; step: (N,) int64 training step; seq: (N,) int64;
-    label: (N,) int64 or None (not sent); noise: (N, C, H, W) or None (only ``naive``).
+    client: (N,) int64 sender as the server sees it (−1: hidden, an id-free release); step: (N,)
+    int64 training step (the round, for an id-free release); seq: (N,) int64;
+    label: (N,) int64 or None (not sent); noise: (N, C, H, W) or None (only ``naive``);
+    wire_bytes: (N,) int64 bytes each row took on the wire (its real dtype), or None (not given).
+    Rows of one message share a step: the order of arrival and the batches are in seq and step.
     """
 
     tensor: torch.Tensor
@@ -51,6 +54,7 @@ class ViewArrays:
     seq: torch.Tensor
     label: torch.Tensor | None = None
     noise: torch.Tensor | None = None
+    wire_bytes: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -61,7 +65,7 @@ class ViewArrays:
         n = self.tensor.shape[0]
         if self.tensor.ndim != 4:
             raise ValueError(f"ViewArrays.tensor must be (N, C, H, W), got {tuple(self.tensor.shape)}")
-        for name in ("t", "client", "step", "seq", "label"):
+        for name in ("t", "client", "step", "seq", "label", "wire_bytes"):
             value = getattr(self, name)
             if value is not None and value.shape != (n,):
                 raise ValueError(f"ViewArrays.{name} must have shape ({n},), got {tuple(value.shape)}")
@@ -94,6 +98,7 @@ class ViewArrays:
             seq=rows["seq"].long(),
             label=rows["label"].long() if "label" in rows else None,
             noise=rows["noise"].float() if "noise" in rows else None,
+            wire_bytes=rows["wire_bytes"].long() if "wire_bytes" in rows else None,
         )
 
     @classmethod
@@ -108,7 +113,7 @@ class ViewArrays:
         pick = lambda v: None if v is None else v[index]  # noqa: E731
         return ViewArrays(
             self.tensor[index], self.t[index], self.client[index], self.step[index], self.seq[index],
-            pick(self.label), pick(self.noise),
+            pick(self.label), pick(self.noise), pick(self.wire_bytes),
         )
 
 

@@ -31,6 +31,7 @@ from collafuse.training import Hooks
 
 from collafuse.benchmarks.audit.grid import Cell, system_hash
 
+DENOISER_CACHE = "denoisers"  # the attacker denoisers' folder under the audit cache
 ROC_POINTS = 200  # ROC curves are thinned to about this many points for the report
 GRID_IMAGES = 8   # originals shown in a cell's reconstruction grid
 
@@ -74,6 +75,18 @@ def reconstruction_rows(ev, seed: int) -> list[dict[str, Any]]:
     return rows
 
 
+def sender_rows(view, true_sender: torch.Tensor, num_clients: int) -> list[dict[str, Any]]:
+    """T1 sender identification (DESIGN.md §5 (d)): accuracy (Wilson 95 %, best relabelling) and chance = 1/N.
+
+    Runs on every setting with payloads: the attack sees ``view`` only; ``true_sender`` is the scorer's."""
+    from collafuse.attacks.linkage.sender import NAME, identify_senders, score_sender_identification
+
+    score = score_sender_identification(identify_senders(view, num_clients), true_sender, num_clients)
+    iv = score.accuracy
+    return [_row("T1", "payload", NAME, "accuracy", iv.value, iv.lo, iv.hi),
+            _row("T1", "payload", NAME, "chance", score.chance)]
+
+
 def reconstruction_grid(ev, originals: torch.Tensor, rows: torch.Tensor) -> tuple[bytes, list[str]]:
     """PNG bytes: originals in the first row, one row per attack; and the row labels."""
     blocks = [to_uint8(originals)] + [to_uint8(r.images[rows]) for r in ev.reconstructions.values()]
@@ -103,36 +116,27 @@ def _grid_rows(member: torch.Tensor, client: torch.Tensor) -> torch.Tensor:
 # -- cost and formal privacy ------------------------------------------------------------
 
 def cost_rows(config) -> list[dict[str, Any]]:
-    from collafuse.benchmarks.audit.utility import compute_costs
+    from collafuse.benchmarks.audit.costs import compute_costs
 
     return [_row("cost", "clients", "count", k, v) for k, v in compute_costs(config).items()]
 
 
 def payload_epsilon_value(config, run_info: dict | None = None) -> float:
-    """The payload channel's formal ε per image; a trained run's own record wins (it knows the real
-    Poisson rounds under DP-SGD)."""
-    for hook in (run_info or {}).get("hooks", []):
-        if hook.get("name") == "privacy-report":
-            eps = hook["payload_channel"]["epsilon"]
-            return math.inf if eps is None or eps == "inf" else float(eps)
-    from collafuse.defenses import payload_epsilon
+    """The payload channel's formal ε per image, from the defenses' typed setting; a trained run's own
+    record wins (it knows the real Poisson rounds under DP-SGD)."""
+    from collafuse.defenses import describe_setting, setting_from_run
 
-    return float(payload_epsilon(config.defenses, config).epsilon)
+    setting = setting_from_run(run_info, config) if run_info is not None else describe_setting(config.defenses, config)
+    return setting.payload_guarantee.epsilon
 
 
 def model_epsilons(run_info: dict, eps_payload: float) -> tuple[float, float]:
-    """(clients, server) formal ε of the models: DP-SGD's accountant where it ran; the server model is
-    trained on payloads only, so it is never worse than the payload channel (post-processing)."""
-    clients, server = math.inf, eps_payload
-    for hook in run_info.get("hooks", []):
-        if hook.get("name") == "dp-sgd":
-            eps = {k: (math.inf if v is None or v == "inf" else float(v)) for k, v in hook["epsilon"].items()}
-            client_eps = [v for k, v in eps.items() if k.startswith("client")]
-            if client_eps:
-                clients = max(client_eps)
-            if "server" in eps:
-                server = min(server, eps["server"])
-    return clients, server
+    """(clients, server) formal ε of the models, read by the defenses from the run's hook records: DP-SGD's
+    accountant where it ran; the server model is trained on payloads only, so it is never worse than the
+    payload channel (post-processing)."""
+    from collafuse.defenses import HookRecord, model_epsilon
+
+    return model_epsilon([HookRecord.from_json(h) for h in run_info.get("hooks", [])], eps_payload)
 
 
 def formal_rows(eps_payload: float, eps_clients: float | None, eps_server: float | None) -> list[dict[str, Any]]:
@@ -146,13 +150,6 @@ def formal_rows(eps_payload: float, eps_clients: float | None, eps_server: float
 
 # -- the two kinds of cell --------------------------------------------------------------
 
-def _attacker_denoiser(aux_images: torch.Tensor, schedule: NoiseSchedule, seed: int, cache_dir: Path):
-    from collafuse.attacks.reconstruction.denoiser import DenoiserConfig, load_or_train
-
-    denoiser, _, _ = load_or_train(aux_images, schedule, DenoiserConfig(seed=seed), cache_dir / "denoisers")
-    return denoiser
-
-
 def _release_hooks(config) -> tuple:
     if not config.defenses:
         return ()
@@ -163,9 +160,9 @@ def _release_hooks(config) -> tuple:
 
 def payload_cell(cell: Cell, cache_dir: Path) -> CellOutput:
     """T1 from the data, the schedule and the release-side defenses alone: no system is trained."""
-    from collafuse.attacks.reconstruction.curve import simulate_view, truth_for
+    from collafuse.attacks.reconstruction.curve import simulate_rounds, truth_for
+    from collafuse.attacks.reconstruction.engine import attacker_resources
     from collafuse.attacks.reconstruction.evaluate import evaluate_view
-    from collafuse.attacks.reconstruction.view import AttackerResources
 
     cfg = cell.run_config
     images, splits = prepare_data(cfg)
@@ -176,17 +173,19 @@ def payload_cell(cell: Cell, cache_dir: Path) -> CellOutput:
         return CellOutput(rows)
     attacks = cell.attacks["T1"]
     aux = images.subset(splits.aux)
-    denoiser = _attacker_denoiser(aux.images, schedule, cfg.seed, cache_dir) if {"tweedie", "ddim"} & set(attacks) else None
     send_labels = cfg.conditional and images.labels is not None
-    view, member = simulate_view(images, splits, schedule, cfg.t_c, cell.epochs, cfg.training.payload,
-                                 cfg.training.batch_size, cfg.seed, send_labels, _release_hooks(cfg))
+    sim = simulate_rounds(images, splits, schedule, cfg.t_c, cell.epochs, cfg.training.payload,
+                          cfg.training.batch_size, cfg.seed, send_labels, _release_hooks(cfg))
+    view, member = sim.view, sim.member
     pool = torch.cat([splits.members, splits.nonmembers])
-    resources = AttackerResources(aux=aux if len(aux) else None, denoiser=denoiser, candidates=images.images[pool],
-                                  epochs=cell.epochs, seed=cfg.seed)
-    ev = evaluate_view(view, schedule, truth_for(member, view, images, splits), resources, attacks, images.num_classes)
+    resources, _ = attacker_resources(aux, images.images[pool], schedule, attacks, seed=cfg.seed, epochs=cell.epochs,
+                                      denoiser_cache=cache_dir / DENOISER_CACHE)
+    ev = evaluate_view(view, schedule, truth_for(member, view, images, splits, sim.sender), resources, attacks,
+                       images.num_classes)
     rows.append(_row("T1", "payload", "count", "payload_rows", len(view)))
     rows.extend(reconstruction_rows(ev, cfg.seed))
-    picks = _grid_rows(member, view.client)
+    rows.extend(sender_rows(view, sim.sender, cfg.data.num_clients))
+    picks = _grid_rows(member, sim.sender)
     png, labels = reconstruction_grid(ev, images.images[member[picks]], picks)
     return CellOutput(rows, {"reconstructions.png": png}, {"reconstruction_rows": labels})
 
@@ -211,29 +210,6 @@ def trained_system(cell: Cell, cache_dir: Path) -> tuple[Path, bool]:
     return path, False
 
 
-def _reconstruction_on_run(run: Run, names: tuple[str, ...], cache_dir: Path):
-    from collafuse.attacks.reconstruction.command import resolve_truth_rows
-    from collafuse.attacks.reconstruction.curve import POOL_DESCRIPTION
-    from collafuse.attacks.reconstruction.evaluate import evaluate_view
-    from collafuse.attacks.reconstruction.scoring import Truth
-    from collafuse.attacks.reconstruction.view import AttackerResources, ViewArrays
-    from collafuse.transcript import AuditKey, ServerView
-
-    cfg = run.config
-    view = ViewArrays.from_server_view(ServerView.open(run.path))  # the attacks see this only
-    data, splits = run.load_data()
-    aux = data.subset(splits.aux)
-    member, sender = resolve_truth_rows(view, AuditKey.open(run.path))  # scorer side
-    pool = torch.cat([splits.members, splits.nonmembers])
-    truth = Truth(member, sender, data.images, data.labels, {k: idx for k, idx in enumerate(splits.clients)}, pool,
-                  POOL_DESCRIPTION)
-    denoiser = _attacker_denoiser(aux.images, run.schedule, cfg.seed, cache_dir) if {"tweedie", "ddim"} & set(names) else None
-    resources = AttackerResources(aux=aux if len(aux) else None, denoiser=denoiser, candidates=data.images[pool],
-                                  epochs=cfg.training.epochs, seed=cfg.seed)
-    ev = evaluate_view(view, run.schedule, truth, resources, names, data.num_classes)
-    return ev, view, member, sender, data
-
-
 def _thin(fpr: np.ndarray, tpr: np.ndarray) -> tuple[list[float], list[float]]:
     if fpr.size > ROC_POINTS:
         keep = np.unique(np.r_[0, np.linspace(0, fpr.size - 1, ROC_POINTS).round().astype(int), fpr.size - 1])
@@ -247,32 +223,32 @@ MEMBERSHIP_TARGETS = {"T1": "payload", "T2": "server", "T3": "client", "T4": "sa
 def membership_rows(run: Run, cell: Cell, samples: dict[int, torch.Tensor]) -> tuple[list[dict[str, Any]], dict]:
     """Every requested membership attack on its threat's targets: rows and ROC curves."""
     from collafuse.attacks.membership.catalog import ATTACKS
-    from collafuse.attacks.membership.command import AuditSettings, run_audit
+    from collafuse.attacks.membership.engine import MembershipSettings, run_membership
 
     rows, roc = [], {}
-    settings = AuditSettings(n_samples=cell.samples_per_client)
+    settings = MembershipSettings(n_samples=cell.samples_per_client)
     for threat, target in MEMBERSHIP_TARGETS.items():
         names = tuple(a for a in cell.attacks.get(threat, ()) if a in ATTACKS)
         if not names:
             continue
-        report, raw = run_audit(run, names, (target,), settings, samples=samples)
-        for key, entry in report["targets"].items():
-            if not entry["available"]:
+        result = run_membership(run, names, (target,), settings, samples=samples)
+        for key, entry in result.targets.items():
+            if not entry.available:
                 continue
-            for name, r in entry.get("attacks", {}).items():
-                auc_ci = r["auc_ci"] or [None, None]
-                tpr = r["tpr_at_fpr"]["0.01"]
-                tpr_ci = tpr["ci"] or [None, None]
-                rows.append(_row(threat, key, name, "auc", r["auc"], *auc_ci))
-                rows.append(_row(threat, key, name, "tpr_at_1pct_fpr", tpr["tpr"], *tpr_ci))
-                rows.append(_row(threat, key, name, "epsilon_lb", r["epsilon"]["clopper_pearson"]["epsilon_lb"]))
-        for key, results in raw.items():
+            for name, outcome in entry.attacks.items():
+                m = outcome.metrics
+                tpr = m.at_fpr(0.01).tpr
+                rows.append(_row(threat, key, name, "auc", m.auc.value, m.auc.low, m.auc.high))
+                rows.append(_row(threat, key, name, "tpr_at_1pct_fpr", tpr.value, tpr.low, tpr.high))
+                rows.append(_row(threat, key, name, "epsilon_lb", outcome.epsilon_lb))
+            if not entry.attacks:
+                continue
             roc[key] = {}
-            for name, res in results.items():
-                labels = np.r_[np.ones(res.member_scores.size), np.zeros(res.nonmember_scores.size)]
-                fpr, tpr, _ = roc_curve(labels, np.r_[res.member_scores, res.nonmember_scores])
+            for name, outcome in entry.attacks.items():
+                labels = np.r_[np.ones(outcome.member_scores.size), np.zeros(outcome.nonmember_scores.size)]
+                fpr, tpr, _ = roc_curve(labels, np.r_[outcome.member_scores, outcome.nonmember_scores])
                 f, t = _thin(fpr, tpr)
-                roc[key][name] = {"fpr": f, "tpr": t, "auc": report["targets"][key]["attacks"][name]["auc"]}
+                roc[key][name] = {"fpr": f, "tpr": t, "auc": outcome.metrics.auc.value}
     return rows, roc
 
 
@@ -315,8 +291,21 @@ def utility_rows(run: Run, cell: Cell, cache_dir: Path, samples: dict[int, torch
     return rows
 
 
+def _run_sender_rows(run: Run) -> list[dict[str, Any]]:
+    from collafuse.attacks.reconstruction.engine import resolve_truth_rows
+    from collafuse.attacks.reconstruction.view import ViewArrays
+    from collafuse.transcript import AuditKey, ServerView
+
+    view = ViewArrays.from_server_view(ServerView.open(run.path))
+    if len(view) == 0:
+        return []
+    _, sender = resolve_truth_rows(view, AuditKey.open(run.path))  # scorer side only
+    return sender_rows(view, sender, run.config.data.num_clients)
+
+
 def system_cell(cell: Cell, cache_dir: Path) -> CellOutput:
     """Train (or load) the system, attack it under every threat, measure its utility and cost."""
+    from collafuse.attacks.reconstruction.engine import reconstruct_run
     from collafuse.attacks.reconstruction.registry import RECONSTRUCTION_ATTACKS
 
     path, cached = trained_system(cell, cache_dir)
@@ -330,11 +319,15 @@ def system_cell(cell: Cell, cache_dir: Path) -> CellOutput:
     if run.server_model is None:
         rows.append(_row("T1", "payload", "count", "payload_rows", 0))
     elif recon:
-        ev, view, member, sender, data = _reconstruction_on_run(run, recon, cache_dir)
-        rows.append(_row("T1", "payload", "count", "payload_rows", len(view)))
+        attacked = reconstruct_run(run, recon, denoiser_cache=cache_dir / DENOISER_CACHE)
+        ev, truth = attacked.evaluation, attacked.truth
+        rows.append(_row("T1", "payload", "count", "payload_rows", len(attacked.view)))
         rows.extend(reconstruction_rows(ev, cfg.seed))
-        picks = _grid_rows(member, sender)
-        artifacts["reconstructions.png"], info["reconstruction_rows"] = reconstruction_grid(ev, data.images[member[picks]], picks)
+        picks = _grid_rows(truth.member, truth.client)
+        artifacts["reconstructions.png"], info["reconstruction_rows"] = reconstruction_grid(
+            ev, truth.source[truth.member[picks]], picks)
+    if run.server_model is not None:  # every setting with payloads: does the server know who sent each?
+        rows.extend(_run_sender_rows(run))
     samples = client_samples(run, cell)
     mrows, roc = membership_rows(run, cell, samples)
     rows.extend(mrows)
@@ -346,10 +339,12 @@ def system_cell(cell: Cell, cache_dir: Path) -> CellOutput:
 
 def shared_resources(cell: Cell) -> list[tuple[str, str]]:
     """(key, kind) of the cached resources this cell shares with others (kind: "denoiser", "classifier")."""
+    from collafuse.attacks.reconstruction.registry import RECONSTRUCTION_ATTACKS
+
     cfg = cell.run_config
     data_key = json.dumps(cfg.data.model_dump(mode="json"), sort_keys=True)
     out = []
-    if {"tweedie", "ddim"} & set(cell.attacks.get("T1", ())) and cfg.t_c < cfg.diffusion.T:
+    if RECONSTRUCTION_ATTACKS.needing("denoiser", cell.attacks.get("T1", ())) and cfg.t_c < cfg.diffusion.T:
         out.append((f"denoiser|{data_key}|{cfg.diffusion.schedule}|{cfg.diffusion.T}|{cfg.seed}", "denoiser"))
     if cell.kind == "system":
         out.append((f"classifier|{data_key}|{cfg.seed}", "classifier"))
@@ -366,8 +361,11 @@ def build_shared(kind: str, cell: Cell, cache_dir: Path | str) -> str:
     try:
         with threadpool_limits(1):
             if kind == "denoiser":
+                from collafuse.attacks.reconstruction.denoiser import DenoiserConfig, load_or_train
+
                 schedule = NoiseSchedule.create(cfg.diffusion.schedule, cfg.diffusion.T)
-                _attacker_denoiser(images.images[splits.aux], schedule, cfg.seed, Path(cache_dir))
+                load_or_train(images.images[splits.aux], schedule, DenoiserConfig(seed=cfg.seed),
+                              Path(cache_dir) / DENOISER_CACHE)
             elif kind == "classifier" and images.labels is not None and images.num_classes > 0:
                 from collafuse.benchmarks.audit.utility import load_or_train_feature_classifier
 

@@ -23,10 +23,11 @@ from typing import Any
 
 from collafuse import __version__
 from collafuse.errors import ConfigError, RunError
+from collafuse.fsutil import LOCK_NAME, folder_lock, is_lock_file, probe_writable, sweep_stale_partials
 
 from collafuse.benchmarks.audit.grid import load_grid
 from collafuse.benchmarks.audit.policy import check_against_grid, load_policy, verdict
-from collafuse.benchmarks.audit.results import collect, write_results
+from collafuse.benchmarks.audit.results import collect, json_number, write_results
 from collafuse.benchmarks.audit.runner import BACKENDS, CELLS_DIR, run_sweep
 
 AUDIT_JSON = "audit.json"
@@ -55,7 +56,8 @@ def check_audit_dir(out: Path) -> None:
     """An audit writes into a new or empty folder, or resumes one it wrote; anything else is refused."""
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out} exists and is not a folder")
-    if out.is_dir() and any(out.iterdir()) and not ((out / CELLS_DIR).is_dir() or (out / AUDIT_JSON).is_file()):
+    if out.is_dir() and any(out.iterdir()) and not ((out / CELLS_DIR).is_dir() or (out / AUDIT_JSON).is_file()
+                                                     or is_lock_file(out / LOCK_NAME)):
         raise ConfigError(f"--out {out} is a non-empty folder that is not an audit; choose a new folder")
 
 
@@ -80,20 +82,35 @@ def _write_json_atomic(path: Path, obj: Any) -> None:
         raise
 
 
-def _json_number(x: float | None) -> float | str | None:
-    if x is None:
-        return None
-    return x if abs(x) != float("inf") else ("inf" if x > 0 else "-inf")
+def _sender_at_chance(df, defense: str) -> bool | None:
+    """Was sender identification at chance in every cell of ``defense`` that measured it? None: none did."""
+    from collafuse.attacks.linkage.sender import NAME, at_chance
+
+    sub = df[(df.defense == defense) & (df.attack == NAME)]
+    outcomes = []
+    for _, cell_rows in sub.groupby("config_hash", sort=False):
+        acc = cell_rows[cell_rows.metric == "accuracy"]
+        chance = cell_rows[cell_rows.metric == "chance"]
+        if len(acc) and len(chance):
+            outcomes.append(at_chance(acc.ci_low.iloc[0], acc.ci_high.iloc[0], chance.value.iloc[0]))
+    outcomes = [o for o in outcomes if o is not None]
+    return all(outcomes) if outcomes else None
 
 
-def _coverage(cells) -> dict[str, dict[str, list[str]]]:
-    """Defense setting → threat → the defenses in it that address the threat (empty: uncovered)."""
+def _coverage(cells, df=None) -> dict[str, dict[str, list[str]]]:
+    """Defense setting → threat → the defenses in it that address the threat (empty: uncovered).
+
+    With the results table ``df``, measured credits apply: ``minimize:id-free`` covers T1 only
+    where sender identification was at chance in every cell of the setting (DESIGN.md §5 (d))."""
     from collafuse.defenses import coverage
+    from collafuse.defenses.coverage import credit_measured
 
     out: dict[str, dict[str, list[str]]] = {}
     for cell in cells:
         if cell.defense not in out:
             out[cell.defense] = coverage(cell.run_config.defenses, cell.run_config)
+            if df is not None:
+                out[cell.defense] = credit_measured(out[cell.defense], _sender_at_chance(df, cell.defense))
     return out
 
 
@@ -123,7 +140,7 @@ def _cell_entry(cell, record: dict) -> dict[str, Any]:
     """audit.json's description of one finished cell: its config, timing and artifact paths."""
     artifacts = record["artifacts"]
     entry: dict[str, Any] = {k: v for k, v in record["cell"].items() if k != "run_config"}
-    entry.update({"cell": cell.cell_id, "config_hash": cell.config_hash, "t_c": cell.t_c,
+    entry.update({"cell": cell.cell_id, "config_hash": cell.config_hash, "t_c": cell.t_c, "baseline": cell.baseline,
                   "seconds": record["info"].get("seconds"), "run_config": record["cell"]["run_config"],
                   "artifacts": {}})
     if "reconstructions.png" in artifacts:
@@ -154,10 +171,19 @@ def run_audit_command(
     check_backend(backend, jobs)  # before anything is written
     cache_dir = Path(cache) if cache else default_cache()
     cells = grid.cells()
+    probe_writable(audit_dir, "--out")  # a read-only output or cache folder: one line, before any work
+    probe_writable(cache_dir, "--cache")
+    audit_dir.mkdir(parents=True, exist_ok=True)
+    with folder_lock(audit_dir, "audit folder"):  # a second audit on it: LockedError (one line, exit 2)
+        sweep_stale_partials(cache_dir, depth=2)  # trained systems, denoisers of killed sweeps (dead writers only)
+        return _sweep_and_report(grid, pol, cells, audit_dir, cache_dir, quick, jobs, backend, address, progress)
 
+
+def _sweep_and_report(grid, pol, cells, audit_dir: Path, cache_dir: Path, quick: bool, jobs: int, backend: str,
+                      address: str | None, progress: bool) -> int:
+    """The sweep, the table, audit.json and the report, under the audit folder's lock."""
     started_at = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     started = time.perf_counter()
-    audit_dir.mkdir(parents=True, exist_ok=True)
     with _interrupt_flag() as interrupted:
         try:
             stats = run_sweep(cells, audit_dir, cache_dir, jobs, backend, address, progress)
@@ -174,10 +200,10 @@ def run_audit_command(
         rec = decision["recommendation"]
         sel = df[(df.config_hash == rec["config_hash"]) & (df.metric == "client_gflops_sample")]["value"]
         rec["client_gflops"] = float(sel.iloc[0]) if len(sel) else None
-        rec["cost"] = _json_number(rec["cost"])
+        rec["cost"] = json_number(rec["cost"])
     for e in evaluations:
         for c in e["checks"]:
-            c["observed"] = _json_number(c["observed"])
+            c["observed"] = json_number(c["observed"])
     wall = time.perf_counter() - started
     meta = {
         "collafuse_version": __version__,
@@ -197,7 +223,7 @@ def run_audit_command(
         "cells": [_cell_entry(c, records[c.config_hash]) for c in cells],
         "evaluations": evaluations,
         "verdict": decision,
-        "coverage": _coverage(cells),
+        "coverage": _coverage(cells, df),
     }
     write_results(df, audit_dir)
     _write_json_atomic(audit_dir / AUDIT_JSON, meta)
@@ -205,7 +231,8 @@ def run_audit_command(
 
     html, md = write_report(audit_dir)
     print(decision["text"])
-    print(f"{len(stats.computed)} cells computed, {len(stats.reused)} reused; {wall:.1f} s")
+    redone = f" ({len(stats.recomputed)} because their cell file did not verify)" if stats.recomputed else ""
+    print(f"{len(stats.computed)} cells computed{redone}, {len(stats.reused)} reused; {wall:.1f} s")
     print(f"report: {html} and {md}")
     return EXIT_PASS if decision["status"] == "pass" else EXIT_FAIL
 

@@ -22,14 +22,14 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from collafuse.config import DEFAULT_CONFIG, RunConfig, config_from_dict
 from collafuse.errors import ConfigError
+from collafuse.safeio import parse_yaml, read_text, short_repr
+from collafuse.threats import THREAT_IDS
 
 CELL_FORMAT = 1  # bump when a cell's computation changes meaning: old cached cells stop matching
-THREAT_KEYS = ("T1", "T2", "T3", "T4")
 
 
 class _Strict(BaseModel):
@@ -127,6 +127,14 @@ class Cell:
     def t_c(self) -> int:
         return self.run_config.t_c
 
+    @property
+    def baseline(self) -> str | None:
+        """"local-only" (c = 1: every client trains alone, nothing crosses) or "central" (c = 0: the server
+        trains on the raw images) for a trained system with no defense (DESIGN §2.4); None otherwise."""
+        if self.kind != "system" or self.run_config.defenses:
+            return None
+        return "local-only" if self.cut_ratio == 1.0 else "central" if self.cut_ratio == 0.0 else None
+
 
 def canonical_hash(obj: Any) -> str:
     """16 hex digits of sha256 over canonical JSON: the same config always gives the same key."""
@@ -163,17 +171,13 @@ def _embedded(name: str) -> str:
 
 def read_yaml(path: Path | str | None, embedded: str, what: str) -> tuple[Any, str, str]:
     """(parsed YAML, its text, where it came from) for ``path``, or the embedded file of that name."""
+    # collafuse.safeio: any readable file (a pipe too), bounded size, depth and aliases, no duplicate keys
     if path is None:
         text, source = _embedded(embedded), f"embedded {embedded}"
     else:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"{what} file not found: {path}")
-        text, source = path.read_text(), str(path)
-    try:
-        return yaml.safe_load(text) or {}, text, source
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{source}: not valid YAML ({str(exc).splitlines()[0]})") from None
+        text, source = read_text(Path(path), what, ConfigError), str(path)
+    raw = parse_yaml(text, source, ConfigError)
+    return ({} if raw is None else raw), text, source
 
 
 def load_grid(path: Path | str | None, quick: bool = False) -> Grid:
@@ -196,6 +200,9 @@ def _run_config(spec: GridSpec, dataset: str, c: float, payload_kind: str, defen
     for section, value in spec.base.items():
         if section not in raw:
             raise ConfigError(f"grid error: unknown run-config section 'base.{section}'")
+        if isinstance(raw[section], dict) and not isinstance(value, dict):
+            raise ConfigError(f"grid error: base.{section} must be a mapping of {section} settings, "
+                              f"got {short_repr(value, 60)}")
         raw[section] = {**raw[section], **value} if isinstance(value, dict) and isinstance(raw[section], dict) else value
     raw["data"] = {**raw["data"], **spec.datasets[dataset]}
     raw["diffusion"] = {**raw["diffusion"], "cut_ratio": c}
@@ -248,8 +255,8 @@ def validate(cells: list[Cell], spec: GridSpec) -> None:
                               f"valid: {', '.join(RECONSTRUCTION_ATTACKS.names())}")
     for block in spec.systems:
         for threat, names in block.attacks.items():
-            if threat not in THREAT_KEYS:
-                raise ConfigError(f"grid error: systems.attacks: unknown threat {threat!r}; valid: {', '.join(THREAT_KEYS)}")
+            if threat not in THREAT_IDS:
+                raise ConfigError(f"grid error: systems.attacks: unknown threat {threat!r}; valid: {', '.join(THREAT_IDS)}")
             for name in names:
                 ok = (threat == "T1" and name in RECONSTRUCTION_ATTACKS) or (
                     name in MEMBERSHIP and threat in MEMBERSHIP.get(name).threats)
@@ -266,6 +273,7 @@ def validate(cells: list[Cell], spec: GridSpec) -> None:
             parsed = parse_specs(cell.run_config.defenses)
         except ConfigError as exc:
             raise ConfigError(f"grid error: defense setting {cell.defense!r}: {exc}") from None
-        if cell.kind == "payload" and any(s.name == "dp-sgd" for s in parsed):
-            raise ConfigError(f"grid error: payload_curve.defenses.{cell.defense}: dp-sgd acts on training, "
+        on_training = [s.name for s in parsed if s.acts_on_training]
+        if cell.kind == "payload" and on_training:
+            raise ConfigError(f"grid error: payload_curve.defenses.{cell.defense}: {on_training[0]} acts on training, "
                               "not on payloads; put it under systems.defenses")

@@ -27,6 +27,7 @@ from typing import Any
 import pandas as pd
 
 from collafuse.errors import ConfigError
+from collafuse.threats import THREAT_IDS
 
 from collafuse.benchmarks.audit.grid import Cell, GridSpec, read_yaml
 
@@ -112,14 +113,14 @@ def check_against_grid(policy: Policy, spec: GridSpec) -> None:
 
     blocks = [b for b in spec.systems if b.cut_ratios and b.defenses and b.payload_kinds]
     systems = bool(blocks)
-    attacked = {t: {a for b in blocks for a in b.attacks.get(t, ())} for t in ("T1", "T2", "T3", "T4")}
+    attacked = {t: {a for b in blocks for a in b.attacks.get(t, ())} for t in THREAT_IDS}
     t1_recon = bool(spec.payload_curve.cut_ratios and spec.payload_curve.attacks) or any(
         a not in MEMBERSHIP for a in attacked["T1"])
     t1_member = any(a in MEMBERSHIP for a in attacked["T1"])
     for limit in policy.limits:
         if limit.threat == "T1":
             ok = t1_member if limit.metric in MEMBERSHIP_METRICS else t1_recon
-        elif limit.threat in ("T2", "T3", "T4"):
+        elif limit.threat in THREAT_IDS:  # T2..T4 (T1 above)
             ok = bool(attacked[limit.threat])
         elif limit.threat == "utility":
             ok = systems
@@ -187,6 +188,50 @@ def _describe(cell: Cell) -> str:
     return f"c = {cell.cut_ratio:g} with {cell.defense} ({cell.kind}, {cell.payload_kind} payloads, seed {cell.seed})"
 
 
+def _pooled_accuracy(df: pd.DataFrame, config_hash: str) -> float | None:
+    sel = df[(df.config_hash == config_hash) & (df.threat == "utility") & (df.target == "pooled")
+             & (df.metric == "accuracy")]["value"].dropna()
+    return float(sel.iloc[0]) if len(sel) else None
+
+
+def _metric_value(df: pd.DataFrame, config_hash: str, metric: str) -> float | None:
+    sel = df[(df.config_hash == config_hash) & (df.threat == "cost") & (df.metric == metric)]["value"].dropna()
+    return float(sel.iloc[0]) if len(sel) else None
+
+
+def baseline_comparison(cell: Cell, cells: list[Cell], df: pd.DataFrame, cost_metric: str) -> dict[str, Any] | None:
+    """The recommended cell against the local-only baseline (c = 1, same dataset, seed and payload kind):
+    client cost of each, the fraction saved, and each one's pooled sample accuracy. None without a baseline."""
+    base = next((c for c in cells if c.baseline == "local-only" and c.dataset == cell.dataset and c.seed == cell.seed),
+                None)
+    if base is None:
+        return None
+    cost, base_cost = _metric_value(df, cell.config_hash, cost_metric), _metric_value(df, base.config_hash, cost_metric)
+    saved = None if cost is None or not base_cost else 1.0 - cost / base_cost
+    return {"baseline_cell": base.cell_id, "cost_metric": cost_metric, "cost": cost, "baseline_cost": base_cost,
+            "saved_fraction": saved, "accuracy": _pooled_accuracy(df, cell.config_hash),
+            "baseline_accuracy": _pooled_accuracy(df, base.config_hash)}
+
+
+def against_baseline(cell: Cell, cells: list[Cell], df: pd.DataFrame, cost_metric: str, cost: float) -> str:
+    """The recommendation against training alone, in plain words, for the verdict sentence."""
+    if cell.baseline == "local-only":
+        return "That is training alone (local-only, c = 1): no split setting that saves client compute passes."
+    cmp = baseline_comparison(cell, cells, df, cost_metric)
+    if cmp is None:
+        return "The grid has no local-only baseline (c = 1) to compare it with."
+    if cmp["saved_fraction"] is None:
+        return "Its client compute against training alone was not measured."
+    def fmt(a: float | None) -> str:
+        return "not measured" if a is None else f"{a:.2f}"
+
+    saves = cmp["saved_fraction"]
+    verb = f"saves {saves:.0%}" if saves >= 0 else f"costs {-saves:.0%} more"
+    return (f"Against training alone (local-only, c = 1) it {verb} of the client compute "
+            f"({cost_metric} {cmp['cost']:.3g} vs {cmp['baseline_cost']:.3g}); "
+            f"sample accuracy {fmt(cmp['accuracy'])} vs {fmt(cmp['baseline_accuracy'])}.")
+
+
 def verdict(policy: Policy, cells: list[Cell], df: pd.DataFrame) -> tuple[list[dict], dict[str, Any]]:
     """(evaluations per cell, the verdict with the recommendation)."""
     evaluations = [evaluate_cell(policy, cell, df[df.config_hash == cell.config_hash]) for cell in cells]
@@ -207,7 +252,8 @@ def verdict(policy: Policy, cells: list[Cell], df: pd.DataFrame) -> tuple[list[d
             "why": f"the least {policy.minimize} ({cost(best):.4g}) among the {len(passing)} complete settings that pass",
         }
         text = (f"PASS: {len(passing)} of {len(complete)} fully audited settings meet the policy; "
-                f"recommended: {_describe(cell)}.")
+                f"recommended: {_describe(cell)}. {against_baseline(cell, cells, df, policy.minimize, cost(best))}")
+        rec["against_local_only"] = baseline_comparison(cell, cells, df, policy.minimize)
         status = "pass"
     else:
         rec = None

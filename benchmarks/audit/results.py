@@ -2,7 +2,11 @@
 
 One row per (cell, threat, target, attack, metric) with the value, its 95 % interval,
 the seed and the config hash, in grid order. Written as CSV and JSON (atomically:
-temporary file, then rename), read back by the policy and the report.
+temporary file, then rename), read back by :func:`read_results` (the report's reader).
+
+JSON has no infinity: a float ±inf (ε = ∞, no bound) is written as the string "inf" /
+"-inf" by :func:`json_number` and read back by :func:`to_float`, the audit's one pair of
+converters (cell files, ``results.json`` and ``audit.json`` all use them).
 """
 from __future__ import annotations
 
@@ -12,19 +16,56 @@ import os
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from collafuse.errors import RunError
 
 from collafuse.benchmarks.audit.grid import Cell
-from collafuse.benchmarks.audit.runner import read_cell
 
 CELL_COLUMNS = ["cell", "config_hash", "kind", "dataset", "cut_ratio", "t_c", "defense", "payload_kind", "epochs", "seed"]
 ROW_COLUMNS = ["threat", "target", "attack", "metric", "value", "ci_low", "ci_high"]
 COLUMNS = CELL_COLUMNS + ROW_COLUMNS
 RESULTS_CSV = "results.csv"
 RESULTS_JSON = "results.json"
+# What read_results needs in every row; the other columns of COLUMNS get these defaults when absent.
+REQUIRED_COLUMNS = ("cell", "kind", "cut_ratio", "defense", "threat", "target", "attack", "metric", "value")
+OPTIONAL_COLUMNS = {"config_hash": "", "dataset": "", "t_c": np.nan, "payload_kind": "", "epochs": np.nan,
+                    "seed": np.nan, "ci_low": np.nan, "ci_high": np.nan}
+FLOAT_COLUMNS = ("value", "ci_low", "ci_high", "cut_ratio", "seed")
+TEXT_COLUMNS = ("cell", "kind", "defense", "threat", "target", "attack", "metric", "dataset", "payload_kind")
+_INF = {"inf": math.inf, "+inf": math.inf, "infinity": math.inf, "+infinity": math.inf, "∞": math.inf,
+        "-inf": -math.inf, "-infinity": -math.inf, "-∞": -math.inf}
 
+
+# ----------------------------------------------------------------------------- JSON numbers
+
+def json_number(x: Any) -> Any:
+    """``x`` ready for ``json.dumps(..., allow_nan=False)``: a float ±inf becomes "inf" / "-inf".
+
+    Anything else is returned unchanged (NaN included: a table's NaN is written as null by
+    :func:`to_records`; elsewhere it is an error that ``json.dumps`` reports)."""
+    if isinstance(x, float) and math.isinf(x):
+        return "inf" if x > 0 else "-inf"
+    return x
+
+
+def to_float(x: Any) -> float:
+    """A number as JSON holds it, back as a float: null → NaN, "inf" / "-inf" (also "∞") → ±inf,
+    anything that is not a number → NaN."""
+    if x is None:
+        return math.nan
+    if isinstance(x, str):
+        inf = _INF.get(x.strip().lower())
+        if inf is not None:
+            return inf
+    try:
+        return float(x)
+    except (TypeError, ValueError):
+        return math.nan
+
+
+# ----------------------------------------------------------------------------- writing
 
 def cell_columns(cell: Cell) -> dict[str, Any]:
     return {"cell": cell.cell_id, "config_hash": cell.config_hash, "kind": cell.kind, "dataset": cell.dataset,
@@ -34,6 +75,8 @@ def cell_columns(cell: Cell) -> dict[str, Any]:
 
 def collect(cells: list[Cell], audit_dir: Path) -> tuple[pd.DataFrame, dict[str, dict]]:
     """The table for exactly these cells (every one must be finished) and each cell's record."""
+    from collafuse.benchmarks.audit.runner import read_cell  # the runner encodes its rows with json_number
+
     rows, records = [], {}
     for cell in cells:
         if cell.config_hash in records:
@@ -44,27 +87,19 @@ def collect(cells: list[Cell], audit_dir: Path) -> tuple[pd.DataFrame, dict[str,
         records[cell.config_hash] = record
         base = cell_columns(cell)
         rows.extend({**base, **{k: r.get(k) for k in ROW_COLUMNS}} for r in record["rows"])
-    return _numeric(pd.DataFrame(rows, columns=COLUMNS)), records
-
-
-def _numeric(df: pd.DataFrame) -> pd.DataFrame:
-    """Value columns as floats ("inf" strings → inf, null → NaN)."""
+    df = pd.DataFrame(rows, columns=COLUMNS)
     for col in ("value", "ci_low", "ci_high", "cut_ratio"):
-        df[col] = pd.to_numeric(df[col].replace({"inf": math.inf, "-inf": -math.inf}), errors="coerce").astype(float)
-    return df
+        df[col] = _floats(df[col])
+    return df, records
 
 
-def _json_value(v: Any) -> Any:
-    if isinstance(v, float):
-        if math.isnan(v):
-            return None
-        if math.isinf(v):
-            return "inf" if v > 0 else "-inf"
-    return v
+def _floats(column: pd.Series) -> pd.Series:
+    return column.map(to_float).astype(float)
 
 
 def to_records(df: pd.DataFrame) -> list[dict[str, Any]]:
-    return [{k: _json_value(v) for k, v in row.items()} for row in df.astype(object).where(df.notna(), None).to_dict("records")]
+    """The table's rows as JSON objects: NaN → null, ±inf → "inf" / "-inf"."""
+    return [{k: json_number(v) for k, v in row.items()} for row in df.astype(object).where(df.notna(), None).to_dict("records")]
 
 
 def write_results(df: pd.DataFrame, audit_dir: Path) -> tuple[Path, Path]:
@@ -85,12 +120,48 @@ def write_results(df: pd.DataFrame, audit_dir: Path) -> tuple[Path, Path]:
     return paths[0], paths[1]
 
 
-def read_results(audit_dir: Path) -> pd.DataFrame:
-    """results.json back as a DataFrame ("inf" strings → float inf)."""
-    path = Path(audit_dir) / RESULTS_JSON
+# ----------------------------------------------------------------------------- reading
+
+def read_audit_file(audit_dir: Path, name: str) -> Any:
+    """The parsed JSON of ``audit_dir/name``; :class:`RunError` (one line) if it is missing or corrupt."""
+    audit_dir = Path(audit_dir)
+    path = audit_dir / name
+    if not path.is_file():
+        raise RunError(f"{audit_dir} is not an audit folder: {name} is missing")
     try:
-        records = json.loads(path.read_text())
-        df = pd.DataFrame(records, columns=COLUMNS)
-    except (OSError, json.JSONDecodeError, TypeError, ValueError) as exc:
-        raise RunError(f"{path}: not a readable audit results table ({str(exc).splitlines()[0]})") from None
-    return _numeric(df)
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
+        raise RunError(f"{path} is corrupt: {type(err).__name__}: {str(err).splitlines()[0]}") from None
+
+
+def read_results(audit_dir: Path) -> pd.DataFrame:
+    """``results.json`` of an audit folder as the table: one row per JSON row, index 0..n-1.
+
+    Every column of :data:`COLUMNS` is present (absent optional ones get their default; extra
+    columns are kept);
+    value, ci_low, ci_high, cut_ratio and seed are floats (null → NaN, "inf" → inf); the
+    text columns are strings ("" for null). :class:`RunError` (one line) if the folder or
+    the file is missing, the file is not JSON, not a list of objects, or lacks a
+    :data:`REQUIRED_COLUMNS` column.
+    """
+    audit_dir = Path(audit_dir)
+    if not audit_dir.is_dir():
+        raise RunError(f"{audit_dir} is not an audit folder: it does not exist")
+    path = audit_dir / RESULTS_JSON
+    rows = read_audit_file(audit_dir, RESULTS_JSON)
+    if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
+        raise RunError(f"{path} is corrupt: expected a JSON list of row objects")
+    frame = pd.DataFrame(rows)
+    if frame.empty:
+        frame = pd.DataFrame(columns=[*REQUIRED_COLUMNS, *OPTIONAL_COLUMNS])
+    missing = [c for c in REQUIRED_COLUMNS if c not in frame.columns]
+    if missing:
+        raise RunError(f"{path} is corrupt: rows lack the column(s) {', '.join(missing)}")
+    for column, default in OPTIONAL_COLUMNS.items():
+        if column not in frame.columns:
+            frame[column] = default
+    for column in FLOAT_COLUMNS:
+        frame[column] = _floats(frame[column])
+    for column in TEXT_COLUMNS:
+        frame[column] = frame[column].fillna("").astype(str)
+    return frame.reset_index(drop=True)

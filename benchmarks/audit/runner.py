@@ -1,22 +1,33 @@
 """Run the cells of a grid: locally in processes, or on Ray; cached, resumable (issue 6 item 2).
 
 A finished cell is one file, ``AUDIT_DIR/cells/<config hash>.json`` (its rows), written
-after its artifacts and renamed into place, so it exists only when complete. Before
-running, the runner skips every cell whose file exists; a sweep killed at any moment
-(Ctrl-C, SIGKILL, power) therefore resumes with no cell lost, duplicated or half
-written. Only this process (the driver) writes into AUDIT_DIR; workers only compute
+after its artifacts and renamed into place, so it exists only when complete. The file
+names its own config hash and carries ``content_sha256`` (sha256 of its canonical JSON
+without that field) and the sha256 of each of its artifacts. Before running, the
+runner skips every cell whose file verifies (:func:`check_cell`); one that does not
+(bad JSON, another cell's file, edited, NaN where a number belongs, an artifact
+missing or changed) is recomputed with a warning naming it, and a cell path that is
+not a regular file (a folder) is refused. A sweep killed at any moment (Ctrl-C,
+SIGKILL, power) therefore resumes with no cell lost, duplicated or half written, and
+the temporaries of a killed sweep are removed when their writer is dead
+(:func:`collafuse.fsutil.sweep_stale_partials`). Only this process (the driver) writes into AUDIT_DIR; workers only compute
 and fill the content-addressed cache (trained systems, the attacker's denoiser, the
 evaluation classifier), which is itself written atomically.
 
 Backends give the same numbers because a cell is a pure function of its config
 computed on one thread (:func:`~.cells.compute_cell`). With Ray on a real cluster,
-the cache folder must be on storage that every node shares.
+the cache folder must be on storage that every node shares; stale temporaries there
+are judged by the process ids of the driver's machine, so do not start audits from
+two machines over one cache at the same time.
 """
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import math
 import os
+import stat
 import sys
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
@@ -27,9 +38,11 @@ from typing import Any, Callable, Iterable
 from tqdm import tqdm
 
 from collafuse.errors import ConfigError, RunError
+from collafuse.fsutil import sweep_stale_partials
 
 from collafuse.benchmarks.audit.cells import CellOutput, build_shared, compute_cell, shared_resources
-from collafuse.benchmarks.audit.grid import Cell
+from collafuse.benchmarks.audit.grid import Cell, canonical_hash
+from collafuse.benchmarks.audit.results import json_number
 
 CELLS_DIR = "cells"
 ARTIFACTS_DIR = "artifacts"
@@ -41,22 +54,116 @@ class SweepStats:
     total: int
     reused: list[str] = field(default_factory=list)     # config hashes found finished
     computed: list[str] = field(default_factory=list)   # config hashes computed by this sweep
+    recomputed: list[str] = field(default_factory=list)  # of those, cells whose file did not verify
 
 
 def cell_path(audit_dir: Path, config_hash: str) -> Path:
     return audit_dir / CELLS_DIR / f"{config_hash}.json"
 
 
-def read_cell(audit_dir: Path, config_hash: str) -> dict[str, Any] | None:
-    """A finished cell's record, or None if absent. A file that cannot be read is an error, not a miss."""
-    path = cell_path(audit_dir, config_hash)
-    if not path.is_file():
+CONTENT_HASH = "content_sha256"
+ARTIFACT_HASHES = "artifact_sha256"
+MAX_CELL_BYTES = 64 << 20
+ROW_TEXT = ("threat", "target", "attack", "metric")
+ROW_NUMBERS = ("value", "ci_low", "ci_high")
+
+
+def content_hash(record: dict[str, Any]) -> str:
+    """sha256 of the record's canonical JSON without its own ``content_sha256`` (NaN/inf: ValueError)."""
+    body = {k: v for k, v in record.items() if k != CONTENT_HASH}
+    text = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _number_problem(x: Any) -> str | None:
+    """Why ``x`` is not a number as a cell file stores one (null, a finite number, "inf" / "-inf"), or None."""
+    if x is None or x in ("inf", "-inf"):
         return None
+    if isinstance(x, bool) or not isinstance(x, (int, float)):
+        return f"{x!r:.40} is not a number"
+    if not math.isfinite(x):
+        return f"{x!r} is not finite"
+    return None
+
+
+def _record_problem(audit_dir: Path, config_hash: str, record: Any) -> str | None:
+    """Why a parsed cell file is not the finished record of cell ``config_hash``, or None when it verifies."""
+    if not isinstance(record, dict):
+        return "not a JSON object"
+    named = record.get("config_hash")
+    if named is None:
+        return "it names no config hash (written by an older collafuse)"
+    if named != config_hash:
+        return f"it is the file of another cell ({str(named)[:40]!r})"
+    if not isinstance(record.get("cell"), dict) or not isinstance(record.get("rows"), list) \
+            or not isinstance(record.get("artifacts"), dict) or not isinstance(record.get("info"), dict):
+        return "it lacks cell, rows, artifacts or info"
+    if canonical_hash(record["cell"]) != config_hash:
+        return "its cell description does not match its config hash"
+    for i, row in enumerate(record["rows"]):
+        if not isinstance(row, dict) or not all(isinstance(row.get(k), str) for k in ROW_TEXT):
+            return f"row {i} is not a (threat, target, attack, metric) row"
+        for k in ROW_NUMBERS:
+            bad = _number_problem(row.get(k))
+            if bad is not None:
+                return f"row {i} ({row['threat']} {row['target']} {row['attack']} {row['metric']}): {k} {bad}"
+    if CONTENT_HASH not in record:
+        return "it carries no content hash (written by an older collafuse)"
     try:
-        record = json.loads(path.read_text())
-        record["rows"], record["cell"]
-    except (OSError, json.JSONDecodeError, KeyError, TypeError) as exc:
-        raise RunError(f"{path}: finished-cell file unreadable ({exc}); delete it to recompute that cell") from None
+        digest = content_hash(record)
+    except (TypeError, ValueError) as exc:
+        return f"its content cannot be hashed ({str(exc)[:80]})"
+    if digest != record[CONTENT_HASH]:
+        return "its content hash does not match: the file was changed after it was written"
+    hashes = record.get(ARTIFACT_HASHES)
+    if not isinstance(hashes, dict) or set(hashes) != set(record["artifacts"]):
+        return "its artifact hashes are missing"
+    for name, rel in record["artifacts"].items():
+        if rel != f"{ARTIFACTS_DIR}/{config_hash}/{name}" or "/" in name or name.startswith("."):
+            return f"artifact {str(name)[:40]!r} has an unexpected path"
+        try:
+            if _sha256(audit_dir / rel) != hashes[name]:
+                return f"artifact {rel} was changed after it was written"
+        except OSError:
+            return f"artifact {rel} is missing or unreadable"
+    return None
+
+
+def check_cell(audit_dir: Path, config_hash: str) -> tuple[dict[str, Any] | None, str | None]:
+    """(record, None) for a finished cell that verifies, (None, None) for an absent one, (None, why) for
+    a file that does not verify. A cell path that is not a regular file (a folder) is refused (ConfigError)."""
+    path = cell_path(audit_dir, config_hash)
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None, None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cell file unreadable ({exc.strerror or exc}); fix or delete it") from None
+    if not stat.S_ISREG(st.st_mode):
+        kind = "a folder" if stat.S_ISDIR(st.st_mode) else "not a regular file"
+        raise ConfigError(f"{path} is {kind}, not a finished-cell file; remove it to recompute that cell")
+    if st.st_size > MAX_CELL_BYTES:
+        return None, f"it is {st.st_size} bytes, more than a cell file can be"
+    try:
+        record = json.loads(path.read_bytes())
+    except OSError as exc:
+        return None, f"unreadable ({exc.strerror or exc})"
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError, UnicodeDecodeError
+        return None, f"not valid JSON ({str(exc).splitlines()[0][:80] if str(exc) else type(exc).__name__})"
+    problem = _record_problem(audit_dir, config_hash, record)
+    return (None, problem) if problem else (record, None)
+
+
+def read_cell(audit_dir: Path, config_hash: str) -> dict[str, Any] | None:
+    """A finished cell's verified record, or None if absent. A file that does not verify is an error, not a miss."""
+    record, problem = check_cell(audit_dir, config_hash)
+    if problem is not None:
+        raise RunError(f"{cell_path(audit_dir, config_hash)}: finished-cell file does not verify ({problem}); "
+                       "run the audit again to recompute that cell")
     return record
 
 
@@ -80,13 +187,16 @@ def write_cell(audit_dir: Path, cell: Cell, out: CellOutput) -> None:
         _atomic_write(audit_dir / rel, data)
         names[name] = rel
     record = {"cell_id": cell.cell_id, "config_hash": h, "cell": cell.to_json(), "rows": [_encode(r) for r in out.rows],
-              "artifacts": names, "info": out.info}
+              "artifacts": names, ARTIFACT_HASHES: {name: hashlib.sha256(data).hexdigest()
+                                                    for name, data in out.artifacts.items()},
+              "info": out.info}
+    record[CONTENT_HASH] = content_hash(record)
     _atomic_write(cell_path(audit_dir, h), json.dumps(record, indent=1, allow_nan=False).encode())
 
 
 def _encode(row: dict[str, Any]) -> dict[str, Any]:
     """JSON has no infinity: ε = ∞ (no bound) is stored as the string "inf"."""
-    return {k: ("inf" if v > 0 else "-inf") if isinstance(v, float) and math.isinf(v) else v for k, v in row.items()}
+    return {k: json_number(v) for k, v in row.items()}
 
 
 def _unique(cells: Iterable[Cell]) -> list[Cell]:
@@ -129,8 +239,26 @@ def _local(shared: list[tuple[str, Cell]], pending: list[Cell], cache_dir: Path,
                     if futures[fut] is not None:
                         on_done(futures[fut], result)
         except BaseException:
+            workers = list((getattr(pool, "_processes", None) or {}).values())  # gone after shutdown()
+            manager = getattr(pool, "_executor_manager_thread", None)
             pool.shutdown(wait=False, cancel_futures=True)
+            _stop_workers(workers, cache_dir)
+            if manager is not None:
+                manager.join(timeout=10)  # it notices the ended workers and closes its queues
             raise
+
+
+def _stop_workers(workers: list, cache_dir: Path) -> None:
+    """Interrupted (Ctrl-C, SIGTERM, an error): end the workers now rather than wait for their cells (only
+    this process writes cells, so their results would be dropped anyway), then remove the temporaries they
+    leave in the cache (a system half trained): once joined, their pids are dead."""
+    for proc in workers:
+        with contextlib.suppress(OSError, ValueError):  # already gone
+            proc.terminate()
+    for proc in workers:
+        with contextlib.suppress(OSError, ValueError, AssertionError):
+            proc.join(timeout=10)
+    sweep_stale_partials(cache_dir, depth=2)
 
 
 def _ray(shared: list[tuple[str, Cell]], pending: list[Cell], cache_dir: Path, jobs: int, address: str | None,
@@ -168,12 +296,10 @@ def _ray(shared: list[tuple[str, Cell]], pending: list[Cell], cache_dir: Path, j
             ray.shutdown()
 
 
-def remove_partials(audit_dir: Path) -> None:
-    """Temporary files of a sweep that was killed before it could rename them (never a finished file)."""
-    for sub in (CELLS_DIR, ARTIFACTS_DIR):
-        if (audit_dir / sub).is_dir():
-            for tmp in (audit_dir / sub).rglob(".*.partial-*"):
-                tmp.unlink(missing_ok=True)
+def remove_partials(audit_dir: Path) -> list[Path]:
+    """Temporary files of a sweep that was killed before it could rename them (never a finished file,
+    never one of a live process): in the audit folder, cells/ and artifacts/<hash>/."""
+    return sweep_stale_partials(audit_dir, depth=2)
 
 
 def run_sweep(
@@ -193,12 +319,19 @@ def run_sweep(
     cells = _unique(cells)
     stats = SweepStats(total=len(cells))
     remove_partials(audit_dir)
-    pending = []
-    for cell in cells:
-        if read_cell(audit_dir, cell.config_hash) is not None:
+    pending, unverified = [], []
+    for cell in cells:  # every cell path is checked before any work starts (a folder there: ConfigError)
+        record, problem = check_cell(audit_dir, cell.config_hash)
+        if record is not None:
             stats.reused.append(cell.config_hash)
         else:
             pending.append(cell)
+            if problem is not None:
+                unverified.append((cell, problem))
+    for cell, problem in unverified:
+        print(f"collafuse: warning: cell file {cell_path(audit_dir, cell.config_hash)} ({cell.cell_id}) does not "
+              f"verify: {problem}; recomputing it", file=sys.stderr)
+    stats.recomputed = [cell.config_hash for cell, _ in unverified]
     if not pending:
         return stats
     (audit_dir / CELLS_DIR).mkdir(parents=True, exist_ok=True)

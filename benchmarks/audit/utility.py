@@ -1,4 +1,4 @@
-"""Utility and cost of a split system (DESIGN.md §6; issue 6 item 3).
+"""Utility of a split system: the quality of its generated images (DESIGN.md §6; issue 6 item 3).
 
 Quality of generated images, in the feature space of a small CNN trained here on
 the dataset itself (:class:`FeatureClassifier`; works offline). These are NOT
@@ -13,10 +13,8 @@ are not comparable to published FIDs.
 - :func:`class_accuracy` — the classifier's accuracy on class-conditional samples,
   with a Wilson interval.
 
-Cost of a configuration, computed from a :class:`~collafuse.config.RunConfig` alone
-(no training): :func:`denoiser_flops` and :func:`compute_costs` (client shares of
-denoiser evaluations and FLOPs in training and sampling, client GFLOPs, payload
-bytes per image per epoch).
+The cost of a configuration (client compute, FLOPs, payload bytes) is in
+:mod:`collafuse.benchmarks.audit.costs`.
 
 All metric functions are pure functions of float64 arrays; the only state is the
 trained classifier.
@@ -41,22 +39,17 @@ from scipy import linalg
 from sklearn.neighbors import NearestNeighbors
 from torch import nn
 from torch.nn import functional as F
-from torch.utils.flop_counter import FlopCounterMode
 
-from collafuse.attacks.stats import t_interval, wilson_interval
-from collafuse.config import ModelConfig, RunConfig
+from collafuse.attacks.stats import wilson_interval
 from collafuse.errors import ConfigError
-from collafuse.model import UNetConfig
-from collafuse.sampling import split_ddim_steps
-from collafuse.schedule import NoiseSchedule, ddim_timesteps
-from collafuse.training import build_model, stream_seed, unet_config
+from collafuse.training import stream_seed
 
 __all__ = [
     "ClassifierRecipe", "DEFAULT_RECIPE", "FeatureClassifier", "train_feature_classifier",
     "load_or_train_feature_classifier", "classifier_cache_key",
     "feature_moments", "frechet_distance_from_moments", "frechet_distance", "polynomial_kernel", "mmd2_unbiased",
     "kernel_inception_distance", "knn_radii", "manifold_hits", "precision_recall", "class_accuracy",
-    "denoiser_flops", "sampling_evaluations", "hand_off_step", "compute_costs", "sample_utility",
+    "sample_utility", "inception_available", "inception_features", "inception_fid",
 ]
 
 # Random streams of the classifier, far from the core's stream ids (0..6) and the defenses' (1001+).
@@ -474,169 +467,6 @@ def class_accuracy(predicted: np.ndarray, labels: np.ndarray, level: float = 0.9
     if pred.shape != y.shape or pred.size == 0:
         raise ValueError(f"predicted and labels must have the same non-empty shape, got {pred.shape} and {y.shape}")
     return _wilson(pred == y, level)
-
-
-# ---------------------------------------------------------------- cost (pure, from a config)
-
-@functools.lru_cache(maxsize=64)
-def _unet_forward_flops(config: UNetConfig, image_size: int) -> int:
-    model = build_model(config, 0).eval()
-    x = torch.zeros(1, config.in_channels, image_size, image_size)
-    t = torch.ones(1, dtype=torch.long)
-    y = torch.zeros(1, dtype=torch.long) if config.num_classes > 0 else None
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        model(x, t, y)
-    return int(counter.get_total_flops())
-
-
-def denoiser_flops(model_config: ModelConfig, channels: int, image_size: int, num_classes: int) -> int:
-    """FLOPs of ONE forward pass of the UNet on ONE image (batch 1), measured by torch's FlopCounterMode.
-
-    FlopCounterMode counts 2 FLOPs per multiply-accumulate of convolutions and
-    matrix products (the linear layers); GroupNorm, SiLU, additions, nearest
-    upsampling and the class-embedding lookup are not counted (a few per cent at
-    most). So the count does not depend on ``num_classes``.
-    """
-    return _unet_forward_flops(unet_config(model_config, channels, num_classes), image_size)
-
-
-def sampling_evaluations(T: int, t_hand: int, sampler: str, steps: int, guided: bool) -> tuple[int, int]:
-    """(server, client) denoiser evaluations per generated image, exactly as ``collaborative_sample`` runs them.
-
-    DDPM: the server visits T..t_hand+1 and the client t_hand..1. DDIM: the steps are
-    shared by ``split_ddim_steps`` and each side visits ``ddim_timesteps`` of its span.
-    Classifier-free guidance (``guided``: labels given and guidance ≠ 0) evaluates the
-    conditional and the unconditional ε at every step: twice the images per call.
-    """
-    if sampler == "ddpm":
-        server, client = T - t_hand, t_hand
-    elif sampler == "ddim":
-        server_steps, client_steps = split_ddim_steps(steps, T, t_hand)
-        server = len(ddim_timesteps(T, t_hand, server_steps)) if t_hand < T else 0
-        client = len(ddim_timesteps(t_hand, 0, client_steps)) if t_hand > 0 else 0
-    else:
-        raise ValueError(f"unknown sampler {sampler!r}; valid: ddpm, ddim")
-    factor = 2 if guided else 1
-    return factor * server, factor * client
-
-
-def hand_off_step(config: RunConfig) -> int:
-    """The step where sampling hands off: t_c, or t' when a ``payload-noise`` entry moves the payload.
-
-    Same rule as the defense (read from the plain config dict, the defenses package
-    is not imported): t' is the first step with ᾱ_{t'} ≤ ᾱ_{t_c}/(1 + σ²).
-    """
-    t = config.t_c
-    T = config.diffusion.T
-    if not 0 < t < T:
-        return t
-    alpha_bar = NoiseSchedule.create(config.diffusion.schedule, T).alpha_bar
-    for spec in config.defenses:
-        if spec.get("name") == "payload-noise" and float(spec.get("sigma", 0.0)) > 0:
-            target = float(alpha_bar[t]) / (1.0 + float(spec["sigma"]) ** 2)
-            later = torch.nonzero(alpha_bar[t:] <= target).flatten()
-            t = int(t + later[0]) if later.numel() else T
-            if t >= T:
-                raise ConfigError(
-                    f"payload-noise sigma={spec['sigma']} moves the payload past step {T - 1}; no server step is left"
-                )
-    return t
-
-
-def _dp_multiplicity(config: RunConfig) -> dict[str, int]:
-    """K noise draws per image per step for each side, from ``dp-sgd`` entries (target, multiplicity)."""
-    out = {"server": 1, "client": 1}
-    for spec in config.defenses:
-        if spec.get("name") != "dp-sgd":
-            continue
-        k = int(spec.get("multiplicity", 1))
-        target = spec.get("target", "both")
-        for role, covers in (("server", ("server", "both")), ("client", ("clients", "both"))):
-            if target in covers:
-                out[role] = max(out[role], k)
-    return out
-
-
-def _payload_row_bytes(config: RunConfig) -> int:
-    """Wire bytes of one payload row, with the accounting of ``Payload.row_wire_bytes``.
-
-    The tensor at its dtype (float32; float16 for minimize fp16; one byte per value
-    for int8 and unpacked k-bit codes), t as int64, the label as int64 when the model
-    is conditional and no ``minimize: no-labels`` keeps it back, and for the
-    ``naive`` kind the float32 noise (quantisation touches only the tensor).
-    """
-    values = config.data.channels * config.data.image_size**2
-    modes = [s.get("mode") for s in config.defenses if s.get("name") == "minimize"]
-    bytes_per_value = 4
-    if "fp16" in modes:
-        bytes_per_value = 2
-    if "int8" in modes or "k-bit" in modes:
-        bytes_per_value = 1
-    row = values * bytes_per_value + 8  # tensor + t (int64)
-    if config.conditional and "no-labels" not in modes:
-        row += 8
-    if config.training.payload == "naive":
-        row += values * 4
-    return row
-
-
-def _share(client: float, server: float) -> float:
-    return client / (client + server) if client + server > 0 else 0.0
-
-
-def compute_costs(config: RunConfig) -> dict[str, float]:
-    """What a configuration costs the client, from the config alone (DESIGN.md §6).
-
-    Training, per image per epoch: the client evaluates its UNet once on the image
-    (t_c > 0) and the server once on its payload (t_c < T); DP-SGD's noise
-    multiplicity K evaluates K rows per image on each private side. A backward pass
-    costs ≈ 2× the forward on both sides, so the FLOPs share is the forward share and a
-    training step costs ≈ 3 forwards (Opacus' per-sample gradients add more; not
-    modelled). Sampling, per generated image: the evaluations of
-    :func:`sampling_evaluations` at the hand-off step (:func:`hand_off_step`).
-
-    Keys: ``client_eval_share_train``, ``client_flops_share_train``,
-    ``client_eval_share_sample``, ``client_flops_share_sample`` (c = 0 → 0,
-    c = 1 → 1); ``client_gflops_train_per_image_epoch``, ``server_gflops_train_per_image_epoch``;
-    ``client_gflops_sample``, ``server_gflops_sample`` (per generated image);
-    ``client_forward_gflops``, ``server_forward_gflops`` (one forward, one image);
-    ``client_evals_sample``, ``server_evals_sample``; ``hand_off_step``;
-    ``payload_bytes_per_image_epoch`` (one release per image per epoch — in
-    expectation under DP-SGD's Poisson sampling; 0 when c = 1, raw-image-sized rows
-    when c = 0).
-    """
-    T, t_c = config.diffusion.T, config.t_c
-    has_client, has_server = t_c > 0, t_c < T
-    d = config.data
-    # The class embedding is a lookup FlopCounterMode does not count; any class count gives the same FLOPs.
-    num_classes = 1 if config.conditional else 0
-    f_client = denoiser_flops(config.client_model, d.channels, d.image_size, num_classes) if has_client else 0
-    f_server = denoiser_flops(config.server_model, d.channels, d.image_size, num_classes) if has_server else 0
-    k = _dp_multiplicity(config)
-    evals_client_train = k["client"] if has_client else 0
-    evals_server_train = k["server"] if has_server else 0
-
-    t_hand = hand_off_step(config)
-    s = config.sampling
-    guided = config.conditional and s.guidance != 0.0
-    evals_server_sample, evals_client_sample = sampling_evaluations(T, t_hand, s.sampler, s.steps, guided)
-
-    return {
-        "client_eval_share_train": _share(evals_client_train, evals_server_train),
-        "client_flops_share_train": _share(evals_client_train * f_client, evals_server_train * f_server),
-        "client_eval_share_sample": _share(evals_client_sample, evals_server_sample),
-        "client_flops_share_sample": _share(evals_client_sample * f_client, evals_server_sample * f_server),
-        "client_gflops_train_per_image_epoch": 3.0 * evals_client_train * f_client / 1e9,
-        "server_gflops_train_per_image_epoch": 3.0 * evals_server_train * f_server / 1e9,
-        "client_gflops_sample": evals_client_sample * f_client / 1e9,
-        "server_gflops_sample": evals_server_sample * f_server / 1e9,
-        "client_forward_gflops": f_client / 1e9,
-        "server_forward_gflops": f_server / 1e9,
-        "client_evals_sample": float(evals_client_sample),
-        "server_evals_sample": float(evals_server_sample),
-        "hand_off_step": float(t_hand),
-        "payload_bytes_per_image_epoch": float(_payload_row_bytes(config)) if has_server else 0.0,
-    }
 
 
 # ---------------------------------------------------------------- everything for one sample set

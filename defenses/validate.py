@@ -1,43 +1,16 @@
-"""One registry per kind of named thing, and the checks every defense spec goes through (STYLE.md).
+"""The checks every defense spec goes through: one bad value of a YAML ``defenses:`` entry → one clear line.
 
-A :class:`Registry` refuses a second entry under a name it already holds and,
-asked for a name it does not know, raises :class:`~collafuse.errors.ConfigError`
-listing the valid ones. :func:`check_keys`, :func:`number` and :func:`choice`
-turn one bad value of a YAML ``defenses:`` entry into one clear line.
+:func:`check_keys`, :func:`number` and :func:`choice` raise
+:class:`~collafuse.errors.ConfigError` naming the entry, the key and the value
+(STYLE.md: clear errors over silent repair). Named defenses and modes live in the core
+:class:`~collafuse.registry.Registry`.
 """
 from __future__ import annotations
 
 import math
-from typing import Any, Generic, Iterable, Mapping, TypeVar
+from typing import Any, Iterable, Mapping
 
 from collafuse.errors import ConfigError
-
-V = TypeVar("V")
-
-
-class Registry(Generic[V]):
-    """Name → value for one kind (defenses, minimisation modes, …)."""
-
-    def __init__(self, kind: str):
-        self.kind = kind
-        self._items: dict[str, V] = {}
-
-    def register(self, name: str, value: V) -> V:
-        if name in self._items:
-            raise ValueError(f"{self.kind} {name!r} is already registered")
-        self._items[name] = value
-        return value
-
-    def get(self, name: Any) -> V:
-        if not isinstance(name, str) or name not in self._items:
-            raise ConfigError(f"unknown {self.kind} {name!r}; valid: {', '.join(self.names())}")
-        return self._items[name]
-
-    def names(self) -> tuple[str, ...]:
-        return tuple(sorted(self._items))
-
-    def __contains__(self, name: object) -> bool:
-        return name in self._items
 
 
 def check_keys(raw: Mapping[str, Any], allowed: Iterable[str], where: str) -> None:

@@ -1,0 +1,432 @@
+"""The report's content: :func:`build_sections` turns the audit's rows and metadata into the ten sections."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pandas as pd
+
+from collafuse.threats import THREAT_IDS
+
+from collafuse.benchmarks.audit import plots
+from collafuse.benchmarks.audit.results import to_float
+
+from .analysis import (FORMAL_FOR_THREAT, HEADLINE, NOT_MEASURED, best_per_cell, cell_order, coverage_matrix,
+                       format_value, formal_table, frontier_table, measured, ordered, worst_leakage)
+from .document import Artifact, Cell, Figure, Gallery, Para, Pre, Section, Table, Verdict, num, txt, verdict_cell
+
+MAX_RECONSTRUCTIONS = 8
+TITLE = "collafuse audit report"
+
+
+def _verdict_section(meta: dict, total: int) -> Section:
+    v = meta.get("verdict") if isinstance(meta.get("verdict"), dict) else {}
+    status = str(v.get("status", "unknown")).lower()
+    rec = v.get("recommendation") if isinstance(v.get("recommendation"), dict) else None
+    passing = [str(c) for c in v.get("passing_cells") or []]
+    blocks: list = [Verdict(status if status in ("pass", "fail") else "unknown",
+                            str(v.get("text") or "The audit recorded no verdict."), passing, total, rec)]
+    if meta.get("quick"):
+        blocks.append(Para("Quick audit: a tiny recipe for CI and a first look; its numbers are not the default grid's.", "warn"))
+    return Section("summary", "1. Verdict", blocks)
+
+
+def _leakage_curve_section(rows: pd.DataFrame, worst: pd.DataFrame, defenses: list[str]) -> Section:
+    s = Section("leakage-vs-cut", "2. Leakage vs cut ratio, per defense")
+    reid = best_per_cell(rows, "T1", "reid_pool")
+    psnr = best_per_cell(rows, "T1", "psnr")
+    member = worst[(worst["kind"] == "system") & worst["threat"].isin(("T2", "T3", "T4")) & (worst["metric"] == "auc")]
+    member = measured(member)
+    if not member.empty:
+        member = member.loc[member.groupby("cell", sort=False)["value"].idxmax()]
+    png = plots.leakage_vs_cut(reid, psnr, member, defenses)
+    if png is None:
+        s.blocks.append(Para(f"Leakage vs cut ratio: {NOT_MEASURED} (no T1 reconstruction or membership rows)."))
+        return s
+    s.blocks.append(Figure("leakage_vs_cut.png", png,
+                           "T1 re-identification (within the candidate pool) and PSNR of the best reconstruction attack "
+                           "of each cell, and the worst membership AUC of T2–T4 for trained systems, against the cut "
+                           "ratio. Solid: trained systems; dashed: payload-only cells. Bands: the rows' intervals "
+                           "(or the spread over seeds)."))
+    return s
+
+
+def _heatmap_section(worst: pd.DataFrame, defenses: list[str]) -> Section:
+    s = Section("heatmaps", "3. Worst-case leakage: cut ratio × defense")
+    gallery = Gallery([], "Each panel: the largest value of the threat's headline metric over every attack, target, "
+                          "seed and cell kind, per cut ratio and defense (blank: not measured).")
+    for threat in THREAT_IDS:
+        sub = measured(worst[worst["threat"] == threat])
+        if sub.empty:
+            continue
+        metric = sub["metric"].iloc[0] if sub["metric"].nunique() == 1 else "/".join(ordered(sub["metric"], HEADLINE[threat]))
+        table = sub.pivot_table(index="defense", columns="cut_ratio", values="value", aggfunc="max")
+        table = table.reindex([d for d in defenses if d in table.index])
+        png = plots.heatmap(table, f"{threat}: worst {metric}", metric)
+        if png is not None:
+            gallery.items.append(Figure(f"heatmap_{threat}.png", png, f"{threat}: worst {metric} per cut ratio and defense"))
+    if gallery.items:
+        s.blocks.append(gallery)
+    else:
+        s.blocks.append(Para(f"Heatmaps: {NOT_MEASURED} (no T1–T4 leakage rows)."))
+    rows = []
+    for _, r in worst.iterrows():
+        rows.append([txt(r["cell"]), txt(r["kind"]), txt(r["defense"]), num(r["cut_ratio"]), txt(r["threat"]),
+                     txt(r["metric"]), num(r["value"]),
+                     txt(f"[{format_value(r['ci_low'])}, {format_value(r['ci_high'])}]" if pd.notna(r["ci_low"])
+                         or pd.notna(r["ci_high"]) else "—"),
+                     txt(r["attack"] or "—"), txt(r["target"] or "—")])
+    s.blocks.append(Para("Worst-case leakage per cell and threat: the largest value of the threat's headline metric "
+                         "(T1: reid_pool, or auc where a cell has no re-identification; T2–T4: auc) over every attack "
+                         "and target, with the attack and target that reached it."))
+    if rows:
+        s.blocks.append(Table(["cell", "kind", "defense", "cut ratio", "threat", "metric", "worst value", "interval",
+                               "attack", "target"], rows, id="leakage-table"))
+    else:
+        s.blocks.append(Table(["cell", "threat", "worst value"], [[txt("—"), txt("—"), Cell(NOT_MEASURED, None, "nm")]],
+                              id="leakage-table"))
+    return s
+
+
+def _roc_section(audit_dir: Path, rows: pd.DataFrame, worst: pd.DataFrame, meta_cells: dict, cells: list[str]) -> Section:
+    s = Section("roc", "4. Membership ROC curves")
+    candidates, unreadable = [], []
+    for cell in cells:
+        info = meta_cells.get(cell, {})
+        rel = ((info.get("artifacts") or {}).get("roc")) if isinstance(info, dict) else None
+        if not rel:
+            continue
+        try:
+            data = json.loads((audit_dir / rel).read_text(encoding="utf-8"))
+            if not isinstance(data, dict):
+                raise ValueError("not an object")
+        except (OSError, ValueError):
+            unreadable.append(cell)
+            continue
+        group = rows[(rows["cell"] == cell) & (rows["metric"] == "auc")]
+        curves = []
+        for target, by_attack in data.items():
+            if not isinstance(by_attack, dict):
+                continue
+            for attack, curve in by_attack.items():
+                if not isinstance(curve, dict) or not curve.get("fpr") or not curve.get("tpr"):
+                    continue
+                hit = measured(group[(group["target"] == str(target)) & (group["attack"] == str(attack))])
+                auc = hit["value"].iloc[0] if not hit.empty else to_float(curve.get("auc"))
+                fpr = [to_float(x) for x in curve["fpr"]]
+                tpr = [to_float(x) for x in curve["tpr"]]
+                if len(fpr) != len(tpr):
+                    continue
+                curves.append((f"{target}/{attack} (AUC {format_value(auc)})", fpr, tpr, -auc if not math.isnan(auc) else 0.0))
+        if curves:
+            curves.sort(key=lambda c: c[3])
+            w = measured(worst[worst["cell"] == cell])
+            candidates.append({"cell": cell, "defense": info.get("defense", ""), "score": float(w["value"].max()) if not w.empty else 0.0,
+                               "title": cell, "curves": [c[:3] for c in curves]})
+    if unreadable:
+        s.blocks.append(Para(f"ROC data could not be read for: {', '.join(unreadable)}.", "warn"))
+    if not candidates:
+        s.blocks.append(Para(f"ROC curves: {NOT_MEASURED} (no system cell with a roc.json artifact)."))
+        return s
+    chosen = candidates
+    if len(candidates) > plots.MAX_ROC_PANELS:
+        chosen, seen = [], set()
+        for c in sorted(candidates, key=lambda c: -c["score"]):  # the leakiest cell of each defense first
+            if c["defense"] not in seen and len(chosen) < plots.MAX_ROC_PANELS:
+                seen.add(c["defense"])
+                chosen.append(c)
+        for c in sorted(candidates, key=lambda c: -c["score"]):
+            if c not in chosen and len(chosen) < plots.MAX_ROC_PANELS:
+                chosen.append(c)
+        chosen.sort(key=lambda c: cells.index(c["cell"]))
+    png = plots.roc_panels(chosen)
+    if png is not None:
+        more = f" {len(candidates) - len(chosen)} more cells are omitted." if len(candidates) > len(chosen) else ""
+        s.blocks.append(Figure("roc.png", png,
+                               f"Membership ROC curves on log–log axes (the low-FPR region is what matters), one panel "
+                               f"per system cell, at most {plots.MAX_ROC_CURVES} attack/target curves each, the "
+                               f"strongest first.{more}"))
+    return s
+
+
+def _cost_metric(meta: dict) -> str:
+    policy = meta.get("policy") if isinstance(meta.get("policy"), dict) else {}
+    return str(policy.get("minimize") or "client_gflops_sample")
+
+
+def _frontier_section(front: pd.DataFrame, rec: dict | None, cost_metric: str = "client_gflops_sample",
+                      meta_cells: dict | None = None) -> Section:
+    s = Section("frontier", "5. Privacy–utility–compute frontier")
+    if front.empty:
+        s.blocks.append(Para(f"Frontier: {NOT_MEASURED} (no trained system cells)."))
+        return s
+    png = plots.frontier(front, rec.get("cell") if rec else None, xlabel=f"client cost: {cost_metric} (what the recommendation minimises)")
+    if png is not None:
+        s.blocks.append(Figure("frontier.png", png,
+                               "Each trained system: client compute (x) against its worst leakage (y); colour is the "
+                               "utility (classifier accuracy on generated samples, or FID); ● passes the policy, ✕ fails; "
+                               "the recommended setting is ringed in red."))
+    else:
+        s.blocks.append(Para(f"Frontier plot: {NOT_MEASURED} (no cell has both a client cost and a leakage value)."))
+    baselines = {cell: (info or {}).get("baseline") or "" for cell, info in (meta_cells or {}).items()}
+    rows = [[txt(r["cell"]), txt(r["defense"]), num(r["cut_ratio"]), txt(baselines.get(r["cell"], "")),
+             num(r["gflops_train"]), num(r["gflops_sample"]),
+             num(r["payload_bytes"]), num(r["worst_auc"]), num(r["worst_reid"]), num(r["accuracy"]), num(r["fid"]),
+             verdict_cell(r["passed"])] for _, r in front.iterrows()]
+    s.blocks.append(Table(["cell", "defense", "cut ratio", "baseline", "client GFLOPs train / image·epoch",
+                           "client GFLOPs sampling", "payload bytes / image·epoch", "worst membership AUC",
+                           "worst T1 reid_pool", "accuracy", "FID", "policy"], rows, id="frontier-table"))
+    if any(baselines.values()):
+        s.blocks.append(Para("Baselines (DESIGN §2.4): local-only = every client trains alone (c = 1, nothing crosses "
+                             "to a server); central = the server trains on the raw images (c = 0). The verdict compares "
+                             "the recommended setting with local-only training."))
+    s.blocks.append(Para("FID, KID, precision/recall and accuracy are measured in the feature space of a small "
+                         "classifier trained inside the project on the dataset (offline), not Inception features; "
+                         "compare them across cells of this audit, not with published numbers."))
+    return s
+
+
+def _formal_section(formal: pd.DataFrame) -> Section:
+    s = Section("epsilon", "6. Formal vs empirical ε")
+    if formal.empty:
+        s.blocks.append(Para(f"Formal and empirical ε: {NOT_MEASURED}."))
+        return s
+    png = plots.formal_vs_empirical(formal[formal["threat"] != "T4"])
+    if png is not None:
+        s.blocks.append(Figure("epsilon.png", png,
+                               "The largest empirical ε lower bound of any attack (y) against the formal upper bound "
+                               "(x) per cell and threat; a point above the diagonal would contradict the accounting. "
+                               "T4 is left out of the plot: its bound composes the server's and the clients' (table)."))
+    rows = []
+    for _, r in formal.iterrows():
+        if r["formal_metrics"]:
+            formal_text = "; ".join(f"{m} {format_value(v, formal=True)}" for m, v in zip(r["formal_metrics"], r["formal_values"]))
+        else:
+            formal_text = NOT_MEASURED
+        if math.isnan(r["empirical"]) or len(r["formal_metrics"]) != len(FORMAL_FOR_THREAT[r["threat"]]):
+            check = "—"
+        elif len(r["formal_values"]) == 1:
+            check = "consistent" if r["empirical"] <= r["formal_values"][0] else "VIOLATED: lower bound above the formal ε"
+        elif any(math.isinf(v) for v in r["formal_values"]):
+            check = "consistent"
+        else:
+            check = "consistent" if r["empirical"] <= sum(r["formal_values"]) else "VIOLATED: above the composed bound"
+        rows.append([txt(r["cell"]), txt(r["defense"]), num(r["cut_ratio"]), txt(r["threat"]),
+                     Cell(formal_text, r["formal_values"][0] if len(r["formal_values"]) == 1 else None,
+                          "nm" if formal_text == NOT_MEASURED else ""),
+                     num(r["empirical"]), txt(r["attack"] or "—"), txt(r["target"] or "—"),
+                     txt(check, "fail" if check.startswith("VIOLATED") else "")])
+    s.blocks.append(Table(["cell", "defense", "cut ratio", "threat", "formal ε (upper bound)", "largest empirical ε_LB",
+                           "attack", "target", "check"], rows, id="epsilon-table"))
+    s.blocks.append(Para("∞: no formal bound exists for this channel (e.g. no DP-SGD on that model, or payloads without "
+                         "noise or clipping). Empirical ε_LB values are Clopper–Pearson lower bounds maximised over "
+                         "thresholds (multiple testing makes them slightly optimistic)."))
+    return s
+
+
+def _reconstruction_section(audit_dir: Path, rows: pd.DataFrame, meta_cells: dict, cells: list[str], defenses: list[str]) -> Section:
+    s = Section("reconstructions", "7. Example reconstructions beside the originals")
+    candidates = []
+    for cell in cells:
+        info = meta_cells.get(cell)
+        arts = (info.get("artifacts") or {}) if isinstance(info, dict) else {}
+        rel = arts.get("reconstructions")
+        if not rel:
+            continue
+        path = audit_dir / rel
+        try:
+            png = path.read_bytes()
+        except OSError:
+            continue
+        if not png.startswith(b"\x89PNG\r\n\x1a\n"):
+            continue
+        candidates.append((cell, info, str(rel), png, [str(r) for r in arts.get("reconstruction_rows") or []]))
+    if not candidates:
+        s.blocks.append(Para(f"Reconstructions: {NOT_MEASURED} (no reconstruction artifacts)."))
+        return s
+    chosen = []
+    by_defense: dict[str, list] = {}
+    for c in candidates:
+        by_defense.setdefault(str(c[1].get("defense", "")), []).append(c)
+    for d in ordered(by_defense, defenses):   # per defense: the leakiest (lowest cut) and the safest cell
+        group = sorted(by_defense[d], key=lambda c: (to_float(c[1].get("cut_ratio")), str(c[1].get("kind"))))
+        for c in (group[0], group[-1]):
+            if c not in chosen:
+                chosen.append(c)
+    for c in candidates:
+        if c not in chosen:
+            chosen.append(c)
+    chosen = sorted(chosen[:MAX_RECONSTRUCTIONS], key=lambda c: cells.index(c[0]))
+    gallery = Gallery([], "Each image: the originals in the first row, then one row per attack's reconstruction "
+                          "from what the server saw.")
+    for cell, info, rel, png, labels in chosen:
+        best = best_per_cell(rows[rows["cell"] == cell], "T1", "psnr")
+        psnr = f"; best PSNR {format_value(best['value'].iloc[0])} dB ({best['attack'].iloc[0]})" if not best.empty else ""
+        row_text = ", ".join(labels) if labels else "not listed"
+        gallery.items.append(Artifact(rel, png, f"{cell} — rows, top to bottom: {row_text}{psnr}."))
+    s.blocks.append(gallery)
+    if len(candidates) > len(chosen):
+        s.blocks.append(Para(f"{len(candidates) - len(chosen)} more cells have reconstructions under artifacts/."))
+    return s
+
+
+SENDER_ID = "sender-id"  # collafuse.attacks.linkage.sender.NAME
+
+
+def _sender_lines(rows: pd.DataFrame) -> list[str]:
+    """One plain sentence per defense setting: does the server know who sent each payload? (the worst cell)"""
+    sub = rows[(rows["attack"] == SENDER_ID) & (rows["threat"] == "T1")] if len(rows) else rows
+    lines = []
+    for defense in ordered(str(d) for d in sub["defense"]):
+        mine = sub[sub["defense"].astype(str) == defense]
+        acc = measured(mine[mine["metric"] == "accuracy"])
+        if acc.empty:
+            continue
+        worst = acc.loc[acc["value"].idxmax()]
+        chance = mine[(mine["metric"] == "chance") & (mine["cell"] == worst["cell"])]["value"]
+        if chance.empty:
+            continue
+        p, lo, hi, c = (float(worst["value"]), to_float(worst["ci_low"]), to_float(worst["ci_high"]),
+                        float(chance.iloc[0]))
+        bounded = not (math.isnan(lo) or math.isnan(hi))
+        at_chance = bounded and lo <= c <= hi
+        if at_chance:
+            what = "at chance: the server cannot tell which client sent a payload"
+        elif p >= 0.99:
+            what = "the server knows who sent every payload"
+        else:
+            what = "the payloads reveal their sender (above chance)"
+        interval = f" [{lo:.2f}, {hi:.2f}]" if bounded else ""
+        lines.append(f"Sender identification ({defense}): accuracy {p:.2f}{interval} (chance {c:.2f}): {what}.")
+    if lines:
+        lines.append("Sender identification reads every field of the server view and the order of arrival; accuracy "
+                     "is scored under the best relabelling of predicted senders to clients (Hungarian), with a 95 % "
+                     "Wilson interval. minimize:id-free is credited for T1 only where it is at chance.")
+    return lines
+
+
+def _coverage_section(meta: dict, results: pd.DataFrame | None = None) -> Section:
+    s = Section("coverage", "8. Threat × defense coverage")
+    defenses, threats, cells = coverage_matrix(meta.get("coverage"))
+    if not defenses:
+        s.blocks.append(Para(f"Coverage map: {NOT_MEASURED} (audit.json has none)."))
+    else:
+        rows = []
+        for d in defenses:
+            row = [txt(d)]
+            for t in threats:
+                covered, how = cells.get((d, t), (False, ""))
+                if covered is True:
+                    row.append(Cell("covered" + (f": {how}" if how else ""), None, "pass"))
+                elif covered is False:
+                    row.append(Cell("uncovered", None, "fail"))
+                else:
+                    row.append(Cell(how or "?", None, ""))
+            rows.append(row)
+        s.blocks.append(Table(["defense setting", *threats], rows, id="coverage-table"))
+    from_labels = " ".join(defenses).lower()
+    notes = ["T1: curious server reading the payloads; T2: white-box server model; T3: white-box client model; "
+             "T4: generated images only."]
+    if "dp-sgd" in from_labels or "dp_sgd" in from_labels or not defenses:
+        notes.append("DP-SGD protects the trained models (T2, T3; T4 only when every model in the sampling chain is "
+                     "private), not the payloads: it never covers T1.")
+    if results is not None and "attack" in results:
+        notes.extend(_sender_lines(results))
+    s.blocks.extend(Para(n) for n in notes)
+    return s
+
+
+def _checks_section(meta: dict) -> Section:
+    s = Section("checks", "9. Policy checks per cell")
+    evaluations = [e for e in meta.get("evaluations") or [] if isinstance(e, dict)]
+    if not evaluations:
+        s.blocks.append(Para(f"Policy checks: {NOT_MEASURED} (audit.json has no evaluations)."))
+        return s
+    summary, detail = [], []
+    for e in evaluations:
+        checks = [c for c in e.get("checks") or [] if isinstance(c, dict)]
+        failed = sum(1 for c in checks if c.get("pass") is False)
+        unmeasured = sum(1 for c in checks if c.get("pass") is None)
+        summary.append([txt(e.get("cell")), verdict_cell(e.get("pass")),
+                        txt("yes" if e.get("complete") else "no", "" if e.get("complete") else "warn"),
+                        Cell(str(len(checks)), float(len(checks)), "num"), Cell(str(failed), float(failed), "num"),
+                        Cell(str(unmeasured), float(unmeasured), "num")])
+        for c in checks:
+            op = {"max": "≤", "min": "≥"}.get(str(c.get("op")), str(c.get("op")))
+            detail.append([txt(e.get("cell")), txt(c.get("threat")), txt(c.get("metric")),
+                           Cell(f"{op} {format_value(c.get('limit'))}", to_float(c.get("limit")), "num"),
+                           num(c.get("observed")), txt(c.get("attack") or "—"), txt(c.get("target") or "—"),
+                           verdict_cell(c.get("pass"))])
+    s.blocks.append(Table(["cell", "pass", "complete", "checks", "failed", "not measured"], summary, id="cells-table"))
+    if detail:
+        s.blocks.append(Table(["cell", "threat", "metric", "limit", "observed (worst)", "attack", "target", "pass"],
+                              detail, id="checks-table"))
+    return s
+
+
+def sweep_text(meta: dict) -> str:
+    sweep = meta.get("sweep") if isinstance(meta.get("sweep"), dict) else {}
+    if "computed" not in sweep:
+        return "cells: not recorded"
+    return f"{sweep.get('computed')} cells computed, {sweep.get('reused')} reused from an earlier sweep"
+
+
+def _config_section(meta: dict) -> Section:
+    s = Section("configuration", "10. Exact configuration")
+    facts = [
+        ["collafuse version", txt(meta.get("collafuse_version", "—"))],
+        ["started", txt(meta.get("started", "—"))],
+        ["wall time of this invocation (s)", num(meta.get("wall_seconds"))],
+        ["cell compute time, summed over cells (s)", num(meta.get("compute_seconds"))],
+        ["cells computed / reused", txt(sweep_text(meta))],
+        ["quick", txt({True: "yes", False: "no"}.get(meta.get("quick"), "—"))],
+    ]
+    s.blocks.append(Table(["", "value"], [[txt(k), v] for k, v in facts], id="run-table"))
+    versions = meta.get("versions") if isinstance(meta.get("versions"), dict) else {}
+    if versions:
+        s.blocks.append(Table(["package", "version"], [[txt(k), txt(v)] for k, v in sorted(versions.items())],
+                              id="versions-table"))
+    cells = [c for c in meta.get("cells") or [] if isinstance(c, dict)]
+    if cells:
+        rows = [[txt(c.get("cell")), txt(c.get("config_hash")), txt(c.get("kind")), txt(c.get("dataset")),
+                 num(c.get("cut_ratio")), txt(c.get("t_c")), txt(c.get("defense")), txt(c.get("payload_kind")),
+                 txt(c.get("epochs")), txt(c.get("seed")), num(c.get("seconds"))] for c in cells]
+        s.blocks.append(Table(["cell", "config hash", "kind", "dataset", "cut ratio", "t_c", "defense", "payload kind",
+                               "epochs", "seed", "seconds"], rows, id="cells-config-table"))
+    s.blocks.append(Para("Grid (grid_yaml):"))
+    s.blocks.append(Pre(str(meta.get("grid_yaml") or "(not recorded)"), "yaml"))
+    s.blocks.append(Para("Policy (policy_yaml):"))
+    s.blocks.append(Pre(str(meta.get("policy_yaml") or "(not recorded)"), "yaml"))
+    return s
+
+
+def build_sections(audit_dir: Path, rows: pd.DataFrame, meta: dict) -> list[Section]:
+    """The report's content, in order, independent of the output format."""
+    cells = cell_order(rows, meta)
+    meta_cells = {c["cell"]: c for c in meta.get("cells") or [] if isinstance(c, dict) and c.get("cell")}
+    defenses = ordered([*(c.get("defense") for c in meta_cells.values()), *rows["defense"]])
+    defenses = [str(d) for d in defenses]
+    worst = worst_leakage(rows, cells)
+    evaluations = {e.get("cell"): e for e in meta.get("evaluations") or [] if isinstance(e, dict)}
+    verdict = meta.get("verdict") if isinstance(meta.get("verdict"), dict) else {}
+    rec = verdict.get("recommendation") if isinstance(verdict.get("recommendation"), dict) else None
+    return [
+        _verdict_section(meta, len(cells)),
+        _leakage_curve_section(rows, worst, defenses),
+        _heatmap_section(worst, defenses),
+        _roc_section(audit_dir, rows, worst, meta_cells, cells),
+        _frontier_section(frontier_table(rows, worst, evaluations, cells, _cost_metric(meta)), rec, _cost_metric(meta),
+                          meta_cells),
+        _formal_section(formal_table(rows, cells)),
+        _reconstruction_section(audit_dir, rows, meta_cells, cells, defenses),
+        _coverage_section(meta, rows),
+        _checks_section(meta),
+        _config_section(meta),
+    ]
+
+
+def subtitle(meta: dict) -> str:
+    """The line under the page title: version, start, wall time, cells computed/reused, quick."""
+    return (f"collafuse {meta.get('collafuse_version', '?')} · started {meta.get('started', '?')} · "
+            f"wall time {format_value(meta.get('wall_seconds'))} s ({sweep_text(meta)})" + (" · quick" if meta.get("quick") else ""))
