@@ -28,7 +28,7 @@ from collafuse.data import load_source
 from collafuse.model import UNet
 from collafuse.protocol import Client, Server
 from collafuse.schedule import NoiseSchedule, q_sample
-from collafuse.training import build_model, generator_for, unet_config
+from collafuse.training import CPU, build_model, generator_for, unet_config
 from collafuse.transcript import TranscriptWriter
 
 
@@ -66,7 +66,7 @@ def protocol_overhead(reps: int, batch: int) -> tuple[float, float]:
     c_model, c_opt = fresh(cfg.client_model, 1)
     s_model, s_opt = fresh(cfg.server_model, 2)
     client = Client(0, c_model, c_opt, schedule, t_c, "cut", generator_for(0, 1), send_labels=True)
-    server = Server(s_model, s_opt, schedule, t_c, generator_for(0, 2), torch.device("cpu"))
+    server = Server(s_model, s_opt, schedule, t_c, generator_for(0, 2), CPU)
     pc_model, pc_opt = fresh(cfg.client_model, 1)
     ps_model, ps_opt = fresh(cfg.server_model, 2)
     g = generator_for(0, 3)

@@ -170,12 +170,12 @@ def attack_membership(
     and ROC PNGs (``collafuse attack membership``'s writer) only when ``out`` is given.
     """
     from collafuse.attacks.membership import command
-    from collafuse.attacks.membership.catalog import ATTACKS
+    from collafuse.attacks.membership.catalog import ATTACKS, DEFAULT_ATTACKS
     from collafuse.attacks.membership.engine import run_membership
     from collafuse.attacks.membership.targets import TARGETS
 
     attacks_text = _names_text(attacks)
-    attack_names = ATTACKS.parse(attacks_text)
+    attack_names = ATTACKS.parse(attacks_text) if attacks_text is not None else DEFAULT_ATTACKS
     target_names = TARGETS.parse(_names_text(targets))
     run_dir = run_or_dir.path if isinstance(run_or_dir, Run) else Path(run_or_dir)
     out_path = command._resolve_out(run_dir, str(out)) if out is not None else None

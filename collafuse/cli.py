@@ -46,20 +46,21 @@ def _warn_uncovered(left: list[str]) -> None:
 def _cmd_attack_reconstruct(args: argparse.Namespace) -> int:
     from collafuse.attacks.reconstruction.command import run_command
 
-    return run_command(Path(args.run), args.attacks, args.out, progress=not args.quiet)
+    return run_command(Path(args.run), args.attacks, args.out, progress=not args.quiet, device=args.device)
 
 
 def _cmd_attack_membership(args: argparse.Namespace) -> int:
     from collafuse.attacks.membership.command import run_command
 
-    return run_command(Path(args.run), args.attacks, args.targets, args.out, progress=not args.quiet)
+    return run_command(Path(args.run), args.attacks, args.targets, args.out, progress=not args.quiet,
+                       device=args.device, references=args.references)
 
 
 def _cmd_audit(args: argparse.Namespace) -> int:
     from collafuse.benchmarks.audit.command import run_audit_command
 
     return run_audit_command(args.config, args.policy, args.quick, args.out, args.jobs, args.backend, args.address,
-                             args.cache, progress=not args.quiet)
+                             args.cache, progress=not args.quiet, device=args.device)
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
@@ -91,7 +92,7 @@ def _cmd_sample(args: argparse.Namespace) -> int:
         raise CollafuseError(f"-n must be in 1..{MAX_SAMPLES}, got {args.n}")
     if args.seed is not None and not 0 <= args.seed <= MAX_SEED:
         raise CollafuseError(f"--seed must be in 0..2**63-1, got {args.seed}")
-    run = Run.load(args.run)
+    run = Run.load(args.run, device=args.device)
     if not 0 <= args.client < len(run.client_models):
         raise CollafuseError(f"--client must be in 0..{len(run.client_models) - 1}, got {args.client}")
     seed = run.config.seed if args.seed is None else args.seed
@@ -123,6 +124,12 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     return 0
 
 
+def _device_option(parser: argparse.ArgumentParser) -> None:
+    """``--device {auto,cpu,cuda}`` (DESIGN §10): overrides the config's device; an unavailable CUDA exits 2."""
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default=None,
+                        help="where models and attacks run (default: auto, CUDA when available)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="collafuse", description="Split-diffusion training and leakage audits.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -140,6 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--client", type=int, default=0, help="which client finishes the chain (default 0)")
     sample.add_argument("--seed", type=int, default=None, help="sampling seed (default: the run's seed)")
     sample.add_argument("--quiet", action="store_true", help="no progress bar")
+    _device_option(sample)
     sample.set_defaults(func=_cmd_sample)
 
     attack = sub.add_parser("attack", help="attack a trained run")
@@ -149,13 +157,17 @@ def build_parser() -> argparse.ArgumentParser:
     rec.add_argument("--attacks", default=None, help="comma-separated attack names (default: all)")
     rec.add_argument("--out", default=None, help="output JSON (default: RUN_DIR/../<run>-reconstruct.json)")
     rec.add_argument("--quiet", action="store_true")
+    _device_option(rec)
     rec.set_defaults(func=_cmd_attack_reconstruct)
     mem = attack_sub.add_parser("membership", help="membership inference on payloads, models and samples")
     mem.add_argument("--run", required=True)
     mem.add_argument("--attacks", default=None, help="comma-separated attack names (default: all that apply)")
     mem.add_argument("--targets", default=None, help="comma-separated from server,client,samples,payload (default: all)")
     mem.add_argument("--out", default=None, help="output JSON")
+    mem.add_argument("--references", type=int, default=None,
+                     help="reference client models per target for lira / rmia (>= 2; default 4)")
     mem.add_argument("--quiet", action="store_true")
+    _device_option(mem)
     mem.set_defaults(func=_cmd_attack_membership)
 
     audit = sub.add_parser("audit", help="sweep cut points x defenses, score every threat, write the report")
@@ -169,6 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
     audit.add_argument("--cache", default=None, help="cache of trained systems and attacker models "
                        "(default: $COLLAFUSE_CACHE/audit or ~/.cache/collafuse/audit)")
     audit.add_argument("--quiet", action="store_true", help="no progress bars")
+    _device_option(audit)
     audit.set_defaults(func=_cmd_audit)
 
     report = sub.add_parser("report", help="rebuild report.html and report.md from an audit folder")

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, Strict, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, Strict, ValidationError, model_serializer, model_validator
 
 from collafuse.errors import ConfigError
 from collafuse.safeio import read_yaml, short_repr, short_text
@@ -61,6 +61,25 @@ class TrainingConfig(_Strict):
     ema_decay: Float = Field(0.995, ge=0, lt=1)    # checkpoints hold this EMA of the weights; 0 = raw weights
     payload: Literal["cut", "trajectory", "naive"] = "cut"
     shard_rows: Int = Field(4096, ge=1)            # transcript rows per shard and client
+    # Epochs after which every model's EMA weights are also kept (checkpoints/snapshots/epoch_<e>/):
+    # leakage against training length (`attack membership` attacks each snapshot). Empty: none.
+    snapshots: tuple[Int, ...] = ()
+
+    @model_validator(mode="after")
+    def _check_snapshots(self) -> "TrainingConfig":
+        s = self.snapshots
+        if s and (s[0] < 1 or s[-1] > self.epochs or any(a >= b for a, b in zip(s, s[1:]))):
+            raise ValueError(f"snapshots must be distinct epochs in increasing order, each in 1..{self.epochs} "
+                             f"(training.epochs), got {list(s)}")
+        return self
+
+    @model_serializer(mode="wrap")
+    def _omit_no_snapshots(self, handler) -> dict[str, Any]:
+        # Absent when empty: configs (and so run and audit hashes) written before snapshots existed stay valid.
+        data = handler(self)
+        if not self.snapshots:
+            data.pop("snapshots", None)
+        return data
 
 
 class SamplingConfig(_Strict):
@@ -68,6 +87,15 @@ class SamplingConfig(_Strict):
     steps: Int = Field(100, ge=1)                  # DDIM steps in total (DDPM always runs all T)
     guidance: Float = Field(1.0, ge=0)
     per_client: Int = Field(20, ge=1)              # grid samples per client at the end of training
+
+
+class CanaryConfig(_Strict):
+    """The one-run audit's canaries (Steinke, Nasr & Jagielski 2023): ``count`` images drawn from a pool
+    held out of every split, each put into client ``client``'s training set independently with
+    probability ½. Which ones went in is written only with the splits (scorer-side), never to the server."""
+
+    count: Int = Field(0, ge=0)
+    client: Int = Field(0, ge=0)
 
 
 class RunConfig(_Strict):
@@ -83,10 +111,21 @@ class RunConfig(_Strict):
     # Defense settings, e.g. [{name: payload-noise, sigma: 0.5}]. The core stores them;
     # collafuse.defenses validates them and turns them into hooks (the core never imports it).
     defenses: tuple[dict[str, Any], ...] = ()
+    canaries: CanaryConfig = CanaryConfig()
+
+    @model_serializer(mode="wrap")
+    def _omit_no_canaries(self, handler) -> dict[str, Any]:
+        # Absent without canaries: configs (and so run and audit hashes) written before canaries existed stay valid.
+        data = handler(self)
+        if not self.canaries.count:
+            data.pop("canaries", None)
+        return data
 
     @model_validator(mode="after")
     def _cross_checks(self) -> "RunConfig":
         d = self.data
+        if self.canaries.count and self.canaries.client >= d.num_clients:
+            raise ValueError(f"canaries.client {self.canaries.client} does not exist ({d.num_clients} clients)")
         if d.num_clients > d.n_members:
             raise ValueError(f"more clients ({d.num_clients}) than member images ({d.n_members})")
         if d.source in ("folder", "npz") and not d.path:

@@ -240,22 +240,53 @@ class Splits:
     """Indices into the source for each role. Fixed by the seed; disjoint by construction.
 
     ``clients[k]`` holds the member indices of client k (a partition of ``members``).
+    ``canaries`` (M,): the one-run audit's canaries (held out of every other split), ``canaries_in``
+    (M,) bool: which of them client ``canary_client`` also trained on (ground truth: scorers only).
     """
 
     members: torch.Tensor
     nonmembers: torch.Tensor
     aux: torch.Tensor
     clients: tuple[torch.Tensor, ...]
+    canaries: torch.Tensor = torch.empty(0, dtype=torch.long)
+    canaries_in: torch.Tensor = torch.empty(0, dtype=torch.bool)
+    canary_client: int = 0
+
+    def training_set(self, k: int) -> torch.Tensor:
+        """What client ``k`` trains on: its members, plus the included canaries for the canary client."""
+        if k != self.canary_client or not len(self.canaries):
+            return self.clients[k]
+        return torch.cat([self.clients[k], self.canaries[self.canaries_in]])
 
     def to_dict(self) -> dict[str, torch.Tensor]:
         out = {"members": self.members, "nonmembers": self.nonmembers, "aux": self.aux}
         out.update({f"client_{k}": idx for k, idx in enumerate(self.clients)})
+        if len(self.canaries):  # absent without canaries: older run files stay as they were
+            out.update({"canaries": self.canaries, "canaries_in": self.canaries_in,
+                        "canary_client": torch.tensor([self.canary_client])})
         return out
 
     @classmethod
     def from_dict(cls, d: dict[str, torch.Tensor]) -> "Splits":
         n = sum(1 for key in d if key.startswith("client_"))
-        return cls(d["members"], d["nonmembers"], d["aux"], tuple(d[f"client_{k}"] for k in range(n)))
+        extra = {}
+        if "canaries" in d:
+            extra = {"canaries": d["canaries"], "canaries_in": d["canaries_in"].bool(),
+                     "canary_client": int(d["canary_client"][0])}
+        return cls(d["members"], d["nonmembers"], d["aux"], tuple(d[f"client_{k}"] for k in range(n)), **extra)
+
+
+def draw_canaries(n_total: int, used: torch.Tensor, count: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """``count`` canary indices from the images no split uses, and for each an independent fair coin:
+    included in the canary client's training set or not (Steinke et al. 2023, §2). (M,), (M,) bool."""
+    free = torch.ones(n_total, dtype=torch.bool)
+    free[used] = False
+    pool = torch.nonzero(free).flatten()
+    if len(pool) < count:
+        raise DataError(f"canaries.count = {count} needs images outside every split, but only {len(pool)} of "
+                        f"{n_total} are left; lower canaries.count or the split sizes")
+    canaries = pool[torch.randperm(len(pool), generator=generator)[:count]].sort().values
+    return canaries, torch.rand(count, generator=generator) < 0.5
 
 
 def make_splits(

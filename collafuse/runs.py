@@ -7,6 +7,8 @@ Layout of RUN_DIR::
                                 applied (its describe()) and the sha256 of every other file
     train_log.jsonl             one JSON line per epoch: per-side losses (+ hook metrics)
     checkpoints/server.safetensors, checkpoints/client_{k}.safetensors
+    checkpoints/snapshots/epoch_{e}/{server,client_k}.safetensors
+                                the EMA weights after each epoch of training.snapshots (Run.at_snapshot)
     data.safetensors            the source images/labels and the split indices (ground truth)
     transcript/ …               the server view (see collafuse.transcript)
     audit_key.safetensors       which member each transcript row came from
@@ -29,7 +31,7 @@ import json
 import os
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path, PurePosixPath
 from typing import BinaryIO
 
@@ -42,15 +44,15 @@ from safetensors.torch import save_file
 
 from collafuse import __version__
 from collafuse.config import RunConfig, config_from_dict, config_to_yaml
-from collafuse.data import ImageSet, Splits, load_source, make_splits, partition
+from collafuse.data import ImageSet, Splits, draw_canaries, load_source, make_splits, partition
 from collafuse.errors import ConfigError, RunError
 from collafuse.fsutil import sweep_stale_partials
-from collafuse.safeio import parse_yaml
+from collafuse.safeio import parse_yaml, short_repr
 from collafuse.model import UNet
 from collafuse.sampling import collaborative_sample
 from collafuse.schedule import NoiseSchedule
 from collafuse.training import (
-    STREAM_PARTITION, STREAM_SAMPLE, STREAM_SPLIT, Hooks, TrainedSystem, build_model, generator_for,
+    CPU, STREAM_CANARY, STREAM_PARTITION, STREAM_SAMPLE, STREAM_SPLIT, Hooks, TrainedSystem, build_model, generator_for,
     resolve_device, train_system, unet_config,
 )
 
@@ -61,6 +63,11 @@ TRANSCRIPT_INDEX = "transcript/index.json"
 # Files Run.load does not hash itself: shards (ServerView checks them against the index) and the
 # source data (Run.load_data checks it when a scorer opens it).
 LAZY_FILES = (DATA_FILE,)
+
+
+def snapshot_file(epoch: int, name: str) -> str:
+    """The run-relative path of model ``name`` ("server", "client_<k>") as it was after ``epoch`` (training.snapshots)."""
+    return f"checkpoints/snapshots/epoch_{epoch}/{name}.safetensors"
 
 
 def file_sha256(path: Path) -> str:
@@ -111,7 +118,12 @@ def prepare_data(config: RunConfig) -> tuple[ImageSet, Splits]:
         len(members), labels, d.num_clients, d.partition, generator_for(config.seed, STREAM_PARTITION),
         d.dirichlet_alpha, d.labels_per_client,
     )
-    return data, Splits(members, nonmembers, aux, tuple(members[p] for p in parts))
+    clients = tuple(members[p] for p in parts)
+    if not config.canaries.count:
+        return data, Splits(members, nonmembers, aux, clients)
+    canaries, included = draw_canaries(len(data), torch.cat([members, nonmembers, aux]), config.canaries.count,
+                                       generator_for(config.seed, STREAM_CANARY))
+    return data, Splits(members, nonmembers, aux, clients, canaries, included, config.canaries.client)
 
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:
@@ -146,11 +158,15 @@ def sample_labels(n: int, num_classes: int) -> torch.Tensor | None:
 
 
 def generate(
-    system: "TrainedSystem | Run", client: int, n: int, seed: int, batch: int = 256, progress: bool = False
+    system: "TrainedSystem | Run", client: int, n: int, seed: int, batch: int = 256, progress: bool = False,
+    device: "str | torch.device | None" = None,
 ) -> torch.Tensor:
-    """``n`` collaborative samples handed to client ``client``, labels cycling through the classes."""
+    """``n`` collaborative samples handed to client ``client``, labels cycling through the classes.
+
+    On ``device`` (default: where a loaded :class:`Run` put its models, else the config's device);
+    the noise is drawn on the CPU, so the samples do not depend on the device beyond float rounding."""
     cfg = system.config
-    device = resolve_device(cfg.device)
+    device = resolve_device(device if device is not None else getattr(system, "device", None) or cfg.device)
     gen = generator_for(seed, STREAM_SAMPLE, client)
     labels = sample_labels(n, system.num_classes)
     size = cfg.data.image_size
@@ -210,14 +226,15 @@ def create_run(
         train_seconds = time.perf_counter() - started
         (staging / "checkpoints").mkdir()
         models = [("server", system.server_model)] + [(f"client_{k}", m) for k, m in enumerate(system.client_models)]
-        for name, model in models:
-            if model is None:
-                continue
-            state = _state(model)
+        states = {f"checkpoints/{name}.safetensors": (name, _state(model)) for name, model in models if model is not None}
+        for epoch, snap in system.snapshots.items():
+            states.update({snapshot_file(epoch, name): (f"{name} (epoch {epoch})", st) for name, st in snap.items()})
+        for rel, (name, state) in states.items():
             bad = _first_non_finite(state)
             if bad is not None:  # a run whose checkpoints Run.load would refuse is not written
                 raise RunError(f"training diverged: the {name} model has NaN/inf weights ({bad}); lower training.lr")
-            save_file(state, str(staging / "checkpoints" / f"{name}.safetensors"))
+            (staging / rel).parent.mkdir(parents=True, exist_ok=True)
+            save_file(state, str(staging / rel))
         stored = {"images": data.images.contiguous()}
         if data.labels is not None:
             stored["labels"] = data.labels
@@ -244,6 +261,7 @@ def create_run(
                     "has_server": system.server_model is not None,
                     "train_seconds": round(train_seconds, 2),
                     "hooks": hooks.describe(),  # after training: a DP hook reports the ε it spent
+                    "snapshots": sorted(system.snapshots),  # epochs with checkpoints/snapshots/epoch_<e>/
                     "files": file_hashes(staging),
                 },
                 indent=1,
@@ -331,7 +349,8 @@ def _verify_run_files(path: Path, files: dict[str, str], already: set[str]) -> N
             _verify_file(path, files, rel)
 
 
-def _load_model(path: Path, files: dict[str, str], rel: str, config: RunConfig, side: str, num_classes: int) -> UNet:
+def _load_model(path: Path, files: dict[str, str], rel: str, config: RunConfig, side: str, num_classes: int,
+                device: torch.device) -> UNet:
     model_cfg = config.server_model if side == "server" else config.client_model
     model = build_model(unet_config(model_cfg, config.data.channels, num_classes), config.seed)
     raw = _read_verified(path, files, rel)
@@ -346,7 +365,7 @@ def _load_model(path: Path, files: dict[str, str], rel: str, config: RunConfig, 
         model.load_state_dict(state)
     except RuntimeError as exc:
         raise RunError(f"checkpoint does not match the config: {path / rel} ({str(exc).splitlines()[0]})") from None
-    return model.to(resolve_device(config.device)).eval()
+    return model.to(device).eval()  # loaded on the CPU (map location), then moved: a CUDA run opens anywhere
 
 
 def _run_metadata(path: Path, info: dict, config: RunConfig) -> tuple[int, int, int, bool]:
@@ -373,6 +392,16 @@ def _run_metadata(path: Path, info: dict, config: RunConfig) -> tuple[int, int, 
     return t_c, num_classes, n, has_server
 
 
+def _snapshot_epochs(path: Path, info: dict, config: RunConfig) -> tuple[int, ...]:
+    """The epochs run.json lists under ``snapshots`` (absent: none), checked against the config's training.snapshots."""
+    epochs = info.get("snapshots", [])
+    if not isinstance(epochs, list) or not all(isinstance(e, int) and not isinstance(e, bool) for e in epochs) \
+            or tuple(epochs) != tuple(config.training.snapshots):
+        raise RunError(f"{path}: run.json snapshots {short_repr(epochs, 60)} do not match config.yaml's "
+                       f"training.snapshots {list(config.training.snapshots)}")
+    return tuple(epochs)
+
+
 @dataclass
 class Run:
     """A finished run loaded from disk: config, schedule, models and (for scorers) the data."""
@@ -385,12 +414,18 @@ class Run:
     server_model: UNet | None
     client_models: list[UNet | None]
     info: dict
+    device: torch.device = CPU  # where the models were loaded (Run.load's ``device``), not config.device
+    snapshot: int | None = None  # the training.snapshots epoch whose weights the models are (None: the final ones)
 
     @classmethod
-    def load(cls, path: Path | str) -> "Run":
+    def load(cls, path: Path | str, device: "str | torch.device | None" = None) -> "Run":
         """Load a run folder, refusing one whose files differ from the hashes in run.json or whose
-        checkpoints hold NaN/inf weights (:class:`RunError`, one line naming the file)."""
+        checkpoints hold NaN/inf weights (:class:`RunError`, one line naming the file).
+
+        ``device`` (``auto``/None, ``cpu``, ``cuda``) is resolved here, on the loading machine, not
+        taken from ``config.device`` (where the run was trained): a CUDA run opens on a CPU machine."""
         path = Path(path)
+        target = resolve_device(device)  # an unavailable CUDA: ConfigError before anything is read
         marker = path / RUN_MARKER
         if not path.is_dir() or not marker.is_file():
             raise RunError(f"{path} is not a collafuse run folder (no {RUN_MARKER})")
@@ -410,12 +445,37 @@ class Run:
         ckpts = [("checkpoints/server.safetensors", "server")] if has_server else []
         if t_c > 0:
             ckpts += [(f"checkpoints/client_{k}.safetensors", "client") for k in range(n)]
+        for epoch in _snapshot_epochs(path, info, config):  # recorded and present; hashed with the rest below
+            for rel, _ in ckpts:
+                _missing_or_unlisted(path, files, snapshot_file(epoch, PurePosixPath(rel).stem))
         _verify_run_files(path, files, {CONFIG_FILE, *(rel for rel, _ in ckpts)})
-        models = {rel: _load_model(path, files, rel, config, side, num_classes) for rel, side in ckpts}
+        models = {rel: _load_model(path, files, rel, config, side, num_classes, target) for rel, side in ckpts}
         schedule = NoiseSchedule.create(config.diffusion.schedule, config.diffusion.T)
         server = models.get("checkpoints/server.safetensors")
         clients = [models.get(f"checkpoints/client_{k}.safetensors") for k in range(n)]
-        return cls(path, config, schedule, t_c, num_classes, server, clients, info)
+        return cls(path, config, schedule, t_c, num_classes, server, clients, info, target)
+
+    @property
+    def snapshot_epochs(self) -> tuple[int, ...]:
+        """The epochs of training.snapshots this run kept (checked against run.json at load)."""
+        return tuple(self.config.training.snapshots)
+
+    def at_snapshot(self, epoch: int) -> "Run":
+        """This run with the models as they were after ``epoch`` (one of :attr:`snapshot_epochs`), on the same
+        device: the same config, data, transcript and schedule, so attacks on it measure leakage against
+        training length. Each checkpoint is read once and refused unless its sha256 is run.json's."""
+        if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch not in self.snapshot_epochs:
+            kept = ", ".join(map(str, self.snapshot_epochs)) or "none (training.snapshots is empty)"
+            raise RunError(f"{self.path}: no snapshot at epoch {epoch!r}; snapshots kept: {kept}")
+        files = _check_manifest(self.path, self.info)
+
+        def load(name: str, side: str) -> UNet:
+            return _load_model(self.path, files, snapshot_file(epoch, name), self.config, side, self.num_classes,
+                               self.device)
+
+        server = load("server", "server") if self.server_model is not None else None
+        clients = [load(f"client_{k}", "client") if m is not None else None for k, m in enumerate(self.client_models)]
+        return replace(self, server_model=server, client_models=clients, snapshot=epoch)
 
     def load_data(self) -> tuple[ImageSet, Splits]:
         """The source images and the split indices: ground truth for scoring, not for attacks.

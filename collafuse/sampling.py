@@ -104,7 +104,7 @@ def collaborative_sample(
     sampler: str = "ddpm",
     ddim_steps: int = 50,
     guidance: float = 0.0,
-    device: torch.device | str = "cpu",
+    device: torch.device | str | None = None,
     data_bound: float | None = 1.0,
     progress: bool = False,
 ) -> torch.Tensor:
@@ -120,6 +120,9 @@ def collaborative_sample(
     """
     T = schedule.T
     server_steps, client_steps = split_ddim_steps(ddim_steps, T, t_c)
+    if device is None:  # where the models are (the noise is drawn on the generator's device, then moved)
+        params = [p for m in (server_model, client_model) if m is not None for p in m.parameters()][:1]
+        device = params[0].device if params else generator.device
     x = torch.randn(shape, generator=generator).to(device)
     y = y.to(device) if y is not None else None
     if t_c < T:

@@ -45,14 +45,28 @@ def generator_for(seed: int, *stream: int) -> torch.Generator:
 # Stream ids: fixed numbers so adding a stream never shifts the others.
 STREAM_SPLIT, STREAM_PARTITION, STREAM_SERVER, STREAM_CLIENT, STREAM_LOADER, STREAM_INIT, STREAM_SAMPLE = range(7)
 STREAM_RELAY = 7  # the relay's shuffle of a round (an id-free release); unused without one
+STREAM_CANARY = 8  # which held-out images are canaries and which of them go in (canaries.count > 0 only)
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("device: 'cuda' requested but no CUDA device is available")
-    return torch.device(name)
+CPU = torch.device("cpu")  # the one CPU literal outside the config: the fallback of resolve_device and a safe default
+DEVICE_CHOICES = ("auto", "cpu", "cuda")
+
+
+def resolve_device(name: "str | torch.device | None") -> torch.device:
+    """``auto`` (or None) → CUDA when it is available, else the CPU; ``cpu``/``cuda`` as asked (DESIGN §10).
+
+    Every part resolves its device here (training, sampling, attacks, the audit), so ``auto``
+    means the same everywhere; an unavailable CUDA is a :class:`ConfigError` (one line, exit 2)."""
+    if isinstance(name, torch.device):
+        name = str(name)
+    if name is None or name == "auto":
+        return torch.device("cuda") if torch.cuda.is_available() else CPU
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"device: {name!r} requested but no CUDA device is available (use --device cpu or auto)")
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"unknown device {name!r}; valid: {', '.join(DEVICE_CHOICES)}") from None
 
 
 def unet_config(model: ModelConfig, channels: int, num_classes: int) -> UNetConfig:
@@ -110,6 +124,8 @@ class TrainedSystem:
     client_models: list[UNet | None]
     log: list[dict] = field(default_factory=list)
     num_classes: int = 0
+    # training.snapshots: epoch → model name ("server", "client_<k>") → its EMA weights after that epoch (CPU copies)
+    snapshots: dict[int, dict[str, dict[str, torch.Tensor]]] = field(default_factory=dict)
 
 
 class WeightAverage:
@@ -131,6 +147,13 @@ class WeightAverage:
     @property
     def weights(self) -> torch.nn.Module:
         return self.average.module if self.average is not None else self.model
+
+
+def weights_snapshot(server: WeightAverage | None, clients: list[WeightAverage | None]) -> dict[str, dict[str, torch.Tensor]]:
+    """A CPU copy of every model's published (EMA) weights now, by model name: one training.snapshots entry."""
+    named = [("server", server)] + [(f"client_{k}", c) for k, c in enumerate(clients)]
+    return {name: {key: value.detach().to(CPU, copy=True).contiguous() for key, value in avg.weights.state_dict().items()}
+            for name, avg in named if avg is not None}
 
 
 def _wrap(hooks: Hooks, role: str, model, optimizer, loader):
@@ -184,7 +207,8 @@ def train_system(
     clients: list[Client] = []
     loaders: list[DataLoader] = []
     labels_all = data.labels if data.labels is not None else torch.zeros(len(data), dtype=torch.long)
-    for k, member_idx in enumerate(splits.clients):
+    for k in range(len(splits.clients)):
+        member_idx = splits.training_set(k)  # the canary client also trains on its included canaries
         dataset = TensorDataset(member_idx, data.images[member_idx], labels_all[member_idx])
         loader = DataLoader(
             dataset, batch_size=min(tr.batch_size, len(member_idx)), shuffle=True,
@@ -209,6 +233,7 @@ def train_system(
     # Always written, so c = 1 leaves an explicit, empty server view rather than none at all.
     writer = TranscriptWriter(out_dir, tr.payload, tr.shard_rows)
     log: list[dict] = []
+    snapshots: dict[int, dict[str, dict[str, torch.Tensor]]] = {}
     step = 0
     relay = generator_for(config.seed, STREAM_RELAY)
     round_index = 0
@@ -275,6 +300,8 @@ def train_system(
                 for key, value in hook.metrics(role, owner).items():
                     entry[f"{hook.name}.{role}{'' if owner is None else owner}.{key}"] = value
         log.append(entry)
+        if epoch in tr.snapshots:
+            snapshots[epoch] = weights_snapshot(server_average, client_averages)
         if log_line is not None:
             log_line(entry)
         if entry["server_loss"] is not None:
@@ -288,4 +315,5 @@ def train_system(
         client_models=[a.weights if a is not None else None for a in client_averages],
         log=log,
         num_classes=num_classes,
+        snapshots=snapshots,
     )

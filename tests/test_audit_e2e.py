@@ -68,6 +68,11 @@ def test_quick_audit_writes_table_report_and_verdict(quick_audit):
 
     csv = pd.read_csv(out / "results.csv")
     assert len(csv) == len(rows) and list(csv["metric"]) == [r["metric"] for r in rows]
+    # Every membership metric (issue 14 item 4); the per-step AUC carries its step in column t.
+    member = csv[csv["threat"].isin(["T2", "T3"])]
+    assert {"auc", "tpr_at_01pct_fpr", "tpr_at_01pct_fpr_resolved", "balanced_accuracy", "epsilon_gdp",
+            "auc_at_t"} <= set(member["metric"])
+    assert member.loc[member["metric"] == "auc_at_t", "t"].notna().all() and member.loc[member["metric"] == "auc", "t"].isna().all()
     for name in ("report.html", "report.md"):
         assert (out / name).stat().st_size > 1000
     # Its wall time (target: 2 min on a quiet machine) is measured by benchmarks/perf_audit.py, not asserted.

@@ -122,6 +122,60 @@ def test_policy_takes_the_worst_attack_and_the_statistic_it_is_told(tmp_path):
     assert payload["complete"] is False and payload["pass"] is False
 
 
+@pytest.mark.parametrize("metric, values, limit, worst", [
+    ("tpr_at_01pct_fpr", (0.02, 0.09), 0.05, 0.09),
+    ("balanced_accuracy", (0.61, 0.55), 0.6, 0.61),
+    ("epsilon_gdp", (0.4, 1.3), 1.0, 1.3),
+])
+def test_policy_limits_every_membership_metric(tmp_path, metric, values, limit, worst):
+    """Issue 14 item 4: TPR at 0.1 % FPR, balanced accuracy and ε_GDP are limits like auc: the worst attack counts."""
+    system = load_grid(write(tmp_path, "g.yaml", GRID)).cells()[-1]
+    flags = [("T2", "server", a, "tpr_at_01pct_fpr_resolved", 1.0, None, None) for a in ("loss", "sima")]
+    rows = _rows(system, [("T2", "server", "loss", metric, values[0], None, None),
+                          ("T2", "server", "sima", metric, values[1], None, None), *flags,
+                          # a curve row of the same metric name family is not judged
+                          ("T2", "server", "loss", f"{metric}_at_epoch", 0.99, None, None)])
+    loose = evaluate_cell(parse_policy({"limits": {"T2": {metric: {"max": worst}}}}), system, rows)
+    assert loose["pass"] and loose["checks"][0]["observed"] == worst
+    tight = evaluate_cell(parse_policy({"limits": {"T2": {metric: {"max": limit}}}}), system, rows)
+    assert not tight["pass"] and tight["complete"]
+    assert (tight["checks"][0]["observed"], tight["checks"][0]["attack"]) == (worst, "sima" if values[1] == worst else "loss")
+
+
+def test_an_unresolved_tpr_at_01pct_fpr_cannot_pass_a_max_limit(tmp_path):
+    """With < 1000 non-members TPR at 0.1 % FPR is the TPR at FPR 0: a lower bound, so a max limit is not measured;
+    a resolved value above the limit still fails."""
+    system = load_grid(write(tmp_path, "g.yaml", GRID)).cells()[-1]
+
+    def rows(resolved_loss: float, value_loss: float):
+        return _rows(system, [("T2", "server", "loss", "tpr_at_01pct_fpr", value_loss, None, None),
+                              ("T2", "server", "loss", "tpr_at_01pct_fpr_resolved", resolved_loss, None, None),
+                              ("T2", "server", "sima", "tpr_at_01pct_fpr", 0.0, None, None),
+                              ("T2", "server", "sima", "tpr_at_01pct_fpr_resolved", 0.0, None, None)])
+
+    policy = parse_policy({"limits": {"T2": {"tpr_at_01pct_fpr": {"max": 0.1}}}})
+    unknown = evaluate_cell(policy, system, rows(1.0, 0.05))
+    assert unknown["checks"][0]["pass"] is None and not unknown["complete"] and "unresolved" in unknown["checks"][0]["note"]
+    broken = evaluate_cell(policy, system, rows(1.0, 0.3))
+    assert broken["checks"][0]["pass"] is False and broken["checks"][0]["observed"] == 0.3
+    # a min limit may rely on a lower bound
+    floor = evaluate_cell(parse_policy({"limits": {"T2": {"tpr_at_01pct_fpr": {"min": 0.0}}}}), system, rows(0.0, 0.05))
+    assert floor["pass"]
+
+
+def test_a_systems_block_passes_snapshots_to_training(tmp_path):
+    grid = {**GRID, "base": {**GRID["base"], "training": {"epochs": 6}},
+            "systems": {**GRID["systems"], "snapshots": [2, 4]}}
+    cells = load_grid(write(tmp_path, "g.yaml", grid)).cells()
+    assert cells[-1].run_config.training.snapshots == (2, 4)
+    assert all(c.run_config.training.snapshots == () for c in cells if c.kind == "payload")
+    plain = load_grid(write(tmp_path, "p.yaml", {**grid, "systems": GRID["systems"]})).cells()
+    assert cells[-1].config_hash != plain[-1].config_hash  # a system with snapshots is trained apart
+    assert "snapshots" not in plain[-1].to_json()["run_config"]["training"]  # older hashes stay valid
+    with pytest.raises(ConfigError, match="snapshots must be distinct epochs"):
+        load_grid(write(tmp_path, "bad.yaml", {**grid, "systems": {**GRID["systems"], "snapshots": [4, 9]}}))
+
+
 def test_verdict_recommends_the_cheapest_passing_setting(tmp_path):
     grid = {**GRID, "payload_curve": {}, "systems": {**GRID["systems"], "cut_ratios": [0.2, 0.5, 0.9]}}
     cells = load_grid(write(tmp_path, "g.yaml", grid)).cells()

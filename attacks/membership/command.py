@@ -3,7 +3,8 @@
 The work is done by :func:`~collafuse.attacks.membership.engine.run_membership`; this
 module writes its result: one JSON report (atomically: temp file + rename) with, per target and attack,
 ROC AUC, TPR at 1 % and 0.1 % FPR, balanced accuracy (bootstrap intervals), empirical ε
-lower bounds and the leakage-per-timestep curve; beside it, per target, a log–log ROC PNG
+lower bounds and the leakage-per-timestep curve (and the same for the model targets of every
+``training.snapshots`` epoch, under ``snapshots``); beside it, per target, a log–log ROC PNG
 and a per-timestep AUC PNG. Targets that do not exist in the run (no server at c = 1, no
 client models at c = 0) are listed with the reason. Bad input raises
 :class:`~collafuse.errors.CollafuseError` (the CLI prints one line and exits 2).
@@ -15,8 +16,9 @@ import json
 import os
 from pathlib import Path
 
-from collafuse.attacks.membership.catalog import ATTACKS
-from collafuse.attacks.membership.engine import MembershipResult, run_membership
+from collafuse.attacks.membership.catalog import ATTACKS, DEFAULT_ATTACKS
+from collafuse.attacks.membership.base import SignalSettings
+from collafuse.attacks.membership.engine import MembershipResult, MembershipSettings, run_membership
 from collafuse.attacks.membership.metrics import save_curve_png, save_roc_png
 from collafuse.attacks.membership.targets import TARGETS
 from collafuse.errors import CollafuseError
@@ -83,26 +85,46 @@ def write_report(result: MembershipResult, out: Path) -> list[Path]:
     return [out, *written]
 
 
-def run_command(run_dir: Path, attacks: str | None, targets: str | None, out: str | None, progress: bool) -> int:
-    """The CLI entry point: parse names, load the run, audit, write. Returns the exit code."""
+def run_command(run_dir: Path, attacks: str | None, targets: str | None, out: str | None, progress: bool,
+                device: str | None = None, references: int | None = None) -> int:
+    """The CLI entry point: parse names, load the run, audit, write. Returns the exit code.
+    ``references``: reference models per target for lira / rmia (None = the settings' default)."""
     from collafuse.runs import Run
 
-    attack_names = ATTACKS.parse(attacks)
+    attack_names = ATTACKS.parse(attacks) if attacks is not None else DEFAULT_ATTACKS  # reference attacks: only when named
     target_names = TARGETS.parse(targets)
+    if references is not None and references < 2:
+        raise CollafuseError(f"--references must be >= 2 (an IN and an OUT model per candidate), got {references}")
+    settings = MembershipSettings() if references is None else MembershipSettings(signals=SignalSettings(references=references))
     run_dir = Path(run_dir)
     out_path = _resolve_out(run_dir, out)
-    run = Run.load(run_dir)
-    result = run_membership(run, attack_names, target_names, explicit_attacks=attacks is not None, progress=progress)
+    run = Run.load(run_dir, device=device)  # every model query runs on this device
+    result = run_membership(run, attack_names, target_names, settings, explicit_attacks=attacks is not None,
+                            progress=progress)
     write_report(result, out_path)
     if progress:
         for row in result.summary_rows():
+            where = row["target"] if "epoch" not in row else f"{row['target']}@epoch={row['epoch']}"
             if row.get("available", True):
+                def unresolved(key: str) -> str:
+                    return "" if row[f"{key}_resolved"] else " (unresolved)"
+
                 print(
-                    f"{row['target']:>10} {row['threat']} {row['attack']:>12}  AUC {row['auc']:.3f}  "
-                    f"TPR@1%FPR {row['tpr_at_1pct_fpr']:.3f}{'' if row['tpr_at_1pct_fpr_resolved'] else ' (unresolved)'}  "
-                    f"eps_LB {row['epsilon_lb']:.2f}"
+                    f"{where:>16} {row['threat']} {row['attack']:>12}  AUC {row['auc']:.3f}  "
+                    f"TPR@1%FPR {row['tpr_at_1pct_fpr']:.3f}{unresolved('tpr_at_1pct_fpr')}  "
+                    f"TPR@0.1%FPR {row['tpr_at_01pct_fpr']:.3f}{unresolved('tpr_at_01pct_fpr')}  "
+                    f"bal.acc {row['balanced_accuracy']:.3f}  eps_LB {row['epsilon_lb']:.2f}  "
+                    f"eps_GDP {row['epsilon_gdp']:.2f}"
                 )
             else:
-                print(f"{row['target']:>10} {row['threat']}  not applicable: {row['reason']}")
+                print(f"{where:>16} {row['threat']}  not applicable: {row['reason']}")
+        for target, outcome in result.outcomes():
+            if outcome.inverted:
+                print(f"{target.key:>16} {target.threat} {outcome.name:>12}  signal found, reversed "
+                      f"(AUC {outcome.metrics.auc.value:.3f}, significantly below 0.5)")
+            if outcome.one_run is not None:
+                o = outcome.one_run
+                print(f"{target.key:>16} {target.threat} {outcome.name:>12}  one-run eps_LB {o['epsilon_lb']} "
+                      f"({o['correct']}/{o['k_plus'] + o['k_minus']} correct of m = {o['m']} canaries)")
     print(f"membership report written to {out_path}")
     return 0

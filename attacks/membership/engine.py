@@ -6,11 +6,17 @@ the attacks that apply to each, computes each target's signals once, scores ever
 attack from them and evaluates the scores (AUC, TPR at low FPR, balanced accuracy with
 bootstrap intervals, ε lower bounds, the per-step curve). The JSON report is a
 serialisation of the result (:meth:`MembershipResult.to_json`); nothing else builds it.
+
+Leakage against training length: a run trained with ``training.snapshots`` kept its models
+after those epochs; the model targets (T2 server, T3 clients: :data:`SNAPSHOT_TARGETS`) are
+attacked again on each snapshot (:attr:`MembershipResult.snapshots`), with the same candidates
+and noise draws. The payload (T1) and sample (T4) targets are measured on the final models only:
+the transcript is the whole training's, and sampling at every snapshot would cost a generation each.
 """
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -20,12 +26,16 @@ from tqdm import tqdm
 from collafuse.attacks.membership.base import AttackScores, MembershipAttack, SignalSettings
 from collafuse.attacks.membership.catalog import ATTACKS, NOT_IMPLEMENTED
 from collafuse.attacks.membership.epsilon import empirical_epsilon
+from collafuse.attacks.membership.one_run import one_run_audit
 from collafuse.attacks.membership.metrics import MembershipMetrics, ScoreError, evaluate, validate_scores
 from collafuse.attacks.membership.signals import SignalCache
 from collafuse.attacks.membership.targets import TARGETS, AuditContext, Candidates
 from collafuse.errors import CollafuseError
 from collafuse.threats import THREATS
 
+SNAPSHOT_TARGETS = ("server", "client")  # target kinds that query one checkpoint: attacked on every snapshot too
+SNAPSHOT_NOTE = ("per training.snapshots epoch: the model targets (server T2, clients T3) attacked on that epoch's "
+                 "EMA weights with the same candidates and noise; payload (T1) and sample (T4) targets: final models only")
 TPR_AT_FPR_DEFINITION = (
     "largest TPR whose FPR <= target on sklearn.metrics.roc_curve; unresolved below 1/target non-members"
 )
@@ -46,6 +56,19 @@ class MembershipSettings:
     alpha: float = 0.05
     n_samples: int | None = None
     seed: int | None = None
+    one_run_fraction: float = 0.1  # the one-run audit guesses this fraction of the canaries IN, and as many OUT
+
+    def __post_init__(self) -> None:
+        if not 0 < self.one_run_fraction <= 0.5:
+            raise ValueError(f"one_run_fraction must lie in (0, 0.5], got {self.one_run_fraction!r}")
+
+
+INVERTED_NOTE = "signal found, reversed: AUC significantly below 0.5 (bootstrap upper end < 0.5)"
+
+
+def inverted(metrics: MembershipMetrics) -> bool:
+    """True when the AUC's bootstrap interval lies wholly below 0.5 (no interval: never flagged)."""
+    return metrics.auc.high is not None and metrics.auc.high < 0.5
 
 
 @dataclass(frozen=True)
@@ -62,6 +85,8 @@ class AttackOutcome:
     step_aucs: tuple[float, ...]
     member_scores: np.ndarray
     nonmember_scores: np.ndarray
+    # The one-run audit on the run's canaries (:func:`one_run_outcome`); None: the target saw none.
+    one_run: dict[str, Any] | None = None
 
     @property
     def epsilon_lb(self) -> float:
@@ -73,14 +98,22 @@ class AttackOutcome:
         """The Gaussian-DP form of the ε lower bound."""
         return float(self.epsilon["gaussian_dp"]["epsilon_lb"])
 
+    @property
+    def inverted(self) -> bool:
+        """The AUC lies significantly below 0.5 (its bootstrap interval's upper end < 0.5): a signal
+        found, reversed (§4.2 "Direction"). Only flagged: no score is flipped with the labels."""
+        return inverted(self.metrics)
+
     def to_json(self) -> dict[str, Any]:
         return {
             "threats": list(self.threats),
             "direction": self.direction,
             "queries_per_image": self.queries_per_image,
+            "inverted": self.inverted,
             **self.metrics.to_json(),
             "epsilon": self.epsilon,
             "per_step": [{"t": int(t), "auc": a} for t, a in zip(self.steps, self.step_aucs)],
+            **({"one_run": self.one_run} if self.one_run is not None else {}),
         }
 
 
@@ -134,6 +167,8 @@ class MembershipResult:
     seed: int
     attack_names: tuple[str, ...]
     targets: dict[str, TargetOutcome]
+    # training.snapshots epoch → the model targets (SNAPSHOT_TARGETS) attacked on that epoch's weights
+    snapshots: dict[int, dict[str, TargetOutcome]] = field(default_factory=dict)
 
     def outcomes(self):
         """(target, attack outcome) for every attack on every available target, in order."""
@@ -142,17 +177,25 @@ class MembershipResult:
                 yield target, outcome
 
     def summary_rows(self) -> list[dict[str, Any]]:
-        """One flat row per (target, attack): AUC, TPR@1%FPR, ε lower bound; unavailable targets with their reason."""
+        """One flat row per (target, attack), final models first, then per snapshot (with its ``epoch``): AUC,
+        TPR at 1 % and 0.1 % FPR (with resolved flags), balanced accuracy, both ε lower bounds; unavailable
+        targets with their reason."""
         rows = []
-        for key, target in self.targets.items():
-            if not target.available:
-                rows.append({"target": key, "threat": target.threat, "available": False, "reason": target.reason})
-                continue
-            for name, a in target.attacks.items():
-                tpr = a.metrics.at_fpr(0.01)
-                rows.append({"target": key, "threat": target.threat, "attack": name, "auc": a.metrics.auc.value,
-                             "tpr_at_1pct_fpr": tpr.tpr.value, "tpr_at_1pct_fpr_resolved": tpr.resolved,
-                             "epsilon_lb": a.epsilon_lb})
+        for epoch, targets in [(None, self.targets), *self.snapshots.items()]:
+            at = {} if epoch is None else {"epoch": epoch}
+            for key, target in targets.items():
+                if not target.available:
+                    rows.append({"target": key, "threat": target.threat, **at, "available": False,
+                                 "reason": target.reason})
+                    continue
+                for name, a in target.attacks.items():
+                    tpr, tpr01 = a.metrics.at_fpr(0.01), a.metrics.at_fpr(0.001)
+                    rows.append({"target": key, "threat": target.threat, **at, "attack": name,
+                                 "auc": a.metrics.auc.value,
+                                 "tpr_at_1pct_fpr": tpr.tpr.value, "tpr_at_1pct_fpr_resolved": tpr.resolved,
+                                 "tpr_at_01pct_fpr": tpr01.tpr.value, "tpr_at_01pct_fpr_resolved": tpr01.resolved,
+                                 "balanced_accuracy": a.metrics.balanced_accuracy.value,
+                                 "epsilon_lb": a.epsilon_lb, "epsilon_gdp": a.epsilon_gdp})
         return rows
 
     def to_json(self) -> dict[str, Any]:
@@ -169,6 +212,7 @@ class MembershipResult:
             "settings": {**asdict(self.settings), "seed": self.seed},
             "balanced_accuracy_definition": "max over thresholds of (TPR + TNR)/2",
             "tpr_at_fpr_definition": TPR_AT_FPR_DEFINITION,
+            "inverted_definition": INVERTED_NOTE,
             "attacks": {
                 name: {"summary": ATTACKS.get(name).summary, "threats": list(ATTACKS.get(name).threats),
                        "reference": ATTACKS.get(name).reference}
@@ -176,6 +220,9 @@ class MembershipResult:
             },
             "not_implemented": NOT_IMPLEMENTED,
             "targets": {key: t.to_json() for key, t in self.targets.items()},
+            "snapshot_definition": SNAPSHOT_NOTE,
+            "snapshots": {str(epoch): {key: t.to_json() for key, t in targets.items()}
+                          for epoch, targets in self.snapshots.items()},
             "summary": self.summary_rows(),
         }
 
@@ -238,23 +285,26 @@ def plan(attack_names: tuple[str, ...], target_names: tuple[str, ...], explicit_
     return [(inst, [a for a in attacks if inst.threat in a.threats]) for inst in instances]
 
 
-def run_membership(run, attack_names: tuple[str, ...], target_names: tuple[str, ...],
-                   settings: MembershipSettings | None = None, *, explicit_attacks: bool = False,
-                   progress: bool = False, samples: dict | None = None) -> MembershipResult:
-    """Membership inference on a loaded :class:`~collafuse.runs.Run`: every attack on every target.
+def one_run_outcome(outcome: AttackOutcome, attack: MembershipAttack, cache: SignalCache, canaries: Candidates,
+                    settings: MembershipSettings) -> AttackOutcome:
+    """``outcome`` with its one-run audit (§4.3; :mod:`~collafuse.attacks.membership.one_run`): the attack
+    scores the m canaries, guesses IN for its k₊ highest and OUT for its k₋ lowest (k₊ = k₋ =
+    ⌊settings.one_run_fraction · m⌋, fixed in advance) and the correct guesses bound ε at confidence
+    1 − α. Attacks whose signals the canaries' cache lacks (reference attacks) keep ``one_run`` None."""
+    if not set(attack.signals) <= set(cache.available()):
+        return outcome
+    scores = np.asarray(attack.score(cache.require(attack.signals)).scores, dtype=np.float64)
+    s_in, s_out = validate_scores(*canaries.split(scores), what=f"attack {attack.name} on the canaries")
+    m = len(s_in) + len(s_out)
+    k = max(1, int(settings.one_run_fraction * m))
+    audit = one_run_audit(np.r_[s_in, s_out], np.r_[np.ones(len(s_in), bool), np.zeros(len(s_out), bool)],
+                          k, k, settings.delta, settings.alpha)
+    return replace(outcome, one_run=audit.to_json())
 
-    ``explicit_attacks``: the caller named the attacks, so one that fits none of the targets is an
-    error (not silently skipped). ``samples``: T4 samples per client already drawn with
-    :func:`~collafuse.attacks.membership.targets.attacker_samples` (same seed), so a caller that
-    also measures their quality generates them once.
-    """
-    settings = settings or MembershipSettings()
-    seed = run.config.seed if settings.seed is None else settings.seed
-    ctx = AuditContext(run, settings.signals, seed, settings.n_samples, samples)
-    work = plan(attack_names, target_names, explicit_attacks, ctx)
+
+def _attack_targets(work, settings: MembershipSettings, seed: int, bar) -> dict[str, TargetOutcome]:
+    """Every planned (target, attacks) pair evaluated: one :class:`TargetOutcome` per target key."""
     targets: dict[str, TargetOutcome] = {}
-    total = sum(len(a) for inst, a in work if inst.available)
-    bar = tqdm(total=total, desc="membership", unit="attack", disable=not progress)
     for inst, attacks in work:
         if not inst.available:
             targets[inst.key] = TargetOutcome(inst.key, inst.kind, inst.threat, False, reason=inst.reason)
@@ -272,15 +322,49 @@ def run_membership(run, attack_names: tuple[str, ...], target_names: tuple[str, 
             bar.set_postfix(target=inst.key, attack=attack.name)
             outcomes[attack.name] = evaluate_attack(attack, cache, inst.candidates, settings, seed, where=inst.key)
             bar.update(1)
+        if inst.canaries is not None:
+            canary_cache = inst.make_canary_cache()
+            outcomes = {name: one_run_outcome(o, ATTACKS.get(name), canary_cache, inst.canaries, settings)
+                        for name, o in outcomes.items()}
         view = inst.info.get("view")
         targets[inst.key] = TargetOutcome(
             inst.key, inst.kind, inst.threat, True, **common, attacks=outcomes,
             seconds=round(time.perf_counter() - started, 3),
             model_queries=view.counter.rows if view is not None else None,
         )
+    return targets
+
+
+def run_membership(run, attack_names: tuple[str, ...], target_names: tuple[str, ...],
+                   settings: MembershipSettings | None = None, *, explicit_attacks: bool = False,
+                   progress: bool = False, samples: dict | None = None) -> MembershipResult:
+    """Membership inference on a loaded :class:`~collafuse.runs.Run`: every attack on every target, and on
+    every ``training.snapshots`` epoch the model targets again (:attr:`MembershipResult.snapshots`).
+
+    ``explicit_attacks``: the caller named the attacks, so one that fits none of the targets is an
+    error (not silently skipped). ``samples``: T4 samples per client already drawn with
+    :func:`~collafuse.attacks.membership.targets.attacker_samples` (same seed), so a caller that
+    also measures their quality generates them once.
+    """
+    settings = settings or MembershipSettings()
+    seed = run.config.seed if settings.seed is None else settings.seed
+    ctx = AuditContext(run, settings.signals, seed, settings.n_samples, samples)
+    work = plan(attack_names, target_names, explicit_attacks, ctx)
+    bar = tqdm(total=sum(len(a) for inst, a in work if inst.available), desc="membership", unit="attack",
+               disable=not progress)
+    targets = _attack_targets(work, settings, seed, bar)
+    snapshots: dict[int, dict[str, TargetOutcome]] = {}
+    model_targets = tuple(t for t in target_names if t in SNAPSHOT_TARGETS)
+    for epoch in run.snapshot_epochs if model_targets and run.snapshot is None else ():
+        # The same candidates (same seed and splits: the data is read once) and the same noise draws.
+        snap = AuditContext(run.at_snapshot(epoch), settings.signals, seed, settings.n_samples, samples, ctx.data())
+        snap_work = plan(attack_names, model_targets, False, snap)
+        bar.total += sum(len(a) for inst, a in snap_work if inst.available)
+        bar.set_description(f"membership @ epoch {epoch}")
+        snapshots[epoch] = _attack_targets(snap_work, settings, seed, bar)
     bar.close()
     return MembershipResult(
         run=str(run.path), t_c=run.t_c, T=run.schedule.T, cut_ratio=run.config.diffusion.cut_ratio,
         payload_kind=run.config.training.payload, num_clients=len(run.client_models), settings=settings,
-        seed=seed, attack_names=tuple(attack_names), targets=targets,
+        seed=seed, attack_names=tuple(attack_names), targets=targets, snapshots=snapshots,
     )

@@ -1,9 +1,19 @@
-"""``pia``: proximal initialisation (Kong et al. 2024, §4.2).
+"""``pia``: proximal initialisation (Kong et al., "An Efficient Membership Inference Attack for the
+Diffusion Model by Proximal Initialization", ICLR 2024; §4.2).
 
-ε0 = ε_θ(x, 0) (for the server: ε_θ(a_{t_c} x, t_c), its own "step 0"); then
-score(x) = −mean_{t ∈ low half} log ‖ε0 − ε_θ(a_t x + s_t ε0, t)‖_p with p = 4 (the log puts every
-step on one scale; per step it is PIA's statistic). A fitted point has a consistent
-denoising direction along its own trajectory, so the distance is small for members:
+ε0 = ε_θ(x, t_first), queried at the model's FIRST TRAINED STEP (1 for a client model; for the
+server, its data point a_{t_c} x at t_c + 1, the first step it was trained on), as the authors'
+code queries ε_θ(x0, 0) at the first step of their 0-indexed DDPM (``PIA.ddim_reverse`` in
+github.com/kong13661/PIA). Per step t, with x_t = a_t x + s_t ε0 (on the model's own schedule),
+the paper's statistic is d_t = Σ|ε0 − ε_θ(x_t, t)|^p, p = 4 (``PIA.distance``): small for members,
+because a fitted point has a consistent denoising direction along its own trajectory.
+
+Differences from the authors' code, named: per step we report −log d_t^{1/p} = −log ‖ε0 − ε_θ(x_t, t)‖_p
+(a monotone map of d_t: each step's ROC / AUC is the paper's) at the quadratic step grid over the
+model's own range (:func:`~collafuse.attacks.membership.signals.step_grid`), where the authors' code
+uses t = k·interval; the authors report each step on its own, and as one number we take the mean of these per-step scores over the low-noise half of the
+model's range (:func:`~collafuse.attacks.membership.base.low_noise_mean`; the log puts every
+step on one scale). The per-step scores are kept (``AttackScores.per_step``).
 HIGHER score = MORE LIKELY MEMBER. Threats T2, T3. Queries per image: 1 + M (ε0 shared with pian).
 """
 from __future__ import annotations
@@ -29,10 +39,10 @@ def score(signals: Signals) -> AttackScores:
 
 ATTACK = MembershipAttack(
     name="pia",
-    summary="−‖ε0 − ε_θ(a_t x + s_t ε0, t)‖_4 with ε0 = ε_θ(x, 0)",
+    summary="−‖ε0 − ε_θ(a_t x + s_t ε0, t)‖_4 with ε0 = ε_θ(x, first trained step)",
     threats=("T2", "T3"),
     signals=("eps_origin", "pia_eps", "steps", "t_range"),
     score=score,
     queries_per_image=lambda settings, m: 1 + m,
-    reference="Kong et al. 2024 (PIA)",
+    reference="Kong et al. 2024, ICLR (PIA); github.com/kong13661/PIA",
 )

@@ -19,16 +19,21 @@ it into named arrays on demand (a signal two attacks need is computed once):
 Signal names and shapes (N candidates, M steps, K noise draws, D = C·H·W):
 
     steps        (M,)      the query steps (int); t_range (2,): the model's (origin, t_max)
-    eps_origin   (N, D)    ε_θ(d, o)                          pia, pian (shared)
+    eps_origin   (N, D)    ε0 = ε_θ(d, t_first), t_first = the model's first trained step
+                           (1 for a client, t_c + 1 for the server), as PIA queries ε_θ(x0, ·)
+                           at the first step of its DDPM                 pia, pian (shared)
     sima_eps     (N, M, D) ε_θ(√ᾱ'_t d, t)                    sima
     pia_eps      (N, M, D) ε_θ(√ᾱ'_t d + √(1−ᾱ'_t) ε0, t)     pia
-    pian_eps     (N, M, D) the same with ε0 rescaled to norm √D
+    pian_eps     (N, M, D) the same with ε0 normalised as PIAN does: ε0 / mean|ε0| · √(2/π)
     loss_sq      (N, M, K) mean over pixels of (η* − ε_θ(x_t, t))²
     secmi_steps  (M,)      probe steps; secmi_inv / secmi_rec (N, M, D): DDIM-inverted x̃_t
                            and its one-step reconstruction x̂_t from x̃ at the next step
-    payload_lr   (N,)      max over payloads of the (centred) log-likelihood, minus the best
-                           non-member reference's (:func:`payload_log_ratio`); payload_lr_steps,
-                           payload_lr_per_step (N, B) the same per payload step bin
+    payload_lr_single (N,) max over payloads of the (centred) log-likelihood, minus the best
+                           non-member reference's (:func:`payload_log_ratio`, views = 1)
+    payload_lr_fused  (N,) log Σ_j of the candidate's posterior weights as the source of each payload
+                           (:func:`payload_pool_stats`), minus the best reference's same value
+    payload_lr   (N,)      the fused statistic when E > 1, else the single-view one;
+                           payload_lr*_per_step (N, B) each per payload step bin (payload_lr_steps)
     nn_dist      (N,)      min_j ‖x − g_j‖ over generated samples
 """
 from __future__ import annotations
@@ -42,6 +47,7 @@ from torch import nn
 
 from collafuse.attacks.membership.base import SignalSettings
 from collafuse.schedule import NoiseSchedule, ddim_step
+from collafuse.training import CPU, resolve_device
 
 
 def step_grid(t_min: int, t_max: int, n: int) -> list[int]:
@@ -58,11 +64,17 @@ def loss_target_scale(alpha_bar_abs: float, alpha_bar_model: float) -> float:
     return float(np.sqrt((1.0 - alpha_bar_model) / (1.0 - alpha_bar_abs)))
 
 
-def gaussian_norm_rescale(eps: torch.Tensor) -> torch.Tensor:
-    """Rescale each row of (B, …) to L2 norm √D, the typical norm of a N(0, I_D) vector (PIAN)."""
-    flat = eps.flatten(1)
-    norm = flat.norm(dim=1, keepdim=True).clamp_min(1e-12)
-    return (flat / norm * np.sqrt(flat.shape[1])).reshape(eps.shape)
+PIAN_SCALE = float(np.sqrt(2.0 / np.pi))  # E|z| for z ~ N(0, 1)
+
+
+def pian_normalise(eps: torch.Tensor) -> torch.Tensor:
+    """PIAN's ε0 (Kong et al. 2024; the authors' ``PIAN.ddim_reverse``): each row of (B, …) divided
+    by its mean absolute value and multiplied by √(2/π), so that its mean |·| is that of N(0, I)
+    noise. Zero rows stay zero (the authors' code would divide by zero)."""
+    flat = eps.double().flatten(1)
+    mean_abs = flat.abs().mean(dim=1, keepdim=True)
+    out = torch.where(mean_abs > 0, flat / mean_abs.clamp_min(1e-300) * PIAN_SCALE, torch.zeros_like(flat))
+    return out.to(eps.dtype).reshape(eps.shape)
 
 
 @dataclass
@@ -75,6 +87,14 @@ class QueryCounter:
     def add(self, batch: int) -> None:
         self.rows += batch
         self.forwards += 1
+
+
+def _device_of(model: nn.Module, device) -> torch.device:
+    """``device`` resolved (``auto``, ``cpu``, ``cuda``, a torch.device), or where the model's weights are."""
+    if device is not None:
+        return resolve_device(device)
+    first = next(iter(model.parameters()), None)
+    return first.device if first is not None else CPU
 
 
 @dataclass(frozen=True)
@@ -91,7 +111,7 @@ class ModelView:
     t_min: int
     t_max: int
     conditional: bool
-    device: torch.device = torch.device("cpu")
+    device: torch.device = CPU  # where the model is queried (ModelView.client/server: the model's own device)
     counter: QueryCounter = field(default_factory=QueryCounter, compare=False)
 
     @classmethod
@@ -99,14 +119,14 @@ class ModelView:
         """T3: a client model, plain ε-prediction on ᾱ_t, trained at t ∈ [1, t_c]."""
         if t_c < 1:
             raise ValueError("a client model view needs t_c >= 1")
-        return cls(model, schedule, 0, 1, t_c, conditional, torch.device(device or "cpu"))
+        return cls(model, schedule, 0, 1, t_c, conditional, _device_of(model, device))
 
     @classmethod
     def server(cls, model: nn.Module, schedule: NoiseSchedule, t_c: int, conditional: bool, device=None) -> "ModelView":
         """T2: the server model, ε-prediction of η on ᾱ'_t = ᾱ_t/ᾱ_{t_c}, trained at t ∈ (t_c, T]."""
         if t_c >= schedule.T:
             raise ValueError("a server model view needs t_c < T")
-        return cls(model, schedule, t_c, t_c + 1, schedule.T, conditional, torch.device(device or "cpu"))
+        return cls(model, schedule, t_c, t_c + 1, schedule.T, conditional, _device_of(model, device))
 
     @property
     def alpha_bar_model(self) -> torch.Tensor:
@@ -140,6 +160,12 @@ class SignalCache:
 
     def available(self) -> tuple[str, ...]:
         return tuple(self._producers)
+
+    def with_producers(self, extra: dict[str, Callable[["SignalCache"], dict[str, np.ndarray]]]) -> "SignalCache":
+        """A cache with ``extra`` producers added (e.g. reference-model signals); values already computed are kept."""
+        out = SignalCache({**self._producers, **extra})
+        out._values.update(self._values)
+        return out
 
     def get(self, name: str) -> np.ndarray:
         if name not in self._values:
@@ -186,7 +212,9 @@ def model_signal_cache(
         return {"steps": np.asarray(steps, dtype=np.int64), "t_range": np.asarray([view.origin, view.t_max], dtype=np.int64)}
 
     def p_eps_origin(cache):
-        out = torch.cat([view.eps(d[sl], view.origin, lab(sl)) for sl in parts])
+        # PIA's ε0 = ε_θ(x0, first step): the first step the model was trained on (t_min: 1 for a
+        # client, t_c + 1 for the server), not its origin, where it never saw a training pair.
+        out = torch.cat([view.eps(d[sl], view.t_min, lab(sl)) for sl in parts])
         return {"eps_origin": flat(out)}
 
     def p_sima(cache):
@@ -210,7 +238,7 @@ def model_signal_cache(
         return pia_like(eps0, "pia_eps")
 
     def p_pian(cache):
-        eps0 = gaussian_norm_rescale(torch.from_numpy(cache.get("eps_origin")).reshape(x0.shape))
+        eps0 = pian_normalise(torch.from_numpy(cache.get("eps_origin")).reshape(x0.shape))
         return pia_like(eps0, "pian_eps")
 
     def p_loss(cache):
@@ -284,53 +312,120 @@ def step_bins(t: np.ndarray, max_bins: int) -> tuple[np.ndarray, list[int]]:
 
 
 EXACT_VARIANCE = 1e-12  # s² floor for payloads at t = 0
+PAYLOAD_MEMORY_BUDGET = 256 * 2**20  # bytes the (pool × payload) blocks of payload_pool_stats may use
+CANDIDATE_CHUNK = 1024               # pool rows per matrix product inside a block
+_BYTES_PER_PAIR = 4 * 8              # float64 log-likelihoods, weights, exponentials, product per pair
 
 
-def payload_match_loglik(images: np.ndarray, payloads: np.ndarray, a: np.ndarray, s: np.ndarray, chunk: int = 2048) -> np.ndarray:
-    """max_j [log N(p_j; a_j x, s_j² I) − ℓ̄_j] for every image x, with ℓ̄_j = E log N(p_j; a_j x0, s_j² I)
-    the expected log-density of p_j under its true source x0.
+def payload_chunk_size(n_pool: int, n_payloads: int, memory_budget: int = PAYLOAD_MEMORY_BUDGET) -> int:
+    """Payloads per block of :func:`payload_pool_stats`: a block holds about 32 bytes per
+    (pool image, payload) pair, so ``memory_budget`` bytes allow budget / (32·M) payloads (≥ 1)."""
+    if memory_budget < 1:
+        raise ValueError(f"memory_budget must be >= 1 byte, got {memory_budget}")
+    return int(min(max(1, n_payloads), max(1, memory_budget // (_BYTES_PER_PAIR * max(1, n_pool)))))
 
-    = max_j (D − ‖p_j − a_j x‖²/s_j²)/2: how much better (> 0) or worse x explains p_j than
-    p_j's own source is expected to. Subtracting ℓ̄_j removes the −D log s_j term, which
-    would otherwise let low-noise payloads win the max whatever x is (trajectory payloads
-    mix noise levels); for one noise level (``cut``) the ranking is the likelihood's.
-    images (N, D), payloads (P, D), a and s (P,) → (N,) float64.
+
+def centred_loglik(images: torch.Tensor, payloads: torch.Tensor, a: torch.Tensor, var: torch.Tensor) -> torch.Tensor:
+    """ℓ_j(x) = log N(p_j; a_j x, s_j² I) − E log N(p_j; a_j x0, s_j² I) = (D − ‖p_j − a_j x‖²/s_j²)/2.
+
+    images (N, D), payloads (P, D), a and var = s² (P,), all float64 → (N, P). Centring on what
+    p_j's true source achieves removes the −D log s_j term, which would otherwise let low-noise
+    payloads win whatever x is (trajectory payloads mix noise levels); for one noise level
+    (``cut``) the ranking is the likelihood's.
     """
-    x = torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32))
-    dim = x.shape[1]
-    x_sq = x.pow(2).sum(1)
-    best = torch.full((x.shape[0],), -torch.inf, dtype=torch.float64)
-    for i in range(0, payloads.shape[0], chunk):
-        p = torch.from_numpy(np.ascontiguousarray(payloads[i : i + chunk], dtype=np.float32))
-        aj = torch.from_numpy(np.asarray(a[i : i + chunk], dtype=np.float32))[:, None]
-        sj = torch.from_numpy(np.asarray(s[i : i + chunk], dtype=np.float64))[:, None]
-        # ‖p − a x‖² = ‖p‖² − 2a p·x + a²‖x‖², for all (payload, candidate) pairs at once.
-        d_x = (p.pow(2).sum(1, keepdim=True) - 2.0 * aj * (p @ x.T) + aj.pow(2) * x_sq[None]).clamp_min(0.0)
-        # s = 0 (t = 0: c = 0 sends the raw image) is an exact observation: a variance floor keeps
-        # the score finite and ranks an exact match above every other candidate.
-        ll = 0.5 * (dim - d_x.double() / sj.pow(2).clamp_min(EXACT_VARIANCE))
-        best = torch.maximum(best, ll.max(0).values)
-    return best.numpy()
+    # ‖p − a x‖² = ‖p‖² − 2a p·x + a²‖x‖², for all (image, payload) pairs at once.
+    dist = (payloads.pow(2).sum(1)[None] - 2.0 * a[None] * (images @ payloads.T)
+            + a.pow(2)[None] * images.pow(2).sum(1, keepdim=True)).clamp_min(0.0)
+    return 0.5 * (images.shape[1] - dist / var[None])
+
+
+def payload_pool_stats(
+    pool: np.ndarray, payloads: np.ndarray, a: np.ndarray, s: np.ndarray, n_references: int = 0,
+    sources: float | None = None, memory_budget: int = PAYLOAD_MEMORY_BUDGET, payload_chunk: int | None = None,
+    candidate_chunk: int = CANDIDATE_CHUNK,
+) -> tuple[np.ndarray, np.ndarray]:
+    """The single-view and the fused payload statistic of every image of a pool.
+
+    pool (M, D): every image the attacker scores (candidates) followed by its ``n_references``
+    known non-members (population samples); payloads (P, D) with their public a, s (P,);
+    ``sources``: K, how many distinct images the payloads come from (P / E: public protocol
+    knowledge; default P). Returns, per pool image y, (M,) float64 each:
+
+    - single(y) = max_j ℓ_j(y) (:func:`centred_loglik`);
+    - fused(y)  = log Σ_j w_j(y), w_j(y) = exp ℓ_j(y) / Z_j, the posterior weight of y as the
+      source of payload j (DESIGN §4.2's log Σ_j N(p_j; a_j x, s_j² I), each payload normalised by
+      how well anything explains it): Z_j = Σ_{y' ∈ pool} exp ℓ_j(y') + 1 + K · mean_r exp ℓ_j(r).
+      The pool term lets an image that produced p_j claim it from the others ("explaining away");
+      the background 1 + K · mean_r is what the K sources the attacker does not hold add: p_j's
+      own source, if outside the pool, fits it like a true source (centred ℓ ≈ 0, so e^0 = 1),
+      the others like population samples (the references' mean). Without the background, a
+      payload whose source is missing from the pool would hand its whole weight to its best
+      wrong match. Σ_j w_j(y) is the expected number of payloads the posterior attributes to y.
+
+    Computed in float64 in blocks of ``payload_chunk`` payloads (default: from ``memory_budget``,
+    :func:`payload_chunk_size`) with a running maximum and a running log-sum-exp, so memory is
+    bounded whatever P; the values do not depend on the blocking (up to float64 rounding, ~1e-15).
+    s = 0 (t = 0: c = 0 sends the raw image) is an exact observation: a variance floor keeps the
+    statistics finite and ranks an exact match above every other image.
+    """
+    m, P = pool.shape[0], payloads.shape[0]
+    if P == 0 or m == 0:
+        raise ValueError(f"payload_pool_stats needs payloads and pool images, got {P} and {m}")
+    if not 0 <= n_references <= m:
+        raise ValueError(f"n_references must be in [0, {m}], got {n_references}")
+    if candidate_chunk < 1 or (payload_chunk is not None and payload_chunk < 1):
+        raise ValueError(f"chunk sizes must be >= 1, got payload_chunk={payload_chunk}, candidate_chunk={candidate_chunk}")
+    k = float(P if sources is None else sources)
+    if not k > 0:
+        raise ValueError(f"sources must be > 0, got {sources}")
+    pc = payload_chunk or payload_chunk_size(m, P, memory_budget)
+    x = torch.from_numpy(np.asarray(pool, dtype=np.float64))
+    a_all = torch.from_numpy(np.asarray(a, dtype=np.float64))
+    var_all = torch.from_numpy(np.maximum(np.asarray(s, dtype=np.float64) ** 2, EXACT_VARIANCE))
+    best = torch.full((m,), -torch.inf, dtype=torch.float64)
+    run_max = torch.full((m,), -torch.inf, dtype=torch.float64)
+    run_sum = torch.zeros(m, dtype=torch.float64)
+    for j in range(0, P, pc):
+        p = torch.from_numpy(np.asarray(payloads[j : j + pc], dtype=np.float64))
+        aj, vj = a_all[j : j + pc], var_all[j : j + pc]
+        ll = torch.cat([centred_loglik(x[i : i + candidate_chunk], p, aj, vj) for i in range(0, m, candidate_chunk)])
+        best = torch.maximum(best, ll.max(1).values)
+        # log Z_j = log(Σ_pool e^ℓ + 1 + K·mean_refs e^ℓ), all in log space.
+        background = torch.zeros(ll.shape[1], dtype=torch.float64)
+        if n_references:
+            refs_mean = torch.logsumexp(ll[m - n_references :], dim=0) - float(np.log(n_references))
+            background = torch.logaddexp(background, float(np.log(k)) + refs_mean)
+        log_z = torch.logaddexp(torch.logsumexp(ll, dim=0), background)
+        w = ll - log_z[None]  # log posterior weight of each pool image per payload
+        new_max = torch.maximum(run_max, w.max(1).values)
+        run_sum = run_sum * torch.exp(run_max - new_max) + torch.exp(w - new_max[:, None]).sum(1)
+        run_max = new_max
+    return best.numpy(), (run_max + torch.log(run_sum)).numpy()
 
 
 def payload_log_ratio(
-    candidates: np.ndarray, payloads: np.ndarray, a: np.ndarray, s: np.ndarray, references: np.ndarray
+    candidates: np.ndarray, payloads: np.ndarray, a: np.ndarray, s: np.ndarray, references: np.ndarray,
+    fused: bool = False, views: int = 1, **chunking,
 ) -> np.ndarray:
-    """:func:`payload_match_loglik` of each candidate minus the best of the references', (N,) float64.
+    """The single-view (or ``fused``) payload statistic of each candidate minus the best of the references'
+    same statistic, (N,) float64 (:func:`payload_pool_stats`, pool = candidates then references,
+    K = P / ``views`` sources).
 
     candidates (N, D), payloads (P, D), a and s (P,), references (R, D): images the attacker
-    knows are non-members (with none, the reference term is 0). > 0 means x explains some
-    payload better than any known non-member explains any payload.
+    knows are non-members (with none, the reference term is 0). > 0 means x explains the
+    payloads better than any known non-member does.
 
-    Why the reference is taken per candidate and not per payload: subtracting
+    Why the single-view reference is taken per candidate and not per payload: subtracting
     max_r log N(p_j; a_j r) inside the max over j adds the cross term 2 a s ε_j·(x − r),
     whose maximum over many payloads swamps the signal (measured on digits at c = 0.2:
-    AUC 0.84–0.95 against 1.0). The per-candidate form keeps the likelihood's ranking,
-    which is Bayes-optimal for the Gaussian payload channel, and its calibration.
+    AUC 0.84–0.95 against 1.0). The fused statistic instead normalises each payload by a
+    smooth sum (the pool's and the population's density), not by the noisy max over references.
     """
-    ll = payload_match_loglik(candidates, payloads, a, s)
-    ref = payload_match_loglik(references, payloads, a, s).max() if len(references) else 0.0
-    return ll - ref
+    n = candidates.shape[0]
+    single, fused_stat = payload_pool_stats(np.concatenate([candidates, references]), payloads, a, s,
+                                            n_references=len(references), sources=payloads.shape[0] / views, **chunking)
+    stat = fused_stat if fused else single
+    return stat[:n] - (stat[n:].max() if len(references) else 0.0)
 
 
 def exact_recovery_max(candidates: np.ndarray, recovered: np.ndarray, chunk: int = 4096) -> np.ndarray:
@@ -350,12 +445,19 @@ def payload_signal_cache(
     schedule: NoiseSchedule,
     references: torch.Tensor,
     max_bins: int = 8,
+    views_per_image: int = 1,
+    memory_budget: int = PAYLOAD_MEMORY_BUDGET,
 ) -> SignalCache:
     """T1 signals of candidates (N,C,H,W) against a server view (``ServerView.load()``).
 
     ``references`` (R,C,H,W): images the attacker knows are non-members (the public
-    auxiliary split). Uses only the payload tensors, their steps and (``naive``) their noise.
+    auxiliary split). ``views_per_image``: E, how many payloads each member sends (the number
+    of epochs: public protocol knowledge); ``payload_lr`` is the fused statistic when E > 1.
+    ``memory_budget``: bytes one block of the pool × payload computation may use.
+    Uses only the payload tensors, their steps and (``naive``) their noise.
     """
+    if views_per_image < 1:
+        raise ValueError(f"views_per_image must be >= 1, got {views_per_image}")
     cand = candidates.reshape(candidates.shape[0], -1).numpy()
     refs = references.reshape(references.shape[0], -1).numpy()
     p = view["tensor"].float().reshape(view["tensor"].shape[0], -1).numpy()
@@ -365,37 +467,67 @@ def payload_signal_cache(
     noise = view.get("noise")
     if noise is not None:
         noise = noise.float().reshape(noise.shape[0], -1).numpy()
+    n = cand.shape[0]
+    pool = np.concatenate([cand, refs]).astype(np.float64)
+
+    def calibrated(stat: np.ndarray) -> np.ndarray:
+        return stat[:n] - (stat[n:].max() if len(refs) else 0.0)
 
     def p_lr(cache):
         bins, reps = step_bins(t, max_bins)
-        per = np.empty((cand.shape[0], len(reps)), dtype=np.float64)
+        single, fused = np.empty((n, len(reps))), np.empty((n, len(reps)))
+        fused_pool = []
         for b in range(len(reps)):
             rows = np.flatnonzero(bins == b)
             if noise is not None:
+                # Payloads that carry their noise: x0 is exact and the statistic is the s → 0 limit
+                # of the likelihood, −min_j ‖x − x̂0_j‖²; fusing views adds nothing to an exact match.
                 rec = (p[rows] - s[rows, None] * noise[rows]) / a[rows, None]
-                per[:, b] = exact_recovery_max(cand, rec)
-            else:
-                per[:, b] = payload_log_ratio(cand, p[rows], a[rows], s[rows], refs)
+                single[:, b] = fused[:, b] = exact_recovery_max(cand, rec)
+                continue
+            best, lse = payload_pool_stats(pool, p[rows], a[rows], s[rows], len(refs), t.size / views_per_image,
+                                           memory_budget)
+            single[:, b], fused[:, b] = calibrated(best), calibrated(lse)
+            fused_pool.append(lse)
+        single_all = single.max(1)
+        # Over ALL payloads (a member's views may sit in different step bins): the log-sum-exp of the bins'.
+        fused_all = single_all if noise is not None else calibrated(np.logaddexp.reduce(np.stack(fused_pool), axis=0))
+        use_fused = views_per_image > 1
         return {
-            "payload_lr": per.max(1),
-            "payload_lr_per_step": per,
+            "payload_lr": fused_all if use_fused else single_all,
+            "payload_lr_per_step": fused if use_fused else single,
+            "payload_lr_single": single_all,
+            "payload_lr_single_per_step": single,
+            "payload_lr_fused": fused_all,
+            "payload_lr_fused_per_step": fused,
             "payload_lr_steps": np.asarray(reps, dtype=np.int64),
+            "payload_views": np.asarray([views_per_image], dtype=np.int64),
         }
 
-    return SignalCache({"payload_lr": p_lr, "payload_lr_per_step": p_lr, "payload_lr_steps": p_lr})
+    names = ("payload_lr", "payload_lr_per_step", "payload_lr_single", "payload_lr_single_per_step",
+             "payload_lr_fused", "payload_lr_fused_per_step", "payload_lr_steps", "payload_views")
+    return SignalCache({name: p_lr for name in names})
 
 
 # ---------------------------------------------------------------------------------------
 # T4: generated samples
 
 
-def nearest_distance(candidates: np.ndarray, samples: np.ndarray, chunk: int = 4096) -> np.ndarray:
-    """min_j ‖x − g_j‖ for candidates (N, D) against samples (S, D); returns (N,)."""
+def nearest_distance(candidates: np.ndarray, samples: np.ndarray, chunk: int = 4096, rows: int | None = None) -> np.ndarray:
+    """min_j ‖x − g_j‖ for candidates (N, D) against samples (S, D); returns (N,).
+
+    In bounded memory (DESIGN §10): ``chunk`` samples × ``rows`` candidates per block (``rows``
+    default: the memory budget of :mod:`collafuse.attacks.chunking`); each distance is computed
+    by the same formula in any block."""
+    from collafuse.attacks.chunking import row_slices, rows_per_chunk
+
     x = torch.from_numpy(np.ascontiguousarray(candidates, dtype=np.float32))
     best = torch.full((x.shape[0],), torch.inf)
+    size = rows_per_chunk(min(max(1, samples.shape[0]), chunk), 12, rows)  # float32 products, norms, distances
     for i in range(0, samples.shape[0], chunk):
         g = torch.from_numpy(np.ascontiguousarray(samples[i : i + chunk], dtype=np.float32))
-        best = torch.minimum(best, torch.cdist(x, g).min(1).values)
+        for sl in row_slices(x.shape[0], size):
+            best[sl] = torch.minimum(best[sl], torch.cdist(x[sl], g).min(1).values)
     return best.double().numpy()
 
 

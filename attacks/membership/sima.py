@@ -1,7 +1,12 @@
-"""``sima``: the norm of the noise predicted for the noise-free candidate (Zhai et al. 2024, §4.2).
+"""``sima``: the norm of the noise predicted for the noise-free candidate (Rao, Qu & Moyer 2025,
+"Score-based Membership Inference on Diffusion Models", arXiv 2509.25003; §4.2).
 
 score(x) = −mean_{t ∈ low half} log ‖ε_θ(a_t x, t)‖₂ (the log puts every step on one scale). A model that fitted x treats a_t·x as a likely clean point
-and predicts little noise for it: HIGHER score = MORE LIKELY MEMBER. Threats T2, T3.
+and predicts little noise for it (the paper: the expected denoiser output points to a kernel-weighted
+local mean of nearby training points, so its norm encodes proximity to the training set).
+The paper's attack is one query at one step; we report every step (``AttackScores.per_step``) and,
+as one number, the mean over the low-noise half of the model's range.
+HIGHER score = MORE LIKELY MEMBER. Threats T2, T3.
 Queries per image: M.
 """
 from __future__ import annotations
@@ -24,5 +29,5 @@ ATTACK = MembershipAttack(
     signals=("sima_eps", "steps", "t_range"),
     score=score,
     queries_per_image=lambda settings, m: m,
-    reference="Zhai et al. 2024 (SIMA)",
+    reference="Rao, Qu & Moyer 2025, arXiv 2509.25003 (SimA)",
 )

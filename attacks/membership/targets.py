@@ -22,6 +22,7 @@ import torch
 
 from collafuse.attacks.membership.base import SignalSettings
 from collafuse.attacks.membership.metrics import ScoreError
+from collafuse.attacks.membership.references import target_reference_producers
 from collafuse.attacks.membership.signals import (
     ModelView, SignalCache, model_signal_cache, payload_signal_cache, sample_signal_cache,
 )
@@ -106,6 +107,21 @@ class TargetInstance:
     candidates: Candidates | None = None
     make_cache: Callable[[], SignalCache] | None = None
     info: dict = field(default_factory=dict)
+    # The one-run audit (run config ``canaries``): IN canaries as members, OUT ones as non-members,
+    # and a factory for their signals from the same model (None: this target saw no canaries).
+    canaries: Candidates | None = None
+    make_canary_cache: Callable[[], SignalCache] | None = None
+
+
+def canary_candidates(ctx: "AuditContext") -> Candidates | None:
+    """The run's canaries split by inclusion (None without canaries, or when one side is empty)."""
+    data, splits = ctx.data()
+    if not len(splits.canaries) or splits.canaries_in.all() or not splits.canaries_in.any():
+        return None
+    idx_in, idx_out = splits.canaries[splits.canaries_in], splits.canaries[~splits.canaries_in]
+    labels = data.labels if (ctx.run.num_classes > 0 and data.labels is not None) else None
+    return Candidates(data.images[idx_in], data.images[idx_out],
+                      None if labels is None else labels[idx_in], None if labels is None else labels[idx_out])
 
 
 @dataclass(frozen=True)
@@ -148,7 +164,8 @@ class AuditContext:
 
     @property
     def device(self) -> torch.device:
-        return resolve_device(self.run.config.device)
+        """Where the run's models were loaded (``Run.load(..., device)``), not where they were trained."""
+        return getattr(self.run, "device", None) or resolve_device(None)
 
 
 def _server(ctx: AuditContext) -> list[TargetInstance]:
@@ -158,11 +175,13 @@ def _server(ctx: AuditContext) -> list[TargetInstance]:
     _, splits = ctx.data()
     cand = ctx.candidates(splits.members, 0)
     view = ModelView.server(run.server_model, run.schedule, run.t_c, run.num_classes > 0, ctx.device)
+    canaries = canary_candidates(ctx)  # they reach the server as the canary client's payloads
     return [
         TargetInstance(
             "server", "server", "T2", True, candidates=cand,
             make_cache=lambda: _model_cache(view, cand, ctx, 0),
             info={"query_steps": [view.t_min, view.t_max], "schedule": "relative ᾱ_t/ᾱ_{t_c}", "view": view},
+            canaries=canaries, make_canary_cache=None if canaries is None else lambda: _model_cache(view, canaries, ctx, 50),
         )
     ]
 
@@ -176,6 +195,7 @@ def _clients(ctx: AuditContext) -> list[TargetInstance]:
     if run.t_c == 0:
         return [TargetInstance("client", "client", "T3", False, "c = 0 (central): clients own no step and have no model")]
     _, splits = ctx.data()
+    canaries = canary_candidates(ctx)
     out = []
     for k, model in enumerate(run.client_models):
         cand = ctx.candidates(splits.clients[k], 1 + k)
@@ -183,8 +203,13 @@ def _clients(ctx: AuditContext) -> list[TargetInstance]:
         out.append(
             TargetInstance(
                 f"client_{k}", "client", "T3", True, candidates=cand,
-                make_cache=lambda view=view, cand=cand, k=k: _model_cache(view, cand, ctx, 1 + k),
+                # lira / rmia: reference client models, trained only when one of their signals is read
+                make_cache=lambda view=view, cand=cand, k=k: _model_cache(view, cand, ctx, 1 + k).with_producers(
+                    target_reference_producers(ctx, k, view, cand)),
                 info={"query_steps": [view.t_min, view.t_max], "schedule": "absolute ᾱ_t", "view": view},
+                canaries=canaries if k == splits.canary_client else None,
+                make_canary_cache=None if (canaries is None or k != splits.canary_client)
+                else lambda view=view, k=k: _model_cache(view, canaries, ctx, 51 + k),
             )
         )
     return out
@@ -241,12 +266,15 @@ def _payload(ctx: AuditContext) -> list[TargetInstance]:
     refs = data.images[splits.aux]
 
     def make() -> SignalCache:
-        return payload_signal_cache(cand.images, view.load(), run.schedule, refs, ctx.settings.n_steps)
+        # E views per member (one per epoch) is public protocol knowledge: payload-lr fuses them.
+        return payload_signal_cache(cand.images, view.load(), run.schedule, refs, ctx.settings.n_steps,
+                                    views_per_image=run.config.training.epochs)
 
     return [
         TargetInstance(
             "payload", "payload", "T1", True, candidates=cand, make_cache=make,
-            info={"payload_kind": view.payload_kind, "payloads": len(view), "references": int(len(splits.aux))},
+            info={"payload_kind": view.payload_kind, "payloads": len(view), "references": int(len(splits.aux)),
+                  "views_per_image": int(run.config.training.epochs)},
         )
     ]
 

@@ -186,6 +186,7 @@ def run_command(
     progress: bool,
     denoiser_config: DenoiserConfig | None = None,
     cache_dir: Path | None = None,
+    device: str | None = None,
 ) -> int:
     """Attack a run's server view and score it; returns the exit code (bad input raises CollafuseError).
 
@@ -194,7 +195,7 @@ def run_command(
     """
     names = RECONSTRUCTION_ATTACKS.parse(attacks)
     run_dir = Path(run_dir)
-    run = Run.load(run_dir)
+    run = Run.load(run_dir, device=device)  # models, the attacker's denoiser and inversion net on this device
     out_path = Path(out) if out else default_output(run_dir)
     _check_output(out_path)
     attacked = reconstruct_run(run, names, denoiser_config=denoiser_config, denoiser_cache=cache_dir,

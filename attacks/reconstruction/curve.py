@@ -31,7 +31,7 @@ from collafuse.hooks import ReleaseHook, deliver_round
 from collafuse.protocol import Client
 from collafuse.runs import prepare_data
 from collafuse.schedule import NoiseSchedule, cut_step
-from collafuse.training import STREAM_CLIENT, STREAM_LOADER, STREAM_RELAY, generator_for
+from collafuse.training import STREAM_CLIENT, STREAM_LOADER, STREAM_RELAY, generator_for, resolve_device
 
 from collafuse.attacks.reconstruction.denoiser import AttackerDenoiser, DenoiserConfig, load_or_train
 from collafuse.attacks.reconstruction.evaluate import ViewEvaluation, evaluate_view
@@ -226,16 +226,18 @@ def payload_curve(
     aux = images.subset(splits.aux)
     send_labels = config.conditional and images.labels is not None
     cache = None
+    # The config's device (auto: CUDA when available); a denoiser handed in stays where it is.
+    device = resolve_device(config.device) if denoiser is None else next(denoiser.parameters()).device
     if denoiser is None and RECONSTRUCTION_ATTACKS.needing("denoiser", attacks):
         if len(aux) < 2:
             raise ConfigError("tweedie/ddim need the attacker's aux split: set data.n_aux >= 2")
         dcfg = denoiser_config or DenoiserConfig(seed=config.seed)
-        denoiser, path, _ = load_or_train(aux.images, schedule, dcfg, cache_dir, progress=progress)
+        denoiser, path, _ = load_or_train(aux.images, schedule, dcfg, cache_dir, progress=progress, device=device)
         cache = str(path)
     pool = torch.cat([splits.members, splits.nonmembers])
     resources = AttackerResources(
         aux=aux if len(aux) else None, denoiser=denoiser, candidates=images.images[pool], epochs=epochs,
-        ddim_steps=ddim_steps, inversion_steps=inversion_steps, seed=config.seed,
+        ddim_steps=ddim_steps, inversion_steps=inversion_steps, seed=config.seed, device=device,
     )
     rows: list[dict] = []
     evaluations: dict[float, ViewEvaluation] = {}

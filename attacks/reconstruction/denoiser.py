@@ -37,7 +37,7 @@ from tqdm import tqdm
 from collafuse.errors import ConfigError
 from collafuse.model import UNet, UNetConfig
 from collafuse.schedule import NoiseSchedule, q_sample
-from collafuse.training import build_model
+from collafuse.training import build_model, resolve_device
 
 CACHE_ENV = "COLLAFUSE_CACHE"
 CACHE_SUBDIR = "attacker-denoiser"
@@ -125,13 +125,15 @@ def train_denoiser(
     config: DenoiserConfig = DenoiserConfig(),
     t_values: torch.Tensor | None = None,
     progress: bool = False,
-    device: str = "cpu",
+    device: "str | torch.device | None" = None,
 ) -> AttackerDenoiser:
     """Train D on public ``images`` (N,C,H,W) in [-1,1] at steps drawn over all t (or ``t_values``).
 
     Loss: E ‖F − (x0 − μ − c_skip (y − μ))/c_out‖², i.e. the x0-MSE weighted by 1/c_out² (EDM).
-    Deterministic given ``config.seed``.
+    Deterministic given ``config.seed`` (every draw is made on the CPU and moved to ``device``,
+    so the batches do not depend on the device). ``device``: None/``auto`` → CUDA when available.
     """
+    device = resolve_device(device)
     if images.ndim != 4 or images.shape[0] < 2:
         raise ConfigError(f"the attacker's denoiser needs at least 2 public images (N,C,H,W), got {tuple(images.shape)}")
     gen = torch.Generator().manual_seed(config.seed)
@@ -189,12 +191,14 @@ def load_or_train(
     cache_dir: Path | None = None,
     forbid_under: tuple[Path, ...] = (),
     progress: bool = False,
+    device: "str | torch.device | None" = None,
 ) -> tuple[AttackerDenoiser, Path, bool]:
     """The cached denoiser for (images, schedule, config), training and caching it on a miss.
 
-    Returns (model, cache file, hit). ``forbid_under``: folders the cache must not be in
-    (a run folder stays exactly as ``collafuse train`` wrote it).
+    Returns (model, cache file, hit), the model on ``device``. ``forbid_under``: folders the cache
+    must not be in (a run folder stays exactly as ``collafuse train`` wrote it).
     """
+    device = resolve_device(device)
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     for folder in forbid_under:
         if _is_within(root, Path(folder)):
@@ -204,13 +208,13 @@ def load_or_train(
     unet_cfg = _unet_config(config, images.shape[1])
     if path.is_file():
         try:
-            state = load_file(str(path))
+            state = load_file(str(path))  # CPU tensors, whichever device trained it
             model = AttackerDenoiser(UNet(unet_cfg), schedule.alpha_bar, 0.0, 1.0)
             model.load_state_dict(state)
-            return model.eval(), path, True
+            return model.to(device).eval(), path, True
         except (SafetensorError, OSError, RuntimeError):
             pass  # unreadable cache entry: train again and overwrite it
-    model = train_denoiser(images, schedule, config, progress=progress)
+    model = train_denoiser(images, schedule, config, progress=progress, device=device)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}

@@ -17,6 +17,7 @@ from collafuse.data import ImageSet
 from collafuse.errors import RunError
 from collafuse.runs import Run
 from collafuse.schedule import NoiseSchedule
+from collafuse.training import resolve_device
 from collafuse.transcript import TRANSCRIPT_DIR, AuditKey, ServerView
 
 from collafuse.attacks.reconstruction.curve import POOL_DESCRIPTION
@@ -42,9 +43,12 @@ class DenoiserUsed:
 def attacker_resources(aux: ImageSet, candidates: torch.Tensor, schedule: NoiseSchedule, names: tuple[str, ...],
                        *, seed: int, epochs: int, denoiser_config: DenoiserConfig | None = None,
                        denoiser_cache: Path | None = None, forbid_under: tuple[Path, ...] = (),
-                       progress: bool = False) -> tuple[AttackerResources, DenoiserUsed | None]:
+                       progress: bool = False, device=None) -> tuple[AttackerResources, DenoiserUsed | None]:
     """What the attacker holds for ``names``: the aux split, a denoiser trained on it when an attack needs one
-    (cached by content under ``denoiser_cache``), the candidate pool and the protocol's epoch count."""
+    (cached by content under ``denoiser_cache``), the candidate pool and the protocol's epoch count.
+
+    ``device`` (None/``auto``, ``cpu``, ``cuda`` or a torch.device): where the attacker's networks train and run."""
+    device = resolve_device(device)
     trained_on_aux = RECONSTRUCTION_ATTACKS.needing("denoiser", names) + RECONSTRUCTION_ATTACKS.needing("aux", names)
     if trained_on_aux and len(aux) < 2:
         raise RunError(f"{'/'.join(trained_on_aux)} need the attacker's auxiliary public split; the run has data.n_aux < 2")
@@ -53,10 +57,10 @@ def attacker_resources(aux: ImageSet, candidates: torch.Tensor, schedule: NoiseS
     if RECONSTRUCTION_ATTACKS.needing("denoiser", names):
         cfg = denoiser_config or DenoiserConfig(seed=seed)
         denoiser, path, hit = load_or_train(aux.images, schedule, cfg, denoiser_cache, forbid_under=forbid_under,
-                                            progress=progress)
+                                            progress=progress, device=device)
         used = DenoiserUsed(path, cfg, hit)
     resources = AttackerResources(aux=aux if len(aux) else None, denoiser=denoiser, candidates=candidates,
-                                  epochs=epochs, seed=seed)
+                                  epochs=epochs, seed=seed, device=device)
     return resources, used
 
 
@@ -119,6 +123,7 @@ def reconstruct_run(run: Run, names: tuple[str, ...], *, denoiser_config: Denois
                   POOL_DESCRIPTION)
     resources, used = attacker_resources(aux, data.images[pool], schedule, names, seed=cfg.seed,
                                          epochs=cfg.training.epochs, denoiser_config=denoiser_config,
-                                         denoiser_cache=denoiser_cache, forbid_under=forbid_under, progress=progress)
+                                         denoiser_cache=denoiser_cache, forbid_under=forbid_under, progress=progress,
+                                         device=run.device)  # where Run.load put the models (its --device)
     ev = evaluate_view(view, schedule, truth, resources, names, data.num_classes, progress=progress)
     return RunReconstruction(view, truth, ev, resources, used, len(aux))

@@ -35,6 +35,7 @@ from sklearn.covariance import ledoit_wolf
 
 from collafuse.schedule import NoiseSchedule
 
+from collafuse.attacks.chunking import row_slices, rows_per_chunk
 from collafuse.attacks.reconstruction.registry import reconstruction_attack
 from collafuse.attacks.reconstruction.view import (
     AttackerResources, Reconstruction, ViewArrays, rescaled, require_attack_inputs,
@@ -43,6 +44,7 @@ from collafuse.attacks.reconstruction.view import (
 NAME = "multiview"
 EXACT_VAR = 1e-12  # variance floor for exact observations (noise known, t = 0)
 MAX_VARIANCE_PAIRS = 64  # above this many distinct (v, V) pairs, link_cost uses the direct per-pair formula
+BYTES_PER_PAIR = 32  # float64 temporaries per (row, group) pair while link_cost builds a chunk
 
 
 def fuse(y: torch.Tensor, var: torch.Tensor, groups: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -97,38 +99,55 @@ def _dense_prior_cost(a: torch.Tensor, v: torch.Tensor, b: torch.Tensor, V: torc
     return 0.5 * (alpha * A * A + beta * B * B - 2.0 * gamma * A * B + delta).sum(-1)
 
 
-def link_cost(y: torch.Tensor, v: torch.Tensor, m: torch.Tensor, V: torch.Tensor, prior: GaussianPrior | None = None) -> torch.Tensor:
+def link_cost(y: torch.Tensor, v: torch.Tensor, m: torch.Tensor, V: torch.Tensor, prior: GaussianPrior | None = None,
+              chunk: int | None = None) -> torch.Tensor:
     """Negative log-likelihood ratio (n, G) of "row i (y (n,d), v (n,)) and group g (m (G,d), V (G,)) show
     the same image" against "different images", under ``prior`` (or a flat prior when None).
 
     Rows and groups that share a noise variance are handled together with matrix products (the
     common case: one variance per epoch block for ``cut`` payloads); the result equals the
-    direct per-pair formula of the module docstring.
+    direct per-pair formula of the module docstring. The (n, G) result is what the assignment
+    needs; the temporaries beside it are built ``chunk`` rows at a time (default: from the memory
+    budget of :mod:`collafuse.attacks.chunking`), so they stay bounded however many rows there are.
     """
     v, V = v.double(), V.double()
+    n, G = y.shape[0], m.shape[0]
+    cost = torch.empty(n, G, dtype=torch.float64)
     if prior is None:
-        total = v[:, None] + V[None, :]
-        d2 = torch.cdist(y.double(), m.double()).pow(2)
-        return 0.5 * y.shape[1] * total.log() + d2 / (2.0 * total)
+        size = rows_per_chunk(G, BYTES_PER_PAIR, chunk)
+        md = m.double()
+        for sl in row_slices(n, size):
+            total = v[sl, None] + V[None, :]
+            d2 = torch.cdist(y[sl].double(), md).pow(2)
+            cost[sl] = 0.5 * y.shape[1] * total.log() + d2 / (2.0 * total)
+        return cost
     a = (y.double() - prior.mean) @ prior.basis  # (n, K)
     b = (m.double() - prior.mean) @ prior.basis  # (G, K)
     lam = prior.eigenvalues
     uv, iv = torch.unique(v, return_inverse=True)
     uV, iV = torch.unique(V, return_inverse=True)
     if uv.numel() * uV.numel() > MAX_VARIANCE_PAIRS:  # e.g. trajectory payloads: every row its own t
-        return torch.cat([_dense_prior_cost(a[i : i + 32], v[i : i + 32], b, V, lam) for i in range(0, a.shape[0], 32)])
-    cost = torch.empty(a.shape[0], b.shape[0], dtype=torch.float64)
+        # (rows, G, K) float64 temporaries, about six of them
+        size = min(32, rows_per_chunk(G * max(1, lam.numel()), 6 * 8, chunk))
+        for sl in row_slices(n, size):
+            cost[sl] = _dense_prior_cost(a[sl], v[sl], b, V, lam)
+        return cost
+    size = rows_per_chunk(G, BYTES_PER_PAIR, chunk)
     for p, vp in enumerate(uv):
-        rows = torch.nonzero(iv == p).flatten()
+        rows_all = torch.nonzero(iv == p).flatten()
         for q, Vq in enumerate(uV):
             cols = torch.nonzero(iV == q).flatten()
             alpha, beta, gamma, delta = _prior_terms(lam, vp, Vq)
-            block = (a[rows].pow(2) @ alpha)[:, None] + (b[cols].pow(2) @ beta)[None, :] - 2.0 * (a[rows] * gamma) @ b[cols].T + delta.sum()
-            cost[rows[:, None], cols[None, :]] = 0.5 * block
+            col_term = (b[cols].pow(2) @ beta)[None, :]
+            for sl in row_slices(rows_all.numel(), size):
+                rows = rows_all[sl]
+                block = (a[rows].pow(2) @ alpha)[:, None] + col_term - 2.0 * (a[rows] * gamma) @ b[cols].T + delta.sum()
+                cost[rows[:, None], cols[None, :]] = 0.5 * block
     return cost
 
 
-def link(y: torch.Tensor, var: torch.Tensor, client: torch.Tensor, epochs: int, prior: GaussianPrior | None = None) -> torch.Tensor:
+def link(y: torch.Tensor, var: torch.Tensor, client: torch.Tensor, epochs: int, prior: GaussianPrior | None = None,
+         chunk: int | None = None) -> torch.Tensor:
     """Anchor row index (N,) for every row, found without ids (see the module docstring).
 
     y (N,C,H,W) rescaled rows in crossing order, var (N,) their noise variances, client (N,).
@@ -145,26 +164,37 @@ def link(y: torch.Tensor, var: torch.Tensor, client: torch.Tensor, epochs: int, 
         mean = flat[anchors].clone()
         for start in range(size, rows.numel(), size):
             block = rows[start : start + size]
-            cost = link_cost(flat[block], v[block], mean, 1.0 / prec, prior)
-            r, c = linear_sum_assignment(cost.numpy())
-            block, c = block[torch.as_tensor(r)], torch.as_tensor(c)
-            groups[block] = anchors[c]
-            w = 1.0 / v[block]
-            mean[c] = (mean[c] * prec[c, None] + flat[block] * w[:, None]) / (prec[c] + w)[:, None]
-            prec[c] = prec[c] + w
+            r, c = assign_block(flat[block], v[block], mean, prec, prior, chunk)
+            groups[block[r]] = anchors[c]
     return groups
 
 
+def assign_block(y: torch.Tensor, v: torch.Tensor, mean: torch.Tensor, prec: torch.Tensor,
+                 prior: GaussianPrior | None = None, chunk: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """One epoch block of :func:`link`: match rows y (n, d), noise variances v (n,) one-to-one to the groups
+    (running fused means ``mean`` (G, d) and precisions ``prec`` (G,), updated in place with the matched
+    rows). Returns (block row r_i, group c_i) of every match. Memory: the (n, G) cost matrix, plus
+    temporaries bounded by ``chunk`` (:func:`link_cost`)."""
+    cost = link_cost(y, v, mean, 1.0 / prec, prior, chunk)
+    r, c = linear_sum_assignment(cost.numpy())
+    r, c = torch.as_tensor(r), torch.as_tensor(c)
+    w = 1.0 / v[r]
+    mean[c] = (mean[c] * prec[c, None] + y[r] * w[:, None]) / (prec[c] + w)[:, None]
+    prec[c] = prec[c] + w
+    return r, c
+
+
 @reconstruction_attack(NAME, threat="T1", needs=("epochs",), summary="link payloads across epochs, fuse them")
-def attack(view: ViewArrays, schedule: NoiseSchedule, resources: AttackerResources) -> Reconstruction:
+def attack(view: ViewArrays, schedule: NoiseSchedule, resources: AttackerResources, chunk: int | None = None) -> Reconstruction:
     """Rows (N,C,H,W) → fused x̂ (N,C,H,W) of each row's linked group, the groups (N,) and the noise variance (N,).
 
-    Uses ``resources.aux`` (when given) only for the linking prior.
+    Uses ``resources.aux`` (when given) only for the linking prior; ``chunk``: rows per block of
+    :func:`link_cost`'s temporaries (default: from the memory budget).
     """
     require_attack_inputs(view, schedule, resources)
     y, var = rescaled(view, schedule)
     prior = GaussianPrior.fit(resources.aux.images) if resources.aux is not None and len(resources.aux) > 1 else None
-    groups = link(y, var, view.client, resources.epochs, prior)
+    groups = link(y, var, view.client, resources.epochs, prior, chunk)
     x, noise_var = fuse(y, var, groups)
     return Reconstruction(NAME, x.float(), groups=groups, noise_var=noise_var)
 

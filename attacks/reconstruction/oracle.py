@@ -29,13 +29,17 @@ import torch
 
 from collafuse.schedule import NoiseSchedule
 
+from collafuse.attacks.chunking import memory_budget_bytes, row_slices, rows_per_chunk
 from collafuse.attacks.reconstruction.registry import reconstruction_attack
 from collafuse.attacks.reconstruction.view import (
-    AttackerResources, Reconstruction, ViewArrays, rescaled, require_attack_inputs,
+    AttackerResources, PoolLogWeights, Reconstruction, ViewArrays, rescaled, require_attack_inputs,
 )
 
 NAME = "oracle"
 EXACT_PRECISION = 1e12  # a²/s² used when the observation is exact (noise known or t = 0)
+# Bytes one (row, candidate) pair holds while a chunk is alive: cdist's float64 product and
+# distance, the log weights and their softmax.
+BYTES_PER_PAIR = 32
 
 
 def posterior_log_weights(y: torch.Tensor, precision: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
@@ -56,43 +60,79 @@ def posterior_mean(log_w: torch.Tensor, candidates: torch.Tensor) -> torch.Tenso
     return (w @ candidates.reshape(candidates.shape[0], -1).double()).reshape(-1, *candidates.shape[1:]).float()
 
 
+def _fits(n: int, m: int, chunk: int | None) -> bool:
+    """Keep the (n, m) float32 log weights whole? Only when no chunk was asked for and they fit the budget."""
+    return chunk is None and n * m * 4 <= memory_budget_bytes()
+
+
+def observations(view: ViewArrays, schedule: NoiseSchedule, rows: "slice | torch.Tensor") -> tuple[torch.Tensor, torch.Tensor]:
+    """(y = p/a (n,C,H,W) float64, precision a²/s² (n,)) of the view's rows ``rows``: per-row formulas,
+    so a chunk's values are those of the whole view's."""
+    y, var = rescaled(view.subset(rows), schedule)
+    return y, _precision(var)
+
+
+def block_log_weights(view: ViewArrays, schedule: NoiseSchedule, candidates: torch.Tensor, rows) -> torch.Tensor:
+    """log w (n, M) of the rows ``rows`` against ``candidates`` (float64)."""
+    return posterior_log_weights(*observations(view, schedule, rows), candidates)
+
+
 @reconstruction_attack(NAME, threat="T1", needs=("candidates",), summary="Bayes posterior over a pool holding the truth")
-def attack(view: ViewArrays, schedule: NoiseSchedule, resources: AttackerResources) -> Reconstruction:
-    """Rows (N,C,H,W) → posterior means (N,C,H,W) and log weights (N, M) over ``resources.candidates``."""
+def attack(view: ViewArrays, schedule: NoiseSchedule, resources: AttackerResources, chunk: int | None = None) -> Reconstruction:
+    """Rows (N,C,H,W) → posterior means (N,C,H,W) and log weights (N, M) over ``resources.candidates``.
+
+    In bounded memory (DESIGN §10): ``chunk`` rows at a time (default: the memory budget of
+    :mod:`collafuse.attacks.chunking` over M candidates); the (N, M) log weights are a
+    :class:`PoolLogWeights` that scorers read block by block: kept whole (float32) when they fit the
+    budget, else recomputed block by block from the view (the same values: per-row formulas)."""
     require_attack_inputs(view, schedule, resources)
-    y, var = rescaled(view, schedule)
-    precision = _precision(var)
     cand = resources.candidates.double()
-    log_w, images = [], []
-    for i in range(0, len(view), 2048):
-        lw = posterior_log_weights(y[i : i + 2048], precision[i : i + 2048], cand)
-        log_w.append(lw.float())
-        images.append(posterior_mean(lw, cand))
     m = cand.shape[0]
+    size = rows_per_chunk(m, BYTES_PER_PAIR, chunk)
+    keep = _fits(len(view), m, chunk)  # small enough to keep: scorers then read it without recomputing
+    images, kept = [], []
+    for sl in row_slices(len(view), size):
+        lw = block_log_weights(view, schedule, cand, sl)
+        images.append(posterior_mean(lw, cand))
+        if keep:
+            kept.append(lw.float())
+    if keep:
+        weights = PoolLogWeights.of(torch.cat(kept) if kept else torch.empty(0, m), size)
+    else:
+        weights = PoolLogWeights((len(view), m), lambda rows: block_log_weights(view, schedule, cand, rows).float(), size)
     return Reconstruction(
         NAME,
         torch.cat(images) if images else torch.empty(0, *view.image_shape),
-        pool_log_weights=torch.cat(log_w) if log_w else torch.empty(0, m),
+        pool_log_weights=weights,
     )
 
 
-def all_views(view: ViewArrays, schedule: NoiseSchedule, candidates: torch.Tensor, true_groups: torch.Tensor) -> Reconstruction:
+def all_views(view: ViewArrays, schedule: NoiseSchedule, candidates: torch.Tensor, true_groups: torch.Tensor,
+              chunk: int | None = None) -> Reconstruction:
     """The upper bound ``oracle-all-views``: each row's image's posterior over ``candidates`` (M,C,H,W)
     given every row of its group, with the true grouping (N,) supplied by a scorer from the audit key,
     never by an attacker (module docstring). Rows (N,C,H,W) → posterior means (N,C,H,W) (equal within
-    a group) and log weights (N, M), each row shifted so that its maximum is 0."""
+    a group) and log weights (N, M), each row shifted so that its maximum is 0.
+
+    Memory: ``chunk`` rows (default: from the memory budget) against the pool at a time, plus the
+    (groups, M) sums; the groups are the distinct images, at most the pool's size, whatever N is."""
     require_attack_inputs(view, schedule, AttackerResources())
     if true_groups.shape != (len(view),):
         raise ValueError(f"true_groups must have shape ({len(view)},), got {tuple(true_groups.shape)}")
-    y, var = rescaled(view, schedule)
-    precision = _precision(var)
     cand = candidates.double()
+    size = rows_per_chunk(cand.shape[0], BYTES_PER_PAIR, chunk)
     _, g = torch.unique(true_groups, return_inverse=True)
     k = int(g.max()) + 1 if g.numel() else 0
     group_lw = torch.zeros(k, cand.shape[0], dtype=torch.float64)
-    for i in range(0, len(view), 2048):  # Σ_k log w over the views of each image
-        group_lw.index_add_(0, g[i : i + 2048], posterior_log_weights(y[i : i + 2048], precision[i : i + 2048], cand))
+    for sl in row_slices(len(view), size):  # Σ_k log w over the views of each image, rows in order
+        group_lw.index_add_(0, g[sl], block_log_weights(view, schedule, cand, sl))
     if k:
         group_lw -= group_lw.max(1, keepdim=True).values  # a per-row constant: keeps the differences exact in float32
-    means = torch.cat([posterior_mean(group_lw[i : i + 2048], cand) for i in range(0, k, 2048)]) if k else torch.empty(0, *view.image_shape)
-    return Reconstruction(NAME + "-all-views", means[g], pool_log_weights=group_lw.float()[g])
+    means = torch.cat([posterior_mean(group_lw[sl], cand) for sl in row_slices(k, size)]) if k else torch.empty(0, *view.image_shape)
+    group_w = group_lw.float()
+    del group_lw
+    if _fits(len(view), cand.shape[0], chunk):
+        weights = PoolLogWeights.of(group_w[g], size)
+    else:
+        weights = PoolLogWeights((len(view), cand.shape[0]), lambda rows: group_w[g[rows]], size)
+    return Reconstruction(NAME + "-all-views", means[g], pool_log_weights=weights)

@@ -15,6 +15,14 @@ row came from (the audit key, or a simulation's own record). Per row it computes
 - ``label``: the label predicted from x̂ by a classifier trained on noised public
   images (:class:`LabelClassifier`) equals the true label; an attack that returns a
   posterior over a labelled pool (``oracle``) predicts its heaviest label instead;
+- ``extraction``: (ℓ2, δ)-extraction (Carlini et al. 2023, "Extracting Training Data from
+  Diffusion Models", USENIX Security, Definition 1): x̂ lies within δ of the true image in
+  their normalised ℓ2, ℓ2(a, b) = ‖a − b‖₂/√d on the [0, 1] scale (= √MSE), δ =
+  :data:`EXTRACTION_DELTA` = 0.1 unless stated (the summary states it). Unlike re-identification
+  it does not need the argmax to land on the member: a reconstruction that is a near-copy counts
+  even when the pool holds a near-duplicate that wins the nearest-neighbour search. Per payload
+  row like re-identification: with one view per member it is the fraction of members extracted,
+  with E views the mean over members of the fraction of their views that extract them;
 
 and summarises each with a 95 % interval (t / Wilson, or a cluster bootstrap over
 images when an image has several rows). Per-row values are kept.
@@ -30,13 +38,15 @@ from torch.nn import functional as F
 
 from collafuse.schedule import NoiseSchedule, q_sample
 
-from collafuse.attacks.reconstruction.view import Reconstruction
+from collafuse.attacks.reconstruction.view import PoolLogWeights, Reconstruction
 from collafuse.attacks.stats import summarize
 
 PSNR_CAP_DB = 100.0
-METRICS: tuple[str, ...] = ("mse", "psnr", "ssim", "reid_client", "reid_pool", "label")
-PROPORTIONS = frozenset({"reid_client", "reid_pool", "label"})
-HIGHER_IS_BETTER = {"mse": False, "psnr": True, "ssim": True, "reid_client": True, "reid_pool": True, "label": True}
+EXTRACTION_DELTA = 0.1  # Carlini et al. 2023's δ for their normalised ℓ2 on [0, 1] images
+METRICS: tuple[str, ...] = ("mse", "psnr", "ssim", "reid_client", "reid_pool", "label", "extraction")
+PROPORTIONS = frozenset({"reid_client", "reid_pool", "label", "extraction"})
+HIGHER_IS_BETTER = {"mse": False, "psnr": True, "ssim": True, "reid_client": True, "reid_pool": True, "label": True,
+                    "extraction": True}
 
 
 def to_unit(x: torch.Tensor) -> torch.Tensor:
@@ -47,6 +57,19 @@ def to_unit(x: torch.Tensor) -> torch.Tensor:
 def mse_per_image(x_hat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """Mean squared error per image on the [0, 1] scale. (N,C,H,W) × 2 → (N,) float64."""
     return (to_unit(x_hat) - to_unit(x)).pow(2).flatten(1).mean(1)
+
+
+def normalised_l2(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Carlini et al. 2023's ℓ2(a, b) = ‖a − b‖₂/√d on the [0, 1] scale (images in [-1, 1], clipped
+    by :func:`to_unit`), i.e. the root mean squared error. (N,C,H,W) × 2 → (N,) float64."""
+    return mse_per_image(a, b).sqrt()
+
+
+def extracted(distance: torch.Tensor | np.ndarray, delta: float = EXTRACTION_DELTA) -> np.ndarray:
+    """(ℓ2, δ)-extraction indicator: normalised ℓ2 distance ≤ δ, as float64 0/1 (N,)."""
+    if not delta > 0:
+        raise ValueError(f"extraction delta must be > 0, got {delta}")
+    return (np.asarray(distance, dtype=np.float64) <= delta).astype(np.float64)
 
 
 def psnr_from_mse(mse: torch.Tensor, data_range: float = 1.0, cap_db: float = PSNR_CAP_DB) -> torch.Tensor:
@@ -125,11 +148,17 @@ class Truth:
             raise ValueError("Truth.source_labels must have one label per source image")
 
 
-def _reid_from_weights(log_w: torch.Tensor, weight_ids: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
-    """Source index of the argmax over the columns whose id is in ``allowed``; (N, M) → (N,)."""
+def _reid_from_weights(log_w, weight_ids: torch.Tensor, allowed: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+    """Source index of the argmax over the columns whose id is in ``allowed``, for ``rows`` (default all) of
+    the (N, M) :class:`PoolLogWeights` (or a tensor): (len(rows),), read block by block (bounded memory)."""
+    log_w = log_w if isinstance(log_w, PoolLogWeights) else PoolLogWeights.of(log_w)
     keep = torch.isin(weight_ids, allowed)
-    masked = torch.where(keep[None, :], log_w.double(), torch.full_like(log_w, -torch.inf, dtype=torch.float64))
-    return weight_ids[masked.argmax(1)]
+    n = log_w.shape[0] if rows is None else int(torch.as_tensor(rows).numel())
+    out = torch.empty(n, dtype=torch.long)
+    for pos, block in log_w.blocks(rows):
+        masked = torch.where(keep[None, :], block.double(), torch.full_like(block, -torch.inf, dtype=torch.float64))
+        out[pos] = weight_ids[masked.argmax(1)]
+    return out
 
 
 def reidentify(recon: Reconstruction, truth: Truth, weight_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -147,7 +176,7 @@ def reidentify(recon: Reconstruction, truth: Truth, weight_ids: torch.Tensor | N
         if rows.numel() == 0:
             continue
         if use_w and bool(torch.isin(ids, weight_ids).all()):
-            in_client[rows] = _reid_from_weights(recon.pool_log_weights[rows], weight_ids, ids)
+            in_client[rows] = _reid_from_weights(recon.pool_log_weights, weight_ids, ids, rows)
         else:
             in_client[rows] = ids[nearest_index(x_hat[rows], to_unit(truth.source[ids]).float())]
     if use_w and bool(torch.isin(truth.pool, weight_ids).all()):
@@ -192,12 +221,17 @@ class LabelClassifier:
         return torch.from_numpy(self.model_.predict(x.double().clamp(-1, 1).flatten(1).numpy())).long()
 
 
-def posterior_labels(log_w: torch.Tensor, candidate_labels: torch.Tensor) -> torch.Tensor:
-    """argmax_c Σ_m softmax(log w)_nm [label_m = c]: (N, M) × (M,) → (N,) int64."""
-    w = torch.softmax(log_w.double(), dim=1)
+def posterior_labels(log_w, candidate_labels: torch.Tensor) -> torch.Tensor:
+    """argmax_c Σ_m softmax(log w)_nm [label_m = c]: (N, M) × (M,) → (N,) int64, block by block
+    (``log_w`` a :class:`PoolLogWeights` or a tensor)."""
+    log_w = log_w if isinstance(log_w, PoolLogWeights) else PoolLogWeights.of(log_w)
     k = int(candidate_labels.max()) + 1
-    mass = torch.zeros(w.shape[0], k, dtype=torch.float64).index_add_(1, candidate_labels.long(), w)
-    return mass.argmax(1)
+    out = torch.empty(log_w.shape[0], dtype=torch.long)
+    for pos, block in log_w.blocks():
+        w = torch.softmax(block.double(), dim=1)
+        mass = torch.zeros(w.shape[0], k, dtype=torch.float64).index_add_(1, candidate_labels.long(), w)
+        out[pos] = mass.argmax(1)
+    return out
 
 
 @dataclass
@@ -208,14 +242,18 @@ class Scores:
     per_row: dict[str, np.ndarray]
     clusters: np.ndarray  # (N,) source index of each row's image: rows of one image are not independent
     client: np.ndarray
+    extraction_delta: float = EXTRACTION_DELTA  # the δ of the ``extraction`` metric
 
     def summary(self, rows: np.ndarray | None = None, seed: int = 0) -> dict[str, dict]:
-        """{metric: interval dict} over all rows or the boolean mask ``rows``."""
+        """{metric: interval dict} over all rows or the boolean mask ``rows``; ``extraction`` states its δ."""
         mask = np.ones_like(self.client, dtype=bool) if rows is None else rows
-        return {
+        out = {
             name: summarize(v[mask], self.clusters[mask], proportion=name in PROPORTIONS, seed=seed).to_dict()
             for name, v in self.per_row.items()
         }
+        if "extraction" in out:
+            out["extraction"]["delta"] = self.extraction_delta
+        return out
 
     def by_client(self, seed: int = 0) -> dict[str, dict[str, dict]]:
         return {str(int(k)): self.summary(self.client == k, seed) for k in np.unique(self.client)}
@@ -226,8 +264,10 @@ def score(
     truth: Truth,
     classifier: LabelClassifier | None = None,
     weight_ids: torch.Tensor | None = None,
+    extraction_delta: float = EXTRACTION_DELTA,
 ) -> Scores:
-    """Every §4.1 metric per row for one attack's reconstruction. ``classifier`` None or no labels: no ``label``."""
+    """Every §4.1 metric per row for one attack's reconstruction. ``classifier`` None or no labels: no ``label``.
+    ``extraction_delta``: the δ of (ℓ2, δ)-extraction."""
     x = truth.images
     if recon.images.shape != x.shape:
         raise ValueError(f"reconstruction {tuple(recon.images.shape)} does not match the truth {tuple(x.shape)}")
@@ -239,13 +279,14 @@ def score(
         "ssim": ssim_per_image(recon.images, x).numpy(),
         "reid_client": (in_client == truth.member).double().numpy(),
         "reid_pool": (in_pool == truth.member).double().numpy(),
+        "extraction": extracted(mse.sqrt(), extraction_delta),
     }
     if truth.labels is not None and recon.pool_log_weights is not None and weight_ids is not None:
         # A posterior over labelled candidates infers the label as its heaviest class (Bayes rule).
         per_row["label"] = (posterior_labels(recon.pool_log_weights, truth.source_labels[weight_ids]) == truth.labels).double().numpy()
     elif classifier is not None and truth.labels is not None:
         per_row["label"] = (classifier.predict(recon.images) == truth.labels).double().numpy()
-    return Scores(recon.attack, per_row, truth.member.numpy(), truth.client.numpy())
+    return Scores(recon.attack, per_row, truth.member.numpy(), truth.client.numpy(), float(extraction_delta))
 
 
 def chance_levels(truth: Truth, num_classes: int) -> dict[str, float]:

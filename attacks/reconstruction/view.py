@@ -20,6 +20,7 @@ import torch
 
 from collafuse.data import ImageSet
 from collafuse.schedule import NoiseSchedule, gather
+from collafuse.training import CPU, resolve_device
 from collafuse.transcript import AuditKey, ServerView
 
 # Every key ServerView.load() may return. Anything else (e.g. "member_index") is refused.
@@ -127,7 +128,8 @@ class AttackerResources:
     ``oracle`` uses it; it is the ceiling, not a realistic attacker); epochs: how many epochs
     the protocol ran (public protocol knowledge the server has; ``multiview`` links with it);
     ddim_steps: steps of the ``ddim`` attack; inversion_steps: optimiser steps of the
-    ``inversion`` network; seed: every random draw of an attack derives from it.
+    ``inversion`` network; seed: every random draw of an attack derives from it; device: where the
+    attacker's networks (denoiser, inversion net) train and run (resolved: ``auto`` → CUDA if available).
     """
 
     aux: ImageSet | None = None
@@ -137,7 +139,7 @@ class AttackerResources:
     ddim_steps: int = 4
     inversion_steps: int = 300
     seed: int = 0
-    device: str = "cpu"
+    device: torch.device = CPU
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -150,6 +152,61 @@ class AttackerResources:
             raise ValueError(f"AttackerResources.epochs must be >= 1, got {self.epochs}")
         if self.ddim_steps < 1:
             raise ValueError(f"AttackerResources.ddim_steps must be >= 1, got {self.ddim_steps}")
+        object.__setattr__(self, "device", resolve_device(self.device))  # "auto"/"cuda"/a torch.device → one device
+
+
+class PoolLogWeights:
+    """An (N, M) matrix of log posterior weights over a candidate pool, never held whole (DESIGN §10).
+
+    ``block(rows)`` computes the float32 rows ``rows`` (an int64 index tensor) on demand; readers
+    go through :meth:`blocks`, ``chunk`` rows at a time, so scoring N rows against M candidates
+    holds one (chunk, M) block at once. Indexing (``w[rows]``, ``w.dense()``) materialises rows
+    and is meant for small inputs and tests. :meth:`of` wraps a tensor already in memory.
+    """
+
+    def __init__(self, shape: tuple[int, int], block, chunk: int):
+        self.shape = (int(shape[0]), int(shape[1]))
+        self._block = block
+        self.chunk = max(1, int(chunk))
+
+    @classmethod
+    def of(cls, matrix: torch.Tensor, chunk: int | None = None) -> "PoolLogWeights":
+        """A matrix held in memory, read ``chunk`` rows at a time (default: all at once)."""
+        if matrix.ndim != 2:
+            raise ValueError(f"pool log weights must be (N, M), got {tuple(matrix.shape)}")
+        return cls(tuple(matrix.shape), lambda rows: matrix[rows], chunk or max(1, matrix.shape[0]))
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def blocks(self, rows: torch.Tensor | None = None):
+        """(positions into ``rows``, block (len, M) float32) over ``rows`` (default all), ``chunk`` rows at a time."""
+        rows = torch.arange(self.shape[0]) if rows is None else torch.as_tensor(rows, dtype=torch.long).flatten()
+        for start in range(0, rows.numel(), self.chunk):
+            pos = torch.arange(start, min(rows.numel(), start + self.chunk))
+            yield pos, self._block(rows[pos])
+
+    def __getitem__(self, index) -> torch.Tensor:
+        rows = torch.arange(self.shape[0])[index]
+        single = rows.ndim == 0
+        out = torch.cat([b for _, b in self.blocks(rows.reshape(-1))]) if rows.numel() else torch.empty(0, self.shape[1])
+        return out[0] if single else out
+
+    def dense(self) -> torch.Tensor:
+        return self[:]
+
+    def argmax(self, dim: int = 1) -> torch.Tensor:
+        """Per-row argmax (N,), block by block."""
+        if dim not in (1, -1):
+            raise ValueError("PoolLogWeights.argmax works along the candidates (dim 1)")
+        parts = [b.argmax(1) for _, b in self.blocks()]
+        return torch.cat(parts) if parts else torch.empty(0, dtype=torch.long)
+
+    def double(self) -> torch.Tensor:
+        return self.dense().double()
+
+    def float(self) -> torch.Tensor:
+        return self.dense()
 
 
 @dataclass(frozen=True)
@@ -158,7 +215,8 @@ class Reconstruction:
     space, one per view row (not clipped: scoring clips to the valid range).
 
     ``pool_log_weights``: (N, M) unnormalised log posterior over
-    ``AttackerResources.candidates`` (the ``oracle``; re-identification = argmax), or None.
+    ``AttackerResources.candidates`` (the ``oracle``; re-identification = argmax), or None; a
+    :class:`PoolLogWeights` computed block by block (a tensor given here is wrapped in one).
     ``groups``: (N,) int64, the row index of the anchor each row was linked to
     (``multiview``), or None. ``noise_var``: (N,) per-pixel variance of the estimate's
     Gaussian noise when it has a closed form (``multiview``: 1/Σ a_k²/s_k²), or None.
@@ -166,9 +224,13 @@ class Reconstruction:
 
     attack: str
     images: torch.Tensor
-    pool_log_weights: torch.Tensor | None = None
+    pool_log_weights: PoolLogWeights | None = None
     groups: torch.Tensor | None = None
     noise_var: torch.Tensor | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.pool_log_weights, torch.Tensor):
+            object.__setattr__(self, "pool_log_weights", PoolLogWeights.of(self.pool_log_weights))
 
 
 def require_attack_inputs(view: object, schedule: object, resources: object) -> None:

@@ -27,7 +27,7 @@ from threadpoolctl import threadpool_limits
 from collafuse.errors import RunError
 from collafuse.runs import RUN_MARKER, Run, create_run, image_grid, prepare_data, sample_labels, save_png, to_uint8
 from collafuse.schedule import NoiseSchedule
-from collafuse.training import Hooks
+from collafuse.training import Hooks, resolve_device
 
 from collafuse.benchmarks.audit.grid import Cell, system_hash
 
@@ -158,7 +158,14 @@ def _release_hooks(config) -> tuple:
     return build_hooks(config.defenses, config).release
 
 
-def payload_cell(cell: Cell, cache_dir: Path) -> CellOutput:
+def cell_device(cell: Cell, device=None) -> torch.device:
+    """Where a cell runs: ``device`` (the audit's ``--device``) or the grid's ``device`` (``auto``: CUDA when
+    available), resolved on the machine that computes it. Not part of the cell's hash: it changes where
+    the numbers are computed, not what they mean."""
+    return resolve_device(device if device is not None else cell.run_config.device)
+
+
+def payload_cell(cell: Cell, cache_dir: Path, device=None) -> CellOutput:
     """T1 from the data, the schedule and the release-side defenses alone: no system is trained."""
     from collafuse.attacks.reconstruction.curve import simulate_rounds, truth_for
     from collafuse.attacks.reconstruction.engine import attacker_resources
@@ -179,7 +186,7 @@ def payload_cell(cell: Cell, cache_dir: Path) -> CellOutput:
     view, member = sim.view, sim.member
     pool = torch.cat([splits.members, splits.nonmembers])
     resources, _ = attacker_resources(aux, images.images[pool], schedule, attacks, seed=cfg.seed, epochs=cell.epochs,
-                                      denoiser_cache=cache_dir / DENOISER_CACHE)
+                                      denoiser_cache=cache_dir / DENOISER_CACHE, device=cell_device(cell, device))
     ev = evaluate_view(view, schedule, truth_for(member, view, images, splits, sim.sender), resources, attacks,
                        images.num_classes)
     rows.append(_row("T1", "payload", "count", "payload_rows", len(view)))
@@ -190,10 +197,10 @@ def payload_cell(cell: Cell, cache_dir: Path) -> CellOutput:
     return CellOutput(rows, {"reconstructions.png": png}, {"reconstruction_rows": labels})
 
 
-def trained_system(cell: Cell, cache_dir: Path) -> tuple[Path, bool]:
-    """The cell's trained system from the cache, trained and cached (atomically) on a miss."""
+def trained_system(cell: Cell, cache_dir: Path, device=None) -> tuple[Path, bool]:
+    """The cell's trained system from the cache, trained (on ``device`` when given) and cached (atomically) on a miss."""
     cfg = cell.run_config
-    path = cache_dir / "systems" / system_hash(cfg)
+    path = cache_dir / "systems" / system_hash(cfg)  # keyed by the grid's config: a --device override shares it
     if (path / RUN_MARKER).is_file():
         return path, True
     hooks = Hooks()
@@ -202,6 +209,8 @@ def trained_system(cell: Cell, cache_dir: Path) -> tuple[Path, bool]:
 
         hooks = build_hooks(cfg.defenses, cfg)
     path.parent.mkdir(parents=True, exist_ok=True)
+    if device is not None:
+        cfg = cfg.model_copy(update={"device": resolve_device(device).type})
     try:
         create_run(cfg, path, hooks=hooks, progress=False)
     except RunError:
@@ -218,15 +227,52 @@ def _thin(fpr: np.ndarray, tpr: np.ndarray) -> tuple[list[float], list[float]]:
 
 
 MEMBERSHIP_TARGETS = {"T1": "payload", "T2": "server", "T3": "client", "T4": "samples"}
+AT_EPOCH = "_at_epoch"  # suffix of the metrics of a training.snapshots model; its epoch is the row's `epoch`
+
+
+def outcome_metrics(outcome) -> list[tuple[str, float, float | None, float | None]]:
+    """(metric, value, low, high) of every headline membership metric of one (target, attack) outcome."""
+    m = outcome.metrics
+    tpr, tpr01 = m.at_fpr(0.01).tpr, m.at_fpr(0.001).tpr
+    return [("auc", m.auc.value, m.auc.low, m.auc.high), ("tpr_at_1pct_fpr", tpr.value, tpr.low, tpr.high),
+            ("tpr_at_01pct_fpr", tpr01.value, tpr01.low, tpr01.high),
+            ("balanced_accuracy", m.balanced_accuracy.value, m.balanced_accuracy.low, m.balanced_accuracy.high),
+            ("epsilon_lb", outcome.epsilon_lb, None, None), ("epsilon_gdp", outcome.epsilon_gdp, None, None)]
+
+
+def more_membership_rows(threat: str, key: str, name: str, outcome) -> list[dict[str, Any]]:
+    """The rows beside auc / tpr_at_1pct_fpr / epsilon_lb: TPR at 0.1 % FPR and whether there were enough
+    non-members to resolve it (1.0 / 0.0), balanced accuracy, the Gaussian-DP ε lower bound, and the AUC at
+    each query step (metric ``auc_at_t``, the step in the row's ``t``)."""
+    values = {metric: (v, lo, hi) for metric, v, lo, hi in outcome_metrics(outcome)}
+    rows = [_row(threat, key, name, metric, *values[metric])
+            for metric in ("tpr_at_01pct_fpr", "balanced_accuracy", "epsilon_gdp")]
+    # 1.0: AUC significantly below 0.5, a signal found reversed (flagged only; the worst case never flips it)
+    rows.append(_row(threat, key, name, "inverted", float(outcome.inverted)))
+    if outcome.one_run is not None:  # the run config's canaries: the one-run audit's ε lower bound (§4.3)
+        eps = outcome.one_run["epsilon_lb"]
+        rows.append(_row(threat, key, name, "one_run_epsilon_lb", float(eps) if eps != "inf" else math.inf))
+    rows.insert(1, _row(threat, key, name, "tpr_at_01pct_fpr_resolved", float(outcome.metrics.at_fpr(0.001).resolved)))
+    rows += [{**_row(threat, key, name, "auc_at_t", auc), "t": int(t)} for t, auc in zip(outcome.steps, outcome.step_aucs)]
+    return rows
+
+
+def snapshot_rows(threat: str, key: str, name: str, outcome, epoch: int) -> list[dict[str, Any]]:
+    """Every headline metric of one attack on a snapshot model: metric ``<metric>_at_epoch``, the epoch in ``epoch``
+    (apart from the final models' rows, so a policy and the worst-case tables judge the released models)."""
+    return [{**_row(threat, key, name, metric + AT_EPOCH, v, lo, hi), "epoch": int(epoch)}
+            for metric, v, lo, hi in outcome_metrics(outcome)]
 
 
 def membership_rows(run: Run, cell: Cell, samples: dict[int, torch.Tensor]) -> tuple[list[dict[str, Any]], dict]:
-    """Every requested membership attack on its threat's targets: rows and ROC curves."""
+    """Every requested membership attack on its threat's targets: rows and ROC curves (final models); the
+    model targets again on each training.snapshots epoch (``*_at_epoch`` rows)."""
     from collafuse.attacks.membership.catalog import ATTACKS
+    from collafuse.attacks.membership.base import SignalSettings
     from collafuse.attacks.membership.engine import MembershipSettings, run_membership
 
     rows, roc = [], {}
-    settings = MembershipSettings(n_samples=cell.samples_per_client)
+    settings = MembershipSettings(signals=SignalSettings(references=cell.references), n_samples=cell.samples_per_client)
     for threat, target in MEMBERSHIP_TARGETS.items():
         names = tuple(a for a in cell.attacks.get(threat, ()) if a in ATTACKS)
         if not names:
@@ -241,6 +287,15 @@ def membership_rows(run: Run, cell: Cell, samples: dict[int, torch.Tensor]) -> t
                 rows.append(_row(threat, key, name, "auc", m.auc.value, m.auc.low, m.auc.high))
                 rows.append(_row(threat, key, name, "tpr_at_1pct_fpr", tpr.value, tpr.low, tpr.high))
                 rows.append(_row(threat, key, name, "epsilon_lb", outcome.epsilon_lb))
+                rows.extend(more_membership_rows(threat, key, name, outcome))
+            if threat == "T4" and "nn-distance" in entry.attacks and samples and key.startswith("samples_"):
+                # (ℓ2, δ)-extraction (Carlini et al. 2023) of the client's images by its samples, beside nn-distance.
+                from collafuse.attacks.membership.nn_distance import client_extraction
+
+                k = int(key.split("_")[1])
+                if samples.get(k) is not None:
+                    ext = client_extraction(run, k, samples[k])
+                    rows.append(_row("T4", key, "nn-distance", "extraction", ext.value, ext.lo, ext.hi))
             if not entry.attacks:
                 continue
             roc[key] = {}
@@ -249,6 +304,10 @@ def membership_rows(run: Run, cell: Cell, samples: dict[int, torch.Tensor]) -> t
                 fpr, tpr, _ = roc_curve(labels, np.r_[outcome.member_scores, outcome.nonmember_scores])
                 f, t = _thin(fpr, tpr)
                 roc[key][name] = {"fpr": f, "tpr": t, "auc": outcome.metrics.auc.value}
+        for epoch, targets in result.snapshots.items():
+            for key, entry in targets.items():
+                for name, outcome in entry.attacks.items():
+                    rows.extend(snapshot_rows(threat, key, name, outcome, epoch))
     return rows, roc
 
 
@@ -261,6 +320,7 @@ def client_samples(run: Run, cell: Cell) -> dict[int, torch.Tensor]:
 
 
 def utility_rows(run: Run, cell: Cell, cache_dir: Path, samples: dict[int, torch.Tensor]) -> list[dict[str, Any]]:
+    # The evaluation classifier and Inception run where the run's models were loaded (the cell's device).
     """FID, KID, precision/recall and class accuracy of each client's samples and of all of them pooled."""
     from collafuse.benchmarks.audit.utility import load_or_train_feature_classifier, sample_utility
 
@@ -268,7 +328,7 @@ def utility_rows(run: Run, cell: Cell, cache_dir: Path, samples: dict[int, torch
     if data.labels is None or data.num_classes == 0:
         return []
     classifier = load_or_train_feature_classifier(data.images, data.labels, data.num_classes, run.config.seed,
-                                                  cache_dir / "classifiers")
+                                                  cache_dir / "classifiers", device=run.device)
     n = cell.samples_per_client
     fakes, fake_labels = [], []
     rows = []
@@ -287,7 +347,7 @@ def utility_rows(run: Run, cell: Cell, cache_dir: Path, samples: dict[int, torch
         from collafuse.benchmarks.audit.utility import inception_fid
 
         rows.append(_row("utility", "pooled", "inception-v3", "fid_inception",
-                         inception_fid(torch.cat(fakes), data.images[splits.members])))
+                         inception_fid(torch.cat(fakes), data.images[splits.members], device=run.device)))
     return rows
 
 
@@ -303,13 +363,13 @@ def _run_sender_rows(run: Run) -> list[dict[str, Any]]:
     return sender_rows(view, sender, run.config.data.num_clients)
 
 
-def system_cell(cell: Cell, cache_dir: Path) -> CellOutput:
+def system_cell(cell: Cell, cache_dir: Path, device=None) -> CellOutput:
     """Train (or load) the system, attack it under every threat, measure its utility and cost."""
     from collafuse.attacks.reconstruction.engine import reconstruct_run
     from collafuse.attacks.reconstruction.registry import RECONSTRUCTION_ATTACKS
 
-    path, cached = trained_system(cell, cache_dir)
-    run = Run.load(path)
+    path, cached = trained_system(cell, cache_dir, device)
+    run = Run.load(path, device=cell_device(cell, device))  # every model query, attack and metric on this device
     cfg = run.config
     eps_payload = payload_epsilon_value(cfg, run.info)
     rows = [*cost_rows(cfg), *formal_rows(eps_payload, *model_epsilons(run.info, eps_payload))]
@@ -351,7 +411,7 @@ def shared_resources(cell: Cell) -> list[tuple[str, str]]:
     return out
 
 
-def build_shared(kind: str, cell: Cell, cache_dir: Path | str) -> str:
+def build_shared(kind: str, cell: Cell, cache_dir: Path | str, device=None) -> str:
     """Fill the cache with one shared resource (on one thread, like the cells). Cells that find it
     missing build it themselves, with the same result, so this is an optimisation only."""
     cfg = cell.run_config
@@ -365,26 +425,29 @@ def build_shared(kind: str, cell: Cell, cache_dir: Path | str) -> str:
 
                 schedule = NoiseSchedule.create(cfg.diffusion.schedule, cfg.diffusion.T)
                 load_or_train(images.images[splits.aux], schedule, DenoiserConfig(seed=cfg.seed),
-                              Path(cache_dir) / DENOISER_CACHE)
+                              Path(cache_dir) / DENOISER_CACHE, device=cell_device(cell, device))
             elif kind == "classifier" and images.labels is not None and images.num_classes > 0:
                 from collafuse.benchmarks.audit.utility import load_or_train_feature_classifier
 
                 load_or_train_feature_classifier(images.images, images.labels, images.num_classes, cfg.seed,
-                                                 Path(cache_dir) / "classifiers")
+                                                 Path(cache_dir) / "classifiers", device=cell_device(cell, device))
     finally:
         torch.set_num_threads(previous)
     return kind
 
 
-def compute_cell(cell: Cell, cache_dir: Path | str) -> CellOutput:
-    """The cell's rows and artifacts, on one torch/BLAS thread, with ``info['seconds']``."""
+def compute_cell(cell: Cell, cache_dir: Path | str, device=None) -> CellOutput:
+    """The cell's rows and artifacts, on one torch/BLAS thread, with ``info['seconds']``.
+
+    ``device``: the audit's ``--device`` (None: the grid's ``device``, ``auto`` by default)."""
     started = time.perf_counter()
     previous = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         with threadpool_limits(1):
-            out = (payload_cell if cell.kind == "payload" else system_cell)(cell, Path(cache_dir))
+            out = (payload_cell if cell.kind == "payload" else system_cell)(cell, Path(cache_dir), device)
     finally:
         torch.set_num_threads(previous)
     out.info["seconds"] = round(time.perf_counter() - started, 2)
+    out.info["device"] = str(cell_device(cell, device))
     return out

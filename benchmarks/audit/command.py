@@ -28,7 +28,7 @@ from collafuse.fsutil import LOCK_NAME, folder_lock, is_lock_file, probe_writabl
 from collafuse.benchmarks.audit.grid import load_grid
 from collafuse.benchmarks.audit.policy import check_against_grid, load_policy, verdict
 from collafuse.benchmarks.audit.results import collect, json_number, write_results
-from collafuse.benchmarks.audit.runner import BACKENDS, CELLS_DIR, run_sweep
+from collafuse.benchmarks.audit.runner import BACKENDS, CELLS_DIR, run_sweep, sweep_devices
 
 AUDIT_JSON = "audit.json"
 EXIT_PASS, EXIT_FAIL, EXIT_INTERRUPTED = 0, 1, 130
@@ -161,6 +161,7 @@ def run_audit_command(
     address: str | None = None,
     cache: str | None = None,
     progress: bool = True,
+    device: str | None = None,
 ) -> int:
     grid = load_grid(config, quick)
     pol = load_policy(policy)
@@ -171,22 +172,25 @@ def run_audit_command(
     check_backend(backend, jobs)  # before anything is written
     cache_dir = Path(cache) if cache else default_cache()
     cells = grid.cells()
+    devices = sweep_devices(cells, device)  # --device / the grid's device; an unavailable CUDA: one line, exit 2
     probe_writable(audit_dir, "--out")  # a read-only output or cache folder: one line, before any work
     probe_writable(cache_dir, "--cache")
     audit_dir.mkdir(parents=True, exist_ok=True)
     with folder_lock(audit_dir, "audit folder"):  # a second audit on it: LockedError (one line, exit 2)
         sweep_stale_partials(cache_dir, depth=2)  # trained systems, denoisers of killed sweeps (dead writers only)
-        return _sweep_and_report(grid, pol, cells, audit_dir, cache_dir, quick, jobs, backend, address, progress)
+        return _sweep_and_report(grid, pol, cells, audit_dir, cache_dir, quick, jobs, backend, address, progress,
+                                 device, devices)
 
 
 def _sweep_and_report(grid, pol, cells, audit_dir: Path, cache_dir: Path, quick: bool, jobs: int, backend: str,
-                      address: str | None, progress: bool) -> int:
+                      address: str | None, progress: bool, device: str | None = None,
+                      devices: set[str] = frozenset()) -> int:
     """The sweep, the table, audit.json and the report, under the audit folder's lock."""
     started_at = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     started = time.perf_counter()
     with _interrupt_flag() as interrupted:
         try:
-            stats = run_sweep(cells, audit_dir, cache_dir, jobs, backend, address, progress)
+            stats = run_sweep(cells, audit_dir, cache_dir, jobs, backend, address, progress, device)
         except KeyboardInterrupt:
             interrupted.append(True)
     if interrupted:
@@ -217,6 +221,7 @@ def _sweep_and_report(grid, pol, cells, audit_dir: Path, cache_dir: Path, quick:
         "policy": pol.to_json(),
         "backend": backend,
         "jobs": jobs,
+        "devices": sorted(devices),
         "cache": str(cache_dir),
         "sweep": {"cells": stats.total, "computed": len(stats.computed), "reused": len(stats.reused)},
         "compute_seconds": round(sum(float(r["info"].get("seconds") or 0.0) for r in records.values()), 2),

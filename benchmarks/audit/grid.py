@@ -64,7 +64,11 @@ class SystemsSpec(_Strict):
     defenses: dict[str, tuple[dict[str, Any], ...]] = {"none": ()}
     attacks: dict[str, tuple[str, ...]] = {}     # threat (T1..T4) → attack names
     samples_per_client: int = Field(128, ge=2)   # generated images per client for utility and T4
+    references: int = Field(4, ge=2, le=64)      # reference client models per T3 target for lira / rmia
     inception_fid: bool = False                  # also FID in Inception-v3 features (needs the `fid` extra; slow)
+    # training.snapshots of these systems: their models are also attacked after each of these epochs (T2/T3
+    # `*_at_epoch` rows, the report's leakage-against-training-length figure). Empty: the final models only.
+    snapshots: tuple[int, ...] = ()
 
     @field_validator("cut_ratios")
     @classmethod
@@ -103,10 +107,18 @@ class Cell:
     attacks: dict[str, tuple[str, ...]] = field(default_factory=dict)  # threat → attacks
     samples_per_client: int = 0
     inception_fid: bool = False
+    references: int = 4             # reference models per target of lira / rmia (only they read it)
 
     @property
     def cell_id(self) -> str:
         return f"{self.kind}|{self.dataset}|c={self.cut_ratio:.2f}|{self.payload_kind}|{self.defense}|seed={self.seed}"
+
+    @property
+    def uses_references(self) -> bool:
+        """Whether any of the cell's attacks trains reference models (so ``references`` shapes its results)."""
+        from collafuse.attacks.membership.catalog import ATTACKS
+
+        return any(ATTACKS.needing("references", names) for names in self.attacks.values())
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -117,6 +129,8 @@ class Cell:
             "attacks": {k: list(v) for k, v in self.attacks.items()},
             "samples_per_client": self.samples_per_client,
             **({"inception_fid": True} if self.inception_fid else {}),  # absent when off: older hashes stay valid
+            # only where an attack reads it (lira / rmia): the hashes of every other cell stay as they were
+            **({"references": self.references} if self.uses_references else {}),
         }
 
     @property
@@ -195,7 +209,7 @@ def load_grid(path: Path | str | None, quick: bool = False) -> Grid:
 
 
 def _run_config(spec: GridSpec, dataset: str, c: float, payload_kind: str, defenses, seed: int,
-                epochs: int | None = None) -> RunConfig:
+                epochs: int | None = None, snapshots: tuple[int, ...] = ()) -> RunConfig:
     raw = DEFAULT_CONFIG.model_dump(mode="json")
     for section, value in spec.base.items():
         if section not in raw:
@@ -209,6 +223,9 @@ def _run_config(spec: GridSpec, dataset: str, c: float, payload_kind: str, defen
     raw["training"] = {**raw["training"], "payload": payload_kind}
     if epochs is not None:  # payload cells: the formal ε and the costs count the simulated epochs
         raw["training"]["epochs"] = epochs
+        raw["training"].pop("snapshots", None)  # nothing is trained, so nothing to snapshot
+    if snapshots:
+        raw["training"]["snapshots"] = list(snapshots)
     raw["defenses"] = [dict(d) for d in defenses]
     raw["seed"] = seed
     try:
@@ -231,9 +248,10 @@ def expand(spec: GridSpec) -> list[Cell]:
             for systems, kind in ((b, k) for b in spec.systems for k in b.payload_kinds):
                 for label, defenses in systems.defenses.items():
                     for c in systems.cut_ratios:
-                        cfg = _run_config(spec, dataset, c, kind, defenses, seed)
+                        cfg = _run_config(spec, dataset, c, kind, defenses, seed, snapshots=systems.snapshots)
                         cells.append(Cell("system", dataset, c, label, kind, seed, cfg.training.epochs, cfg,
-                                          dict(systems.attacks), systems.samples_per_client, systems.inception_fid))
+                                          dict(systems.attacks), systems.samples_per_client, systems.inception_fid,
+                                          systems.references))
     return cells
 
 

@@ -21,6 +21,7 @@ import seaborn as sns  # noqa: E402
 from matplotlib.colors import Normalize  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
+from matplotlib.ticker import NullLocator  # noqa: E402
 
 from collafuse.attacks.membership.metrics import finish_log_roc_axes  # noqa: E402
 
@@ -262,4 +263,79 @@ def formal_vs_empirical(frame: pd.DataFrame) -> bytes | None:
         ax.set_title("Formal vs empirical ε (below the diagonal = consistent)")
         ax.legend(loc="upper left", fontsize=7)
         fig.tight_layout()
+        return _png(fig)
+
+
+def _cell_label(row: pd.Series) -> str:
+    return f"{row['defense']}, c = {float(row['cut_ratio']):g}"
+
+
+def auc_per_step(frame: pd.DataFrame, defenses: Sequence[str]) -> bytes | None:
+    """Membership AUC against the query step, one panel per threat, one line per cell (colour = defense).
+
+    ``frame``: the ``auc_at_t`` rows of one (target, attack) per (cell, threat) (the report picks the one with
+    the worst final AUC), columns cell, defense, cut_ratio, threat, target, attack, t, value. The server (T2)
+    is queried at t in (t_c, T], a client (T3) at t <= t_c, so each cell's line covers its own range."""
+    data = _finite(frame)
+    data = data[np.isfinite(data["t"].astype(float))]
+    if data.empty:
+        return None
+    threats = [t for t in THREAT_COLORS if t in set(data["threat"])]
+    colors = palette(defenses)
+    with sns.axes_style("whitegrid"), matplotlib.rc_context(_STYLE):
+        fig = Figure(figsize=(4.6 * len(threats) + 0.4, 4.0), dpi=DPI)
+        axes = np.atleast_1d(fig.subplots(1, len(threats)))
+        for ax, threat in zip(axes, threats):
+            for (_cell, _target, _attack), line in data[data["threat"] == threat].groupby(["cell", "target", "attack"],
+                                                                                          sort=False):
+                line = line.sort_values("t")
+                first_row = line.iloc[0]
+                ax.plot(line["t"].astype(float), line["value"], marker="o", markersize=3,
+                        lw=1.3, color=colors.get(first_row["defense"], "0.3"), alpha=0.85)
+            ax.axhline(0.5, ls=":", color="0.5", lw=1)
+            ax.set_title(f"{threat}: AUC per query step (worst attack of each cell)")
+            ax.set_xlabel("query step t (diffusion step)")
+            ax.set_ylabel("AUC")
+        fig.tight_layout(rect=(0, 0.1, 1, 1))
+        _defense_legend(fig, colors, [d for d in defenses if d in set(data["defense"])], [])
+        return _png(fig)
+
+
+def leakage_vs_epochs(frame: pd.DataFrame) -> bytes | None:
+    """T2/T3 membership AUC and TPR at 1 % FPR against the training epoch (TF Privacy's "vulnerability per
+    epoch"): two panels, one line per (cell, threat), colour = threat.
+
+    ``frame``: columns cell, defense, cut_ratio, threat, epoch, metric ("auc" / "tpr_at_1pct_fpr"), value: the
+    worst over targets and attacks per (cell, threat, epoch, metric), the snapshots and the final models."""
+    data = _finite(frame)
+    data = data[np.isfinite(data["epoch"].astype(float))]
+    if data.empty:
+        return None
+    styles = ["-", "--", "-.", ":"]
+    cells = list(dict.fromkeys(data["cell"]))
+    with sns.axes_style("whitegrid"), matplotlib.rc_context(_STYLE):
+        fig = Figure(figsize=(10.4, 4.2), dpi=DPI)
+        axes = fig.subplots(1, 2)
+        handles = []
+        for ax, (metric, title) in zip(axes, (("auc", "membership AUC"), ("tpr_at_1pct_fpr", "TPR at 1 % FPR"))):
+            for (cell, threat), line in data[data["metric"] == metric].groupby(["cell", "threat"], sort=False):
+                line = line.sort_values("epoch")
+                style = styles[cells.index(cell) % len(styles)]
+                ax.plot(line["epoch"].astype(float), line["value"], ls=style, marker="o", markersize=4, lw=1.4,
+                        color=THREAT_COLORS.get(threat, "0.3"))
+                label = f"{threat} · {_cell_label(line.iloc[0])}"
+                if metric == "auc" and label not in [h.get_label() for h in handles]:
+                    handles.append(Line2D([], [], ls=style, marker="o", color=THREAT_COLORS.get(threat, "0.3"),
+                                          label=label))
+            if metric == "auc":
+                ax.axhline(0.5, ls=":", color="0.5", lw=1)
+            ax.set_xscale("log")
+            epochs = sorted(set(data["epoch"].astype(float)))
+            ax.xaxis.set_minor_locator(NullLocator())
+            ax.set_xticks(epochs, [f"{e:g}" for e in epochs])
+            ax.set_title(f"{title} against training length (worst attack)")
+            ax.set_xlabel("training epoch (log scale)")
+            ax.set_ylabel(title)
+        fig.tight_layout(rect=(0, 0.12, 1, 1))
+        fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 4), frameon=False, fontsize=8)
         return _png(fig)

@@ -16,6 +16,12 @@ A threat whose target does not exist in the cell (no payload crosses at c = 1, n
 model at c = 1, no client model at c = 0) passes with that reason. A cell is *complete*
 when every threat of the policy applies to its kind (payload-only cells measure T1 only).
 The recommendation is the complete, passing cell with the least client compute.
+
+Membership limits (T1–T4): ``auc``, ``tpr_at_1pct_fpr``, ``tpr_at_01pct_fpr``, ``balanced_accuracy``,
+``epsilon_lb``, ``epsilon_gdp``, all on the final (released) models. A ``max`` limit on
+``tpr_at_01pct_fpr`` where a target has fewer than 1000 non-members is *not measured* (that value
+is the TPR at FPR 0, a lower bound) unless a resolved value already breaks it. The curves
+(``auc_at_t`` per query step, ``*_at_epoch`` per training snapshot) are reported, not judged.
 """
 from __future__ import annotations
 
@@ -31,13 +37,18 @@ from collafuse.threats import THREAT_IDS
 
 from collafuse.benchmarks.audit.grid import Cell, GridSpec, read_yaml
 
-RECONSTRUCTION_METRICS = ("mse", "psnr", "ssim", "reid_client", "reid_pool", "label", "linkage_accuracy")
-MEMBERSHIP_METRICS = ("auc", "tpr_at_1pct_fpr", "epsilon_lb")
+# extraction: (ℓ2, δ)-extraction (Carlini et al. 2023), δ = 0.1 in normalised ℓ2 on [0, 1]; T1 per
+# reconstruction attack, T4 by nn-distance's nearest generated sample.
+RECONSTRUCTION_METRICS = ("mse", "psnr", "ssim", "reid_client", "reid_pool", "label", "linkage_accuracy", "extraction")
+MEMBERSHIP_METRICS = ("auc", "tpr_at_1pct_fpr", "epsilon_lb", "tpr_at_01pct_fpr", "balanced_accuracy", "epsilon_gdp")
+# A metric that is only a lower bound where its flag row is 0: TPR at 0.1 % FPR needs >= 1000 non-members,
+# with fewer it is the TPR at FPR 0. A max limit cannot pass on such a value (DESIGN.md §4.2).
+RESOLVED_FLAG = {"tpr_at_01pct_fpr": "tpr_at_01pct_fpr_resolved"}
 METRICS: dict[str, tuple[str, ...]] = {
     "T1": RECONSTRUCTION_METRICS + MEMBERSHIP_METRICS,
     "T2": MEMBERSHIP_METRICS,
     "T3": MEMBERSHIP_METRICS,
-    "T4": MEMBERSHIP_METRICS,
+    "T4": MEMBERSHIP_METRICS + ("extraction",),
     "utility": ("fid", "kid", "precision", "recall", "accuracy", "accuracy_real", "fid_inception"),
     "cost": ("client_eval_share_train", "client_eval_share_sample", "client_flops_share_train",
              "client_flops_share_sample", "client_gflops_train_per_image_epoch", "client_gflops_sample",
@@ -146,6 +157,18 @@ def _absent_reason(cell: Cell, threat: str, rows: pd.DataFrame) -> str | None:
     return None
 
 
+def _unresolved(rows: pd.DataFrame, sel: pd.DataFrame, limit: Limit) -> pd.Series:
+    """Per selected row: True where a max limit meets a value that is only a lower bound (its
+    :data:`RESOLVED_FLAG` row for the same target and attack is 0)."""
+    flag = RESOLVED_FLAG.get(limit.metric)
+    if flag is None or limit.op != "max":
+        return pd.Series(False, index=sel.index)
+    flags = rows[(rows.threat == limit.threat) & (rows.metric == flag)]
+    resolved = {(t, a): v for t, a, v in zip(flags["target"], flags["attack"], flags["value"])}
+    return pd.Series([resolved.get((t, a), 1.0) == 0 for t, a in zip(sel["target"], sel["attack"])], index=sel.index,
+                     dtype=bool)
+
+
 def _applies(cell: Cell, threat: str) -> bool:
     return cell.kind == "system" or threat in ("T1", "cost", "formal")
 
@@ -174,6 +197,15 @@ def evaluate_cell(policy: Policy, cell: Cell, rows: pd.DataFrame) -> dict[str, A
                 check["note"] = "not measured"
             checks.append(check)
             continue
+        unresolved = _unresolved(rows, sel.loc[values.index], limit)
+        if unresolved.any() and not (values[~unresolved] > limit.bound).any():
+            # Only lower bounds stand between the limit and a pass (a failing resolved value still fails below).
+            complete = False
+            check["note"] = (f"unresolved: {int(unresolved.sum())} of {len(values)} values lack the non-members to "
+                             f"resolve {limit.metric} (they are TPR at FPR 0, a lower bound)")
+            checks.append(check)
+            continue
+        values = values[~unresolved] if unresolved.any() else values
         idx = values.idxmax() if limit.op == "max" else values.idxmin()
         observed = float(values.loc[idx])
         ok = observed <= limit.bound if limit.op == "max" else observed >= limit.bound

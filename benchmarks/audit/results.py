@@ -1,8 +1,12 @@
 """The tidy results table (DESIGN.md §7; issue 6 item 4).
 
 One row per (cell, threat, target, attack, metric) with the value, its 95 % interval,
-the seed and the config hash, in grid order. Written as CSV and JSON (atomically:
-temporary file, then rename), read back by :func:`read_results` (the report's reader).
+the seed and the config hash, in grid order. Two optional columns place the rows of a curve:
+``t``, the diffusion step of an ``auc_at_t`` row (membership leakage per query step), and
+``epoch``, the training epoch of a ``*_at_epoch`` row (a ``training.snapshots`` model); both are
+empty on every other row, so every other metric name means one measurement of the final models.
+Written as CSV and JSON (atomically: temporary file, then rename), read back by
+:func:`read_results` (the report's reader).
 
 JSON has no infinity: a float ±inf (ε = ∞, no bound) is written as the string "inf" /
 "-inf" by :func:`json_number` and read back by :func:`to_float`, the audit's one pair of
@@ -24,15 +28,16 @@ from collafuse.errors import RunError
 from collafuse.benchmarks.audit.grid import Cell
 
 CELL_COLUMNS = ["cell", "config_hash", "kind", "dataset", "cut_ratio", "t_c", "defense", "payload_kind", "epochs", "seed"]
-ROW_COLUMNS = ["threat", "target", "attack", "metric", "value", "ci_low", "ci_high"]
+CURVE_COLUMNS = ["t", "epoch"]  # the abscissa of auc_at_t / *_at_epoch rows (empty elsewhere)
+ROW_COLUMNS = ["threat", "target", "attack", "metric", "value", "ci_low", "ci_high", *CURVE_COLUMNS]
 COLUMNS = CELL_COLUMNS + ROW_COLUMNS
 RESULTS_CSV = "results.csv"
 RESULTS_JSON = "results.json"
 # What read_results needs in every row; the other columns of COLUMNS get these defaults when absent.
 REQUIRED_COLUMNS = ("cell", "kind", "cut_ratio", "defense", "threat", "target", "attack", "metric", "value")
 OPTIONAL_COLUMNS = {"config_hash": "", "dataset": "", "t_c": np.nan, "payload_kind": "", "epochs": np.nan,
-                    "seed": np.nan, "ci_low": np.nan, "ci_high": np.nan}
-FLOAT_COLUMNS = ("value", "ci_low", "ci_high", "cut_ratio", "seed")
+                    "seed": np.nan, "ci_low": np.nan, "ci_high": np.nan, "t": np.nan, "epoch": np.nan}
+FLOAT_COLUMNS = ("value", "ci_low", "ci_high", "cut_ratio", "seed", "t", "epoch")
 TEXT_COLUMNS = ("cell", "kind", "defense", "threat", "target", "attack", "metric", "dataset", "payload_kind")
 _INF = {"inf": math.inf, "+inf": math.inf, "infinity": math.inf, "+infinity": math.inf, "∞": math.inf,
         "-inf": -math.inf, "-infinity": -math.inf, "-∞": -math.inf}
@@ -90,6 +95,8 @@ def collect(cells: list[Cell], audit_dir: Path) -> tuple[pd.DataFrame, dict[str,
     df = pd.DataFrame(rows, columns=COLUMNS)
     for col in ("value", "ci_low", "ci_high", "cut_ratio"):
         df[col] = _floats(df[col])
+    for col in CURVE_COLUMNS:  # whole numbers or empty, in the CSV too (not 10.0)
+        df[col] = pd.array([None if pd.isna(v) else int(v) for v in df[col]], dtype="Int64")
     return df, records
 
 

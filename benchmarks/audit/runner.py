@@ -40,7 +40,7 @@ from tqdm import tqdm
 from collafuse.errors import ConfigError, RunError
 from collafuse.fsutil import sweep_stale_partials
 
-from collafuse.benchmarks.audit.cells import CellOutput, build_shared, compute_cell, shared_resources
+from collafuse.benchmarks.audit.cells import CellOutput, build_shared, cell_device, compute_cell, shared_resources
 from collafuse.benchmarks.audit.grid import Cell, canonical_hash
 from collafuse.benchmarks.audit.results import json_number
 
@@ -217,19 +217,56 @@ def shared_tasks(cells: list[Cell]) -> list[tuple[str, Cell]]:
     return list(tasks.values())
 
 
+def sweep_devices(cells: list[Cell], device: str | None) -> set[str]:
+    """The device types (``cpu``, ``cuda``) the cells resolve to on this machine (``--device`` or the grid's)."""
+    return {cell_device(cell, device).type for cell in cells}
+
+
+def gpu_count() -> int:
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def device_jobs(jobs: int, devices: set[str], gpus: int) -> int:
+    """Cells side by side: on a GPU, one per device at a time (``jobs`` capped at the GPU count)."""
+    return max(1, min(jobs, gpus)) if "cuda" in devices else jobs
+
+
+def _device_arg(device) -> tuple:
+    """The ``device`` argument of compute_cell / build_shared, passed only when ``--device`` was given."""
+    return () if device is None else (device,)
+
+
+def _claim_gpu(queue) -> None:
+    """Worker initialiser: this worker owns one GPU (before CUDA is initialised in it)."""
+    os.environ["CUDA_VISIBLE_DEVICES"] = str(queue.get())
+
+
 def _local(shared: list[tuple[str, Cell]], pending: list[Cell], cache_dir: Path, jobs: int,
-           on_done: Callable[[Cell, CellOutput], None]) -> None:
+           on_done: Callable[[Cell, CellOutput], None], device: str | None = None, gpus: int = 0) -> None:
     """Shared resources first in the queue, then the cells, in worker processes (in this one when
-    jobs = 1): while one worker trains the attacker's denoiser, the others already train systems."""
+    jobs = 1): while one worker trains the attacker's denoiser, the others already train systems.
+    With ``gpus`` > 0 (cells on CUDA), each worker owns one GPU (``jobs`` ≤ ``gpus``)."""
     if jobs <= 1:
         for kind, cell in shared:
-            build_shared(kind, cell, cache_dir)
+            build_shared(kind, cell, cache_dir, *_device_arg(device))
         for cell in pending:
-            on_done(cell, compute_cell(cell, cache_dir))
+            on_done(cell, compute_cell(cell, cache_dir, *_device_arg(device)))
         return
-    with ProcessPoolExecutor(max_workers=jobs, mp_context=get_context("spawn")) as pool:
-        futures: dict[Any, Cell | None] = {pool.submit(build_shared, kind, cell, cache_dir): None for kind, cell in shared}
-        futures.update({pool.submit(compute_cell, cell, cache_dir): cell for cell in pending})
+    ctx = get_context("spawn")
+    init: dict[str, Any] = {}
+    if gpus > 0:
+        queue = ctx.Queue()
+        visible = [d for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
+        ids = visible[:gpus] if len(visible) >= gpus else [str(i) for i in range(gpus)]
+        for i in range(jobs):  # jobs <= gpus: a GPU each
+            queue.put(ids[i % gpus])
+        init = {"initializer": _claim_gpu, "initargs": (queue,)}
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=ctx, **init) as pool:
+        futures: dict[Any, Cell | None] = {pool.submit(build_shared, kind, cell, cache_dir, *_device_arg(device)): None
+                                           for kind, cell in shared}
+        futures.update({pool.submit(compute_cell, cell, cache_dir, *_device_arg(device)): cell for cell in pending})
         try:
             remaining = set(futures)
             while remaining:
@@ -262,7 +299,9 @@ def _stop_workers(workers: list, cache_dir: Path) -> None:
 
 
 def _ray(shared: list[tuple[str, Cell]], pending: list[Cell], cache_dir: Path, jobs: int, address: str | None,
-         on_done: Callable[[Cell, CellOutput], None]) -> None:
+         on_done: Callable[[Cell, CellOutput], None], device: str | None = None, gpu_cells: bool = False) -> None:
+    """Every task on Ray; ``gpu_cells``: the cells resolve to CUDA, so each task asks Ray for one GPU
+    (Ray then sets CUDA_VISIBLE_DEVICES for it: one cell per GPU at a time)."""
     try:
         import ray
     except ImportError:
@@ -275,10 +314,12 @@ def _ray(shared: list[tuple[str, Cell]], pending: list[Cell], cache_dir: Path, j
         else:
             ray.init(num_cpus=max(1, jobs), **kwargs)
     try:
-        build = ray.remote(num_cpus=1, max_retries=0)(build_shared)
-        task = ray.remote(num_cpus=1, max_retries=0)(compute_cell)
-        refs: dict[Any, Cell | None] = {build.remote(kind, cell, str(cache_dir)): None for kind, cell in shared}
-        refs.update({task.remote(cell, str(cache_dir)): cell for cell in pending})
+        options = ray_options(gpu_cells)
+        build = ray.remote(**options)(build_shared)
+        task = ray.remote(**options)(compute_cell)
+        refs: dict[Any, Cell | None] = {build.remote(kind, cell, str(cache_dir), *_device_arg(device)): None
+                                        for kind, cell in shared}
+        refs.update({task.remote(cell, str(cache_dir), *_device_arg(device)): cell for cell in pending})
         try:
             while refs:
                 done, _ = ray.wait(list(refs), num_returns=1)
@@ -296,6 +337,11 @@ def _ray(shared: list[tuple[str, Cell]], pending: list[Cell], cache_dir: Path, j
             ray.shutdown()
 
 
+def ray_options(gpu_cells: bool) -> dict[str, Any]:
+    """Ray's resource request for one task: a CPU, and a GPU when the cells run on CUDA."""
+    return {"num_cpus": 1, "max_retries": 0, **({"num_gpus": 1} if gpu_cells else {})}
+
+
 def remove_partials(audit_dir: Path) -> list[Path]:
     """Temporary files of a sweep that was killed before it could rename them (never a finished file,
     never one of a live process): in the audit folder, cells/ and artifacts/<hash>/."""
@@ -310,8 +356,13 @@ def run_sweep(
     backend: str = "local",
     address: str | None = None,
     progress: bool = True,
+    device: str | None = None,
 ) -> SweepStats:
-    """Compute every cell that is not finished in ``audit_dir``; return which were reused and computed."""
+    """Compute every cell that is not finished in ``audit_dir``; return which were reused and computed.
+
+    ``device``: the audit's ``--device`` (None: each cell's grid ``device``, ``auto`` by default). Cells
+    that resolve to CUDA run one per GPU at a time (local: ``jobs`` capped at the GPU count; Ray: one
+    GPU requested per task)."""
     if backend not in BACKENDS:
         raise ConfigError(f"unknown backend {backend!r}; valid: {', '.join(BACKENDS)}")
     if jobs < 1:
@@ -346,11 +397,14 @@ def run_sweep(
         bar.set_postfix_str(f"{cell.kind} c={cell.cut_ratio:.2f} {cell.defense}", refresh=False)
         bar.update(1)
 
+    on_gpu = "cuda" in sweep_devices(pending, device)
+    gpus = gpu_count() if on_gpu else 0
     try:
         if backend == "ray":
-            _ray(shared, pending, cache_dir, jobs, address, on_done)
+            _ray(shared, pending, cache_dir, jobs, address, on_done, device, gpu_cells=on_gpu)
         else:
-            _local(shared, pending, cache_dir, jobs, on_done)
+            _local(shared, pending, cache_dir, device_jobs(jobs, {"cuda"} if on_gpu else set(), gpus), on_done,
+                   device, gpus)
     finally:
         bar.close()
     return stats

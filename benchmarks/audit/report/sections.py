@@ -1,4 +1,5 @@
-"""The report's content: :func:`build_sections` turns the audit's rows and metadata into the ten sections."""
+"""The report's content: :func:`build_sections` turns the audit's rows and metadata into the ten sections
+(and 4a / 4b, the membership detail of :mod:`.membership`)."""
 from __future__ import annotations
 
 import json
@@ -15,6 +16,7 @@ from collafuse.benchmarks.audit.results import to_float
 from .analysis import (FORMAL_FOR_THREAT, HEADLINE, NOT_MEASURED, best_per_cell, cell_order, coverage_matrix,
                        format_value, formal_table, frontier_table, measured, ordered, worst_leakage)
 from .document import Artifact, Cell, Figure, Gallery, Para, Pre, Section, Table, Verdict, num, txt, verdict_cell
+from .membership import membership_detail_section, training_length_section
 
 MAX_RECONSTRUCTIONS = 8
 TITLE = "collafuse audit report"
@@ -52,7 +54,23 @@ def _leakage_curve_section(rows: pd.DataFrame, worst: pd.DataFrame, defenses: li
     return s
 
 
-def _heatmap_section(worst: pd.DataFrame, defenses: list[str]) -> Section:
+def _inverted_lines(rows: pd.DataFrame) -> list[str]:
+    """One line per (cell, target, attack) flagged ``inverted`` (AUC significantly below 0.5)."""
+    if "metric" not in rows or "attack" not in rows:
+        return []
+    flagged = rows[(rows["metric"] == "inverted") & (rows["value"] == 1.0)]
+    lines = []
+    for _, r in flagged.iterrows():
+        auc = rows[(rows["cell"] == r["cell"]) & (rows["target"] == r["target"]) & (rows["attack"] == r["attack"])
+                   & (rows["metric"] == "auc")]
+        shown = format_value(auc["value"].iloc[0]) if not auc.empty else NOT_MEASURED
+        lines.append(f"{r['cell']}: {r['threat']} {r['target']}/{r['attack']} — signal found, reversed (AUC {shown}, "
+                     "significantly below 0.5). The worst case above does not flip it with the labels; a calibrated "
+                     "attack (lira, rmia) learns the direction from its reference models.")
+    return lines
+
+
+def _heatmap_section(worst: pd.DataFrame, defenses: list[str], rows_all: pd.DataFrame | None = None) -> Section:
     s = Section("heatmaps", "3. Worst-case leakage: cut ratio × defense")
     gallery = Gallery([], "Each panel: the largest value of the threat's headline metric over every attack, target, "
                           "seed and cell kind, per cut ratio and defense (blank: not measured).")
@@ -86,6 +104,8 @@ def _heatmap_section(worst: pd.DataFrame, defenses: list[str]) -> Section:
     else:
         s.blocks.append(Table(["cell", "threat", "worst value"], [[txt("—"), txt("—"), Cell(NOT_MEASURED, None, "nm")]],
                               id="leakage-table"))
+    if rows_all is not None:
+        s.blocks.extend(Para(line) for line in _inverted_lines(rows_all))
     return s
 
 
@@ -325,12 +345,12 @@ def _coverage_section(meta: dict, results: pd.DataFrame | None = None) -> Sectio
                     row.append(Cell(how or "?", None, ""))
             rows.append(row)
         s.blocks.append(Table(["defense setting", *threats], rows, id="coverage-table"))
-    from_labels = " ".join(defenses).lower()
     notes = ["T1: curious server reading the payloads; T2: white-box server model; T3: white-box client model; "
-             "T4: generated images only."]
-    if "dp-sgd" in from_labels or "dp_sgd" in from_labels or not defenses:
-        notes.append("DP-SGD protects the trained models (T2, T3; T4 only when every model in the sampling chain is "
-                     "private), not the payloads: it never covers T1.")
+             "T4: generated images only.",
+             # Said whatever the grid holds (the report does not branch on defense names): it is what a reader
+             # most often gets wrong about DP-SGD in split learning.
+             "DP-SGD protects the trained models (T2, T3; T4 only when every model in the sampling chain is "
+             "private), not the payloads: it never covers T1."]
     if results is not None and "attack" in results:
         notes.extend(_sender_lines(results))
     s.blocks.extend(Para(n) for n in notes)
@@ -414,8 +434,10 @@ def build_sections(audit_dir: Path, rows: pd.DataFrame, meta: dict) -> list[Sect
     return [
         _verdict_section(meta, len(cells)),
         _leakage_curve_section(rows, worst, defenses),
-        _heatmap_section(worst, defenses),
+        _heatmap_section(worst, defenses, rows),
         _roc_section(audit_dir, rows, worst, meta_cells, cells),
+        membership_detail_section(rows, cells, defenses),
+        training_length_section(rows),
         _frontier_section(frontier_table(rows, worst, evaluations, cells, _cost_metric(meta)), rec, _cost_metric(meta),
                           meta_cells),
         _formal_section(formal_table(rows, cells)),

@@ -1,0 +1,284 @@
+"""Reference models for the calibrated attacks ``lira`` and ``rmia`` (DESIGN.md §4.2).
+
+A reference model is trained by the attacker with the SAME recipe as the target (model
+config, epochs, lr, batch size, EMA, label dropout, steps 1..t_c, seed-derived streams) on a
+subset of a population pool. For a client model (T3) that is one client training: a client's
+loss involves only its own images (:meth:`collafuse.protocol.Client.train_step`), so the server
+plays no part. References are cached by a content hash (recipe + training images + seed) under
+the attacker cache (``$COLLAFUSE_CACHE/references``, outside every run folder).
+
+The design (Carlini et al. 2022, "Membership inference attacks from first principles", §4.2):
+the candidates (members and non-members, N) are split into a random half and its complement for
+each PAIR of references, so every candidate is IN exactly ⌊R/2⌋ of R references (an odd last
+reference gets one more random half); each reference is filled up to the target's training-set
+size from the non-candidate pool (other clients' members, then auxiliary images not used as
+population samples). A candidate is therefore never in a reference counted as its OUT model
+(``ref_in`` records which is which). The population samples z of RMIA are auxiliary images that
+no reference trains on.
+
+Every model (target and references) is queried at ONE fixed set of (t, noise) draws, seeded and
+shared, so score differences come from the models, not from the draws (Carlini et al. 2023,
+"Extracting training data from diffusion models", §5 used the loss at fixed t the same way).
+
+Signals (N candidates, Z population samples, R references, M steps):
+
+    fixed_loss          (N, M)     per-pixel ‖ε − ε_θ(x_t, t)‖² of the target, mean over K draws
+    ref_fixed_loss      (R, N, M)  the same for each reference model
+    ref_in              (R, N)     bool, candidate n was in reference r's training set
+    pop_fixed_loss      (Z, M)     the target's loss on the population samples
+    ref_pop_fixed_loss  (R, Z, M)  each reference's loss on them (z is OUT for every reference)
+
+Not covered: reference SERVER models (T2) — they would train on payloads simulated from each
+subset; the run's defenses (DP-SGD) are not applied to the references (the attacker's models are
+plain; DP targets then differ from their references, which makes the attack conservative).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch.utils.data import DataLoader, TensorDataset
+
+from collafuse.attacks.membership.signals import ModelView, step_grid
+from collafuse.attacks.reconstruction.denoiser import default_cache_dir
+from collafuse.model import UNet, UNetConfig
+from collafuse.protocol import Client
+from collafuse.schedule import NoiseSchedule
+from collafuse.training import (
+    CPU, STREAM_CLIENT, STREAM_LOADER, WeightAverage, build_model, generator_for, stream_seed, unet_config,
+)
+
+CACHE_SUBDIR = "references"
+STREAM_REFERENCES = 1_004_400  # the attacker's reference-model streams (apart from every training stream)
+STREAM_FIXED_DRAWS = 1_004_300
+MAX_POPULATION = 256
+REFERENCE_SIGNALS = ("fixed_loss", "ref_fixed_loss", "ref_in", "pop_fixed_loss", "ref_pop_fixed_loss")
+VERSION = 1
+
+
+@dataclass(frozen=True)
+class ClientRecipe:
+    """How the target client model was trained: everything a reference must repeat."""
+
+    unet: UNetConfig
+    schedule: str
+    T: int
+    t_max: int
+    epochs: int
+    batch_size: int
+    lr: float
+    ema_decay: float
+    label_dropout: float
+
+    @classmethod
+    def from_run(cls, run) -> "ClientRecipe":
+        cfg = run.config
+        tr = cfg.training
+        return cls(
+            unet=unet_config(cfg.client_model, cfg.data.channels, run.num_classes),
+            # A snapshot's models are those after epoch ``snapshot``: its references train that long.
+            schedule=cfg.diffusion.schedule, T=cfg.diffusion.T, t_max=int(run.t_c),
+            epochs=int(getattr(run, "snapshot", None) or tr.epochs),
+            batch_size=tr.batch_size, lr=tr.lr, ema_decay=tr.ema_decay, label_dropout=tr.label_dropout,
+        )
+
+
+def train_client_model(recipe: ClientRecipe, images: torch.Tensor, labels: torch.Tensor | None, seed: int,
+                       device: torch.device | str = CPU) -> UNet:
+    """One client training (the loop of :func:`collafuse.training.train_system` for one client, no
+    server): epochs × shuffled minibatches, ``Client.train_step`` on t ∈ [1, t_max], EMA weights.
+    images (n, C, H, W) in [-1, 1]; labels (n,) or None. Deterministic given ``seed``."""
+    device = torch.device(device)
+    schedule = NoiseSchedule.create(recipe.schedule, recipe.T)
+    conditional = recipe.unet.num_classes > 0 and labels is not None
+    model = build_model(recipe.unet, seed, STREAM_CLIENT).to(device)
+    opt = torch.optim.Adam(model.parameters(), lr=recipe.lr)
+    average = WeightAverage(model, recipe.ema_decay)
+    ys = labels if labels is not None else torch.zeros(len(images), dtype=torch.long)
+    loader = DataLoader(TensorDataset(images, ys), batch_size=min(recipe.batch_size, len(images)), shuffle=True,
+                        generator=generator_for(seed, STREAM_LOADER))
+    client = Client(0, model, opt, schedule, recipe.t_max, "cut", generator_for(seed, STREAM_CLIENT),
+                    label_dropout=recipe.label_dropout, send_labels=conditional, train_t_max=recipe.t_max)
+    model.train()
+    for _ in range(recipe.epochs):
+        for x0, y in loader:
+            client.train_step(x0.to(device), y.to(device) if conditional else None)
+            average.update()
+    return average.weights.eval()
+
+
+def reference_key(recipe: ClientRecipe, images: torch.Tensor, labels: torch.Tensor | None, seed: int) -> str:
+    """sha256 over the recipe, the training images' and labels' bytes and the seed: the cache key."""
+    h = hashlib.sha256()
+    h.update(json.dumps({"recipe": asdict(recipe), "seed": int(seed), "v": VERSION}, sort_keys=True).encode())
+    x = images.detach().cpu().float().contiguous()
+    h.update(str(tuple(x.shape)).encode())
+    h.update(x.numpy().tobytes())
+    if labels is not None:
+        h.update(labels.detach().cpu().long().contiguous().numpy().tobytes())
+    return h.hexdigest()[:32]
+
+
+def load_or_train_client(recipe: ClientRecipe, images: torch.Tensor, labels: torch.Tensor | None, seed: int,
+                         cache_dir: Path | None = None, device: torch.device | str = CPU) -> tuple[UNet, bool]:
+    """The cached reference client model for (recipe, images, labels, seed); trained and cached on a miss.
+    Returns (model in eval mode, hit)."""
+    root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    path = root / CACHE_SUBDIR / f"{reference_key(recipe, images, labels, seed)}.safetensors"
+    if path.is_file():
+        try:
+            model = UNet(recipe.unet)
+            model.load_state_dict(load_file(str(path)))
+            return model.to(device).eval(), True
+        except (SafetensorError, OSError, RuntimeError):
+            pass  # unreadable entry: train again and replace it
+    model = train_client_model(recipe, images, labels, seed, device)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
+    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(tmp),
+              metadata={"recipe": json.dumps(asdict(recipe))})
+    os.replace(tmp, path)
+    return model, False
+
+
+def inclusion_design(n: int, n_refs: int, generator: torch.Generator) -> np.ndarray:
+    """(R, N) bool: per pair of references a random half of the N candidates and its complement, so
+    every candidate is IN exactly ⌊R/2⌋ references (an odd last reference: one more random half)."""
+    if n_refs < 1:
+        raise ValueError(f"n_refs must be >= 1, got {n_refs}")
+    design = np.zeros((n_refs, n), dtype=bool)
+    for r in range(0, n_refs, 2):
+        half = torch.randperm(n, generator=generator)[: n // 2].numpy()
+        design[r, half] = True
+        if r + 1 < n_refs:
+            design[r + 1] = ~design[r]
+    return design
+
+
+@dataclass(frozen=True)
+class ReferencePlan:
+    """What the references of one target train on. candidates (N, …), pool (P, …): non-candidate
+    images to fill a reference up to ``n_train``; population (Z, …): RMIA's z, trained on by none."""
+
+    candidates: torch.Tensor
+    candidate_labels: torch.Tensor | None
+    pool: torch.Tensor
+    pool_labels: torch.Tensor | None
+    population: torch.Tensor
+    population_labels: torch.Tensor | None
+    n_train: int
+
+
+def reference_training_sets(plan: ReferencePlan, design: np.ndarray, generator: torch.Generator):
+    """Per reference: (images, labels, in-mask over candidates). A reference with more IN candidates
+    than ``n_train`` drops random ones (the mask says so); fewer are filled from the pool."""
+    out = []
+    for r in range(design.shape[0]):
+        idx = np.flatnonzero(design[r])
+        if len(idx) > plan.n_train:
+            idx = np.sort(idx[torch.randperm(len(idx), generator=generator)[: plan.n_train].numpy()])
+        mask = np.zeros(design.shape[1], dtype=bool)
+        mask[idx] = True
+        fill = min(plan.n_train - len(idx), len(plan.pool))
+        extra = torch.randperm(len(plan.pool), generator=generator)[:fill]
+        ti = torch.from_numpy(idx)
+        images = torch.cat([plan.candidates[ti], plan.pool[extra]])
+        labels = None
+        if plan.candidate_labels is not None:
+            labels = torch.cat([plan.candidate_labels[ti], plan.pool_labels[extra]])
+        out.append((images, labels, mask))
+    return out
+
+
+def fixed_losses(view: ModelView, images: torch.Tensor, labels: torch.Tensor | None, steps: list[int],
+                 noise: torch.Tensor, batch_size: int) -> np.ndarray:
+    """Per-pixel mean ‖ε − ε_θ(a_t x + s_t ε, t)‖² at the fixed draws ``noise`` (M, K, N, C, H, W):
+    (N, M), the mean over the K draws of each step. Client models only (the target is ε)."""
+    ab = view.schedule.alpha_bar
+    x0 = images.float()
+    n = x0.shape[0]
+    out = np.zeros((n, len(steps)), dtype=np.float64)
+    for j, t in enumerate(steps):
+        a_t, s_t = float(ab[t].sqrt()), float((1.0 - ab[t]).sqrt())
+        for k in range(noise.shape[1]):
+            x_t = a_t * x0 + s_t * noise[j, k]
+            for i in range(0, n, batch_size):
+                sl = slice(i, min(n, i + batch_size))
+                y = labels[sl] if labels is not None else None
+                err = (view.eps(x_t[sl], t, y) - noise[j, k, sl]).pow(2).flatten(1).mean(1)
+                out[sl, j] += err.double().numpy() / noise.shape[1]
+    return out
+
+
+def client_reference_producers(
+    view: ModelView, recipe: ClientRecipe, plan: ReferencePlan, n_refs: int, n_steps: int, n_noise: int,
+    batch_size: int, seed: int, stream: int, cache_dir: Path | None = None,
+) -> dict[str, Callable]:
+    """Signal producers (for :meth:`SignalCache.with_producers`) of one client target's reference
+    signals; the references are trained (or loaded) only when a signal is first asked for."""
+    steps = step_grid(view.t_min, view.t_max, n_steps)
+    shape = plan.candidates.shape[1:]
+
+    def draws(n: int, which: int) -> torch.Tensor:
+        g = generator_for(seed, STREAM_FIXED_DRAWS, stream, which)
+        return torch.randn((len(steps), n_noise, n, *shape), generator=g)
+
+    def produce(cache) -> dict[str, np.ndarray]:
+        noise_x = draws(len(plan.candidates), 0)
+        noise_z = draws(len(plan.population), 1)
+        design = inclusion_design(len(plan.candidates), n_refs, generator_for(seed, STREAM_REFERENCES, stream, 0))
+        sets = reference_training_sets(plan, design, generator_for(seed, STREAM_REFERENCES, stream, 1))
+        fl = fixed_losses(view, plan.candidates, plan.candidate_labels, steps, noise_x, batch_size)
+        pl = fixed_losses(view, plan.population, plan.population_labels, steps, noise_z, batch_size)
+        ref_x, ref_z, ref_in = [], [], []
+        for r, (images, labels, mask) in enumerate(sets):
+            model, _hit = load_or_train_client(recipe, images, labels, stream_seed(seed, STREAM_REFERENCES, stream, 2, r),
+                                               cache_dir, view.device)
+            rview = ModelView.client(model, view.schedule, recipe.t_max, view.conditional, view.device)
+            ref_x.append(fixed_losses(rview, plan.candidates, plan.candidate_labels, steps, noise_x, batch_size))
+            ref_z.append(fixed_losses(rview, plan.population, plan.population_labels, steps, noise_z, batch_size))
+            ref_in.append(mask)
+        return {"fixed_loss": fl, "pop_fixed_loss": pl, "ref_fixed_loss": np.stack(ref_x),
+                "ref_pop_fixed_loss": np.stack(ref_z), "ref_in": np.stack(ref_in)}
+
+    return {name: produce for name in REFERENCE_SIGNALS}
+
+
+def client_plan(data, splits, client: int, candidates) -> ReferencePlan:
+    """The reference plan of client ``client``'s target: pool = other clients' members then the
+    auxiliary images beyond the population; population = the first ≤ 256 auxiliary images."""
+    labels = data.labels
+    aux = splits.aux
+    n_z = min(len(aux), MAX_POPULATION)
+    others = [idx for k, idx in enumerate(splits.clients) if k != client]
+    pool_idx = torch.cat([*others, aux[n_z:]]) if (others or len(aux) > n_z) else torch.empty(0, dtype=torch.long)
+    pool_idx = pool_idx.long()
+
+    def lab(idx):
+        return None if candidates.labels is None else labels[idx]
+
+    return ReferencePlan(
+        candidates=candidates.images, candidate_labels=candidates.labels,
+        pool=data.images[pool_idx], pool_labels=lab(pool_idx),
+        population=data.images[aux[:n_z]], population_labels=lab(aux[:n_z]),
+        n_train=int(len(splits.clients[client])),
+    )
+
+
+def target_reference_producers(ctx, client: int, view: ModelView, candidates) -> dict[str, Callable]:
+    """The reference signals of client ``client``'s T3 target in an
+    :class:`~collafuse.attacks.membership.targets.AuditContext` (its seed, settings and data)."""
+    data, splits = ctx.data()
+    s = ctx.settings
+    return client_reference_producers(
+        view, ClientRecipe.from_run(ctx.run), client_plan(data, splits, client, candidates), s.references,
+        s.n_steps, s.n_noise, s.batch_size, ctx.seed, 1 + client,
+    )
