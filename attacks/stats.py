@@ -87,7 +87,10 @@ def cluster_bootstrap_interval(
         raise ValueError(f"values and clusters must have the same shape, got {x.shape} and {c.shape}")
     if x.size == 0:
         return Interval(math.nan, math.nan, math.nan, 0, "cluster-bootstrap", level)
-    _, inverse = np.unique(c, return_inverse=True)
+    # Clusters numbered in order of first appearance, not by their labels: the interval must not depend
+    # on how images happen to be numbered (an imported copy of a run numbers them differently).
+    _, first, inverse = np.unique(c, return_index=True, return_inverse=True)
+    inverse = np.argsort(np.argsort(first, kind="stable"), kind="stable")[inverse.ravel()]
     k = int(inverse.max()) + 1
     sums = np.bincount(inverse, weights=x, minlength=k)
     counts = np.bincount(inverse, minlength=k).astype(np.float64)

@@ -5,7 +5,8 @@ measured in a fresh process; one JSON line per point::
 
     {"attack": ..., "rows": N, "pool": 4096, "seconds": ..., "peak_rss_mb": ..., "setup_rss_mb": ...}
 
-then one line per attack with the fitted growth exponent of time in N (least squares on log–log)
+then one line per attack with the fitted growth exponent of time in N (least squares on log–log;
+``time_exponent`` from wall seconds, ``cpu_time_exponent`` from CPU seconds)
 and the ratio of peak memory at the largest N to the smallest. Targets: exponent ≤ 1.1 (time grows
 at most as rows × pool) and peak ratio ≤ 1.5 (memory does not grow with the rows).
 
@@ -28,9 +29,13 @@ full blocks), and its time):
   (running max and log-sum-exp), when the installed signals module has it;
 - ``payload-cell``: a whole payload-only audit cell (``rescale``, ``multiview``, ``oracle`` and the
   oracle-all-views bound, scored) on a synthetic 32×32×3 ``.npz`` with pool = members + non-members
-  = 4096 and N = members × epochs. Unlike the others it holds its N-row view and reconstructions
-  in memory (a cell scores them all together), so its peak grows with N by the size of those
-  arrays; ``view_mb`` says how large the view alone is.
+  = 4096 and N = members × epochs. The cell simulates, attacks and scores its view a shard at a
+  time (:mod:`collafuse.attacks.reconstruction.streamed`); ``view_mb`` says how large the view
+  would be if it were held.
+
+Each point reports ``seconds`` (wall) and ``cpu_seconds`` (CPU time of the measured part; the
+point runs on one thread, so this is its work whatever else shares the machine) and
+``process_cpu_seconds`` (the whole child process), and each fit both exponents.
 """
 from __future__ import annotations
 
@@ -56,6 +61,17 @@ def _rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: kilobytes
 
 
+def _clock() -> tuple[float, float]:
+    """(wall, CPU) seconds now. CPU time of the one-threaded point is what the work costs; wall time
+    also counts the waits for a core when other processes share the machine."""
+    return time.perf_counter(), time.process_time()
+
+
+def _elapsed(start: tuple[float, float]) -> dict:
+    wall, cpu = _clock()
+    return {"seconds": wall - start[0], "cpu_seconds": cpu - start[1]}
+
+
 def _pool(pool: int, seed: int = 0):
     import torch
 
@@ -65,7 +81,6 @@ def _pool(pool: int, seed: int = 0):
 def _payload_rows(start: int, stop: int, cand, schedule, client=None):
     """Rows start..stop of a cut view: row i shows pool image i mod M, at t_c, fresh noise per block."""
     import torch
-
     from collafuse.attacks.reconstruction.view import ViewArrays
 
     member = torch.arange(start, stop) % cand.shape[0]
@@ -81,60 +96,61 @@ def point_oracle(n: int, pool: int) -> dict:
     from collafuse.attacks.chunking import rows_per_chunk
     from collafuse.attacks.reconstruction import oracle
     from collafuse.attacks.reconstruction.view import AttackerResources
+
     from collafuse.schedule import NoiseSchedule
 
     schedule, cand = NoiseSchedule.create("cosine", T), _pool(pool)
     resources = AttackerResources(candidates=cand)
     size = rows_per_chunk(pool, oracle.BYTES_PER_PAIR)
-    setup, start_t, hits = _rss_mb(), time.perf_counter(), 0
+    setup, began, hits = _rss_mb(), _clock(), 0
     for start in range(0, n, size):
         view, member = _payload_rows(start, min(n, start + size), cand, schedule)
         out = oracle.attack(view, schedule, resources)
         hits += int((out.pool_log_weights.argmax(1) == member).sum())
-    return {"seconds": time.perf_counter() - start_t, "setup_rss_mb": setup, "reid": hits / n}
+    return {**_elapsed(began), "setup_rss_mb": setup, "reid": hits / n}
 
 
 def point_all_views(n: int, pool: int) -> dict:
     import torch
-
     from collafuse.attacks.chunking import rows_per_chunk
     from collafuse.attacks.reconstruction import oracle
+
     from collafuse.schedule import NoiseSchedule
 
     schedule, cand = NoiseSchedule.create("cosine", T), _pool(pool)
     cd = cand.double()
     size = rows_per_chunk(pool, oracle.BYTES_PER_PAIR)
     group_lw = torch.zeros(pool, pool, dtype=torch.float64)  # (images, candidates): the pool's size, whatever N
-    setup, start_t = _rss_mb(), time.perf_counter()
+    setup, began = _rss_mb(), _clock()
     for start in range(0, n, size):
         view, member = _payload_rows(start, min(n, start + size), cand, schedule)
         group_lw.index_add_(0, member, oracle.block_log_weights(view, schedule, cd, slice(None)))
     seen = min(n, pool)  # images with at least one view
     group_lw -= group_lw.max(1, keepdim=True).values
     reid = float((group_lw[:seen].argmax(1) == torch.arange(seen)).double().mean())
-    return {"seconds": time.perf_counter() - start_t, "setup_rss_mb": setup, "reid": reid}
+    return {**_elapsed(began), "setup_rss_mb": setup, "reid": reid}
 
 
 def point_nn_distance(n: int, pool: int) -> dict:
     import numpy as np
-
     from collafuse.attacks.chunking import rows_per_chunk
     from collafuse.attacks.membership.signals import nearest_distance
 
     samples = _pool(pool, seed=1).reshape(pool, -1).numpy()
     size = rows_per_chunk(pool, 12)
-    setup, start_t, total = _rss_mb(), time.perf_counter(), 0.0
+    setup, began, total = _rss_mb(), _clock(), 0.0
     for start in range(0, n, size):
         m = min(n, start + size) - start
         cand = np.random.default_rng(start).uniform(-1, 1, (m, samples.shape[1])).astype(np.float32)
         total += float(nearest_distance(cand, samples).sum())
-    return {"seconds": time.perf_counter() - start_t, "setup_rss_mb": setup, "mean_nn_dist": total / n}
+    return {**_elapsed(began), "setup_rss_mb": setup, "mean_nn_dist": total / n}
 
 
 def point_multiview(n: int, pool: int) -> dict:
 
     from collafuse.attacks.reconstruction.multiview import assign_block
     from collafuse.attacks.reconstruction.view import rescaled
+
     from collafuse.schedule import NoiseSchedule
 
     schedule, cand = NoiseSchedule.create("cosine", T), _pool(pool)
@@ -142,20 +158,20 @@ def point_multiview(n: int, pool: int) -> dict:
     y, var = rescaled(anchors, schedule)
     mean, prec = y.reshape(pool, -1).clone(), 1.0 / var.double()
     del y, anchors
-    setup, start_t, right = _rss_mb(), time.perf_counter(), 0
+    setup, began, right = _rss_mb(), _clock(), 0
     for start in range(pool, pool + n, pool):  # one epoch block of ≤ pool rows at a time
         view, member = _payload_rows(start, min(pool + n, start + pool), cand, schedule)
         yb, vb = rescaled(view, schedule)
         r, c = assign_block(yb.reshape(len(view), -1), vb, mean, prec)
         right += int((c == member[r]).sum())
-    return {"seconds": time.perf_counter() - start_t, "setup_rss_mb": setup, "linkage_accuracy": right / n}
+    return {**_elapsed(began), "setup_rss_mb": setup, "linkage_accuracy": right / n}
 
 
 def point_payload_lr(n: int, pool: int) -> dict:
     import numpy as np
-
     from collafuse.attacks.chunking import rows_per_chunk
     from collafuse.attacks.membership import signals
+
     from collafuse.schedule import NoiseSchedule
 
     if not hasattr(signals, "payload_pool_stats"):
@@ -163,7 +179,7 @@ def point_payload_lr(n: int, pool: int) -> dict:
     schedule, cand = NoiseSchedule.create("cosine", T), _pool(pool)
     x = cand.reshape(pool, -1).numpy()
     size = rows_per_chunk(pool, 32)
-    setup, start_t = _rss_mb(), time.perf_counter()
+    setup, began = _rss_mb(), _clock()
     best, fused = np.full(pool, -np.inf), np.full(pool, -np.inf)
     for start in range(0, n, size):
         view, _ = _payload_rows(start, min(n, start + size), cand, schedule)
@@ -172,13 +188,12 @@ def point_payload_lr(n: int, pool: int) -> dict:
         s = np.full(m, math.sqrt(1 - float(schedule.alpha_bar[T_C])))
         b, f = signals.payload_pool_stats(x, view.tensor.reshape(m, -1).numpy(), a, s)
         best, fused = np.maximum(best, b), np.logaddexp(fused, f)
-    return {"seconds": time.perf_counter() - start_t, "setup_rss_mb": setup}
+    return {**_elapsed(began), "setup_rss_mb": setup}
 
 
 def point_payload_cell(n: int, pool: int) -> dict:
     import numpy as np
     import yaml
-
     from collafuse.benchmarks.audit.cells import compute_cell
     from collafuse.benchmarks.audit.grid import load_grid
 
@@ -197,12 +212,12 @@ def point_payload_cell(n: int, pool: int) -> dict:
         }
         (Path(tmp) / "grid.yaml").write_text(yaml.safe_dump(grid))
         (cell,) = load_grid(Path(tmp) / "grid.yaml").cells()
-        setup, start_t = _rss_mb(), time.perf_counter()
+        setup, began = _rss_mb(), _clock()
         out = compute_cell(cell, Path(tmp) / "cache")
-        seconds = time.perf_counter() - start_t
+        took = _elapsed(began)
     rows = {(r["attack"], r["metric"]): r["value"] for r in out.rows}
     n_rows = int(rows[("count", "payload_rows")])
-    return {"seconds": seconds, "setup_rss_mb": setup, "rows": n_rows, "view_mb": n_rows * 3072 * 4 / 2**20,
+    return {**took, "setup_rss_mb": setup, "rows": n_rows, "view_mb": n_rows * 3072 * 4 / 2**20,
             "reid_pool_oracle": rows.get(("oracle", "reid_pool"))}
 
 
@@ -219,6 +234,8 @@ def run_point(attack: str, n: int, pool: int) -> dict:
     with threadpool_limits(1):
         out = {"attack": attack, "rows": n, "pool": pool, **POINTS[attack](n, pool)}
     out["peak_rss_mb"] = _rss_mb()
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    out["process_cpu_seconds"] = usage.ru_utime + usage.ru_stime  # the whole child: imports and setup too
     return out
 
 
@@ -230,7 +247,7 @@ def measure(attack: str, n: int, pool: int, timeout: float, memory_mb: float) ->
            # fragmenting heap whose RSS creeps up over the first blocks (about 1.3×, then flat).
            "MALLOC_MMAP_THRESHOLD_": os.environ.get("MALLOC_MMAP_THRESHOLD_", str(1 << 20))}
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+        proc = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=timeout, env=env)
     except subprocess.TimeoutExpired:
         return {"attack": attack, "rows": n, "pool": pool, "error": f"over {timeout:.0f} s"}
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
@@ -239,16 +256,24 @@ def measure(attack: str, n: int, pool: int, timeout: float, memory_mb: float) ->
     return json.loads(lines[-1])
 
 
+def log_log_slope(xs: list[float], ys: list[float]) -> float:
+    """Least-squares slope of log y on log x (the growth exponent)."""
+    lx, ly = [math.log(x) for x in xs], [math.log(max(y, 1e-9)) for y in ys]
+    mx, my = sum(lx) / len(lx), sum(ly) / len(ly)
+    return sum((x - mx) * (y - my) for x, y in zip(lx, ly)) / sum((x - mx) ** 2 for x in lx)
+
+
 def growth(points: list[dict]) -> dict:
-    """Least-squares slope of log seconds on log rows, and peak RSS at the largest N over the smallest."""
+    """Growth exponents in N of wall seconds and (when measured) CPU seconds, and peak RSS at the
+    largest N over the smallest."""
     ok = sorted((p for p in points if "seconds" in p), key=lambda p: p["rows"])
     if len(ok) < 2:
         return {}
-    xs, ys = [math.log(p["rows"]) for p in ok], [math.log(max(p["seconds"], 1e-9)) for p in ok]
-    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
-    slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
-    return {"time_exponent": round(slope, 3), "peak_ratio": round(ok[-1]["peak_rss_mb"] / ok[0]["peak_rss_mb"], 3),
-            "rows": [p["rows"] for p in ok]}
+    rows = [p["rows"] for p in ok]
+    out = {"time_exponent": round(log_log_slope(rows, [p["seconds"] for p in ok]), 3)}
+    if all("cpu_seconds" in p for p in ok):
+        out["cpu_time_exponent"] = round(log_log_slope(rows, [p["cpu_seconds"] for p in ok]), 3)
+    return {**out, "peak_ratio": round(ok[-1]["peak_rss_mb"] / ok[0]["peak_rss_mb"], 3), "rows": rows}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -278,7 +303,9 @@ def main(argv: list[str] | None = None) -> int:
             p = measure(attack, n, args.pool, args.timeout, args.memory_mb)
             p["memory_mb"] = args.memory_mb
             if "seconds" in p:
-                p["seconds"] = round(p["seconds"], 3)
+                for key in ("seconds", "cpu_seconds", "process_cpu_seconds"):
+                    if key in p:
+                        p[key] = round(p[key], 3)
                 p["peak_rss_mb"] = round(p["peak_rss_mb"], 1)
                 p["setup_rss_mb"] = round(p["setup_rss_mb"], 1)
             print(json.dumps(p), flush=True)

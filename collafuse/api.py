@@ -36,7 +36,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 __all__ = [
     "AuditResult", "ReportFiles", "UncoveredThreatsWarning", "attack_membership", "attack_reconstruct", "audit",
-    "hooks_for", "load", "report", "resolve_config", "train", "train_run",
+    "export_run", "hooks_for", "import_deployment", "load", "report", "resolve_config", "train", "train_run",
 ]
 
 ConfigLike = RunConfig | Mapping[str, Any] | str | Path | None
@@ -100,9 +100,24 @@ def train(config: ConfigLike, out: str | Path, *, progress: bool = False) -> Run
     return Run.load(path)
 
 
-def load(run_dir: str | Path) -> Run:
-    """A run folder written by :func:`train` / ``collafuse train``, verified against the hashes in run.json."""
-    return Run.load(run_dir)
+def load(run_dir: str | Path, device: str | None = None) -> Run:
+    """A run folder written by :func:`train` / ``collafuse train`` / :func:`import_deployment`, verified
+    against the hashes in run.json; its models on ``device`` (auto/None, cpu, cuda: DESIGN §10)."""
+    return Run.load(run_dir, device=device)
+
+
+def import_deployment(manifest: str | Path, out: str | Path) -> Path:
+    """``collafuse import MANIFEST --out RUN_DIR`` (DESIGN §9): a deployment trained elsewhere → a run folder."""
+    from collafuse.deployment import import_deployment as _import
+
+    return _import(Path(manifest), Path(out))
+
+
+def export_run(run_dir: str | Path, out: str | Path) -> Path:
+    """``collafuse export RUN_DIR --out DIR``: ``DIR/manifest.yaml`` and its files, the inverse of the import."""
+    from collafuse.export import export_run as _export
+
+    return _export(Path(run_dir), Path(out))
 
 
 def _run(run_or_dir: RunLike) -> Run:

@@ -95,6 +95,12 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     run = Run.load(args.run, device=args.device)
     if not 0 <= args.client < len(run.client_models):
         raise CollafuseError(f"--client must be in 0..{len(run.client_models) - 1}, got {args.client}")
+    missing = [name for name, model, needed in (
+        ("server", run.server_model, run.t_c < run.schedule.T),
+        (f"client_{args.client}", run.client_models[args.client], run.t_c > 0)) if needed and model is None]
+    if missing:
+        raise CollafuseError(f"{args.run}: the run has no {missing[0]} model (imported without it); "
+                             "collaborative sampling needs the server's and the client's")
     seed = run.config.seed if args.seed is None else args.seed
     images = to_uint8(generate(run, args.client, args.n, seed, progress=not args.quiet))
     created = [p for p in reversed(out.parents) if not p.exists()]  # removed again if the write fails
@@ -121,6 +127,22 @@ def _cmd_sample(args: argparse.Namespace) -> int:
                 pass
         raise
     print(f"{args.n} samples written to {out}")
+    return 0
+
+
+def _cmd_import(args: argparse.Namespace) -> int:
+    from collafuse.api import import_deployment
+
+    out = import_deployment(args.manifest, args.out)
+    print(f"run written to {out}")
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from collafuse.api import export_run
+
+    out = export_run(args.run, args.out)
+    print(f"deployment written to {out} (manifest: {out / 'manifest.yaml'})")
     return 0
 
 
@@ -183,6 +205,15 @@ def build_parser() -> argparse.ArgumentParser:
     audit.add_argument("--quiet", action="store_true", help="no progress bars")
     _device_option(audit)
     audit.set_defaults(func=_cmd_audit)
+
+    imp = sub.add_parser("import", help="turn a deployment trained elsewhere (a manifest) into a run folder")
+    imp.add_argument("manifest", help="deployment manifest (YAML; paths relative to it)")
+    imp.add_argument("--out", required=True, help="run folder to create (must not exist or be empty)")
+    imp.set_defaults(func=_cmd_import)
+    exp = sub.add_parser("export", help="write a run as a deployment: manifest, models, transcript, data")
+    exp.add_argument("run", help="run folder")
+    exp.add_argument("--out", required=True, help="folder to create (must not exist or be empty)")
+    exp.set_defaults(func=_cmd_export)
 
     report = sub.add_parser("report", help="rebuild report.html and report.md from an audit folder")
     report.add_argument("audit_dir")

@@ -6,10 +6,12 @@ class-conditional digits (16×16), 4 IID clients, cosine schedule, T = 1000, c =
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, Strict, ValidationError, model_serializer, model_validator
+from pydantic import (
+    BaseModel, ConfigDict, Discriminator, Field, Strict, Tag, ValidationError, model_serializer, model_validator,
+)
 
 from collafuse.errors import ConfigError
 from collafuse.safeio import read_yaml, short_repr, short_text
@@ -27,7 +29,8 @@ class _Strict(BaseModel):
 
 
 class DataConfig(_Strict):
-    source: Literal["digits", "mnist5k", "lfw", "folder", "npz"] = "digits"
+    # imported: the images live in the run folder itself (collafuse import); such a config cannot be trained from.
+    source: Literal["digits", "mnist5k", "lfw", "folder", "npz", "imported"] = "digits"
     path: str | None = None                  # required for folder / npz
     image_size: Int = Field(16, ge=4, le=256)
     channels: Int = Field(1, ge=1, le=4)
@@ -40,17 +43,124 @@ class DataConfig(_Strict):
     labels_per_client: Int = Field(2, ge=1)
 
 
+def _omit_none(data: dict[str, Any], *keys: str) -> dict[str, Any]:
+    """Drop optional keys left at None: configs (and so run and audit hashes) written before they existed stay valid."""
+    for key in keys:
+        if data.get(key) is None:
+            data.pop(key, None)
+    return data
+
+
 class DiffusionConfig(_Strict):
     T: Int = Field(1000, ge=2, le=100_000)
-    schedule: Literal["linear", "cosine"] = "cosine"
+    # linear / cosine as in DESIGN §2.1; scaled_linear and trained (explicit betas) come from diffusers
+    # scheduler configs (§9; collafuse.schedule.diffusers_schedule_fields maps their names).
+    schedule: Literal["linear", "cosine", "scaled_linear", "trained"] = "cosine"
     cut_ratio: Float = Field(0.2, ge=0.0, le=1.0)  # t_c = round(c·T); 0 = central, 1 = local-only
+    beta_start: Float | None = Field(None, gt=0, lt=1)  # linear / scaled_linear only; None = the schedule's default
+    beta_end: Float | None = Field(None, gt=0, lt=1)
+    betas: tuple[Annotated[float, Strict(), Field(gt=0, lt=1)], ...] | None = None  # schedule trained: β_1..β_T
+
+    @model_validator(mode="after")
+    def _check_betas(self) -> "DiffusionConfig":
+        if (self.schedule == "trained") != (self.betas is not None):
+            raise ValueError("diffusion.betas goes with schedule 'trained', and schedule 'trained' needs betas")
+        if self.betas is not None and len(self.betas) != self.T:
+            raise ValueError(f"diffusion.betas has {len(self.betas)} values but T = {self.T}")
+        ranged = self.beta_start is not None or self.beta_end is not None
+        if ranged and self.schedule not in ("linear", "scaled_linear"):
+            raise ValueError(f"diffusion.beta_start/beta_end apply to the linear and scaled_linear schedules, "
+                             f"not {self.schedule!r}")
+        if self.beta_start is not None and self.beta_end is not None and self.beta_start > self.beta_end:
+            raise ValueError(f"diffusion.beta_start {self.beta_start:g} exceeds beta_end {self.beta_end:g}")
+        return self
+
+    @model_serializer(mode="wrap")
+    def _omit_defaults(self, handler) -> dict[str, Any]:
+        return _omit_none(handler(self), "beta_start", "beta_end", "betas")
 
 
 class ModelConfig(_Strict):
+    """The native UNet (:mod:`collafuse.model`), the default backend."""
+
+    backend: Literal["native"] = "native"
     channels: tuple[Annotated[int, Strict(), Field(ge=1, le=1024)], ...] = Field((32, 64), min_length=1, max_length=6)
     blocks_per_level: Int = Field(1, ge=1, le=4)
     time_dim: Int = Field(128, ge=8, le=4096)
     groups: Int = Field(8, ge=1, le=1024)
+
+    @property
+    def levels(self) -> int:
+        """Resolutions the model works at (the image size must be divisible by 2**(levels-1))."""
+        return len(self.channels)
+
+    @model_serializer(mode="wrap")
+    def _omit_native(self, handler) -> dict[str, Any]:
+        data = handler(self)  # `backend: native` is implied: configs written before backends existed stay valid
+        data.pop("backend", None)
+        return data
+
+
+_JSON_SCALARS = (str, int, float, bool, type(None))
+
+
+class DiffusersModelConfig(BaseModel):
+    """A ``diffusers.UNet2DModel`` (DESIGN §9): ``backend: diffusers`` plus the model's own keyword arguments
+    (block_out_channels, layers_per_block, down_block_types, up_block_types, norm_num_groups, ...).
+
+    ``prediction_type`` is what the network outputs (epsilon, v_prediction or sample); the backend converts
+    it to ε, so every part of collafuse sees one ε-prediction interface. ``timesteps`` is the convention of
+    the network's timestep input: ``diffusers`` (0..T−1, step t of this project fed as t − 1) or
+    ``collafuse`` (1..T). The keyword arguments are checked against UNet2DModel's signature (which needs
+    the optional ``diffusers`` extra) and the model is built once when the config is validated.
+    """
+
+    model_config = ConfigDict(extra="allow", frozen=True, allow_inf_nan=False)
+    backend: Literal["diffusers"]
+    prediction_type: Literal["epsilon", "v_prediction", "sample"] = "epsilon"
+    timesteps: Literal["diffusers", "collafuse"] = "diffusers"
+
+    @model_validator(mode="after")
+    def _check_kwargs(self) -> "DiffusersModelConfig":
+        from collafuse.backends import DIFFUSERS_DERIVED_KEYS, check_unet_kwargs  # diffusers only when asked for
+
+        kwargs = self.unet_kwargs
+        for key, value in kwargs.items():
+            if key in DIFFUSERS_DERIVED_KEYS:
+                raise ValueError(f"{key!r} is set by collafuse (data.channels, data.image_size, conditional); remove it")
+            items = value if isinstance(value, (list, tuple)) else [value]
+            if not all(isinstance(v, _JSON_SCALARS) for v in items):
+                raise ValueError(f"{key!r} must be a number, string, boolean, null or a list of them")
+        if kwargs.get("class_embed_type") is not None:
+            raise ValueError("class_embed_type: only the default class embedding (null) is supported, through "
+                             "num_class_embeds, which collafuse sets from the labels")
+        check_unet_kwargs(kwargs)
+        return self
+
+    @property
+    def unet_kwargs(self) -> dict[str, Any]:
+        """The UNet2DModel keyword arguments given (lists as tuples: diffusers' own config does the same)."""
+        extra = self.__pydantic_extra__ or {}
+        return {k: tuple(v) if isinstance(v, list) else v for k, v in extra.items()}
+
+    @property
+    def levels(self) -> int:
+        from collafuse.backends import unet_levels
+
+        return unet_levels(self.unet_kwargs)
+
+
+def _model_backend(raw: Any) -> str:
+    if isinstance(raw, dict):
+        return raw.get("backend", "native")
+    return getattr(raw, "backend", "native")
+
+
+# One ε-prediction model per side; `backend` picks the implementation (absent: native).
+AnyModelConfig = Annotated[
+    Union[Annotated[ModelConfig, Tag("native")], Annotated[DiffusersModelConfig, Tag("diffusers")]],
+    Discriminator(_model_backend, custom_error_type="backend", custom_error_message="backend must be native or diffusers"),
+]
 
 
 class TrainingConfig(_Strict):
@@ -104,8 +214,8 @@ class RunConfig(_Strict):
     conditional: Bool = True
     data: DataConfig = DataConfig()
     diffusion: DiffusionConfig = DiffusionConfig()
-    server_model: ModelConfig = ModelConfig()
-    client_model: ModelConfig = ModelConfig(channels=(16, 32), time_dim=64)  # clients: less compute
+    server_model: AnyModelConfig = ModelConfig()
+    client_model: AnyModelConfig = ModelConfig(channels=(16, 32), time_dim=64)  # clients: less compute
     training: TrainingConfig = TrainingConfig()
     sampling: SamplingConfig = SamplingConfig()
     # Defense settings, e.g. [{name: payload-noise, sigma: 0.5}]. The core stores them;
@@ -131,7 +241,7 @@ class RunConfig(_Strict):
         if d.source in ("folder", "npz") and not d.path:
             raise ValueError(f"data.source {d.source!r} needs data.path")
         for side in ("server_model", "client_model"):
-            levels = len(getattr(self, side).channels)
+            levels = getattr(self, side).levels
             if d.image_size % (2 ** (levels - 1)):
                 raise ValueError(
                     f"{side}: image_size {d.image_size} must be divisible by 2**(levels-1) = {2 ** (levels - 1)}"
@@ -152,9 +262,15 @@ class RunConfig(_Strict):
 DEFAULT_CONFIG = RunConfig()
 
 
+_MODEL_SECTIONS = ("server_model", "client_model")
+_BACKENDS = ("native", "diffusers")
+
+
 def _format_error(exc: ValidationError) -> str:
     err = exc.errors()[0]
-    where = short_text(".".join(str(p) for p in err["loc"]), 200) or "config"
+    # A model section's location carries the union's tag (server_model.native.channels): drop it.
+    loc = [p for i, p in enumerate(err["loc"]) if not (i and err["loc"][i - 1] in _MODEL_SECTIONS and p in _BACKENDS)]
+    where = short_text(".".join(str(p) for p in loc), 200) or "config"
     msg = short_text(err["msg"].removeprefix("Value error, "), 300)
     if err["type"] == "extra_forbidden":
         return f"unknown config key '{where}'"

@@ -41,7 +41,7 @@ class ImageSet:
         return ImageSet(self.images[index], labels, self.num_classes)
 
 
-def _validate_pixels(images: np.ndarray, source: str) -> np.ndarray:
+def _validate_pixels(images: np.ndarray, source: str, keep_float64: bool = False) -> np.ndarray:
     if images.size == 0:
         raise DataError(f"{source}: no images")
     if not (np.issubdtype(images.dtype, np.integer) or np.issubdtype(images.dtype, np.floating)):
@@ -55,26 +55,39 @@ def _validate_pixels(images: np.ndarray, source: str) -> np.ndarray:
     lo, hi = float(images.min()), float(images.max())
     if lo < 0.0 or hi > 1.0:
         raise DataError(f"{source}: float images must lie in [0, 1] (or be uint8), got range [{lo:g}, {hi:g}]")
-    return images.astype(np.float32)
+    return images if keep_float64 else images.astype(np.float32)
+
+
+def looks_channel_first(shape: tuple[int, ...]) -> bool:
+    """(N, C, H, W), the PyTorch habit: the second axis is 1 or 3 and the last is not (DESIGN §9)."""
+    return len(shape) == 4 and shape[1] in (1, 3) and shape[-1] not in (1, 3)
 
 
 def _to_nchw(images01: np.ndarray, channels: int, source: str) -> torch.Tensor:
-    """(N,H,W) or (N,H,W,C) in [0,1] → (N,C,H,W) float32, checking the channel count."""
+    """(N,H,W), (N,H,W,C) or channel-first (N,C,H,W) in [0,1] → (N,C,H,W), checking the channel count."""
     if images01.ndim == 3:
         images01 = images01[..., None]
     if images01.ndim != 4:
-        raise DataError(f"{source}: images must have shape (N, H, W) or (N, H, W, C), got {tuple(images01.shape)}")
+        raise DataError(f"{source}: images must have shape (N, H, W), (N, H, W, C) or (N, C, H, W), "
+                        f"got {tuple(images01.shape)}")
+    if looks_channel_first(images01.shape):
+        images01 = images01.transpose(0, 2, 3, 1)
     found = images01.shape[-1]
-    if found != channels and images01.shape[1] == channels:
-        shape = tuple(images01.shape)
-        raise DataError(
-            f"{source}: images of shape {shape} look channel-first (N, C, H, W) with C = {channels}, but this loader "
-            f"reads channel-last (N, H, W, C) and would see {found} channels; save them as "
-            f"images.transpose(0, 2, 3, 1) (shape {(shape[0], shape[2], shape[3], shape[1])})"
-        )
     if found != channels:
         raise DataError(f"{source}: images have {found} channel(s) but the config says channels={channels}")
     return torch.from_numpy(np.ascontiguousarray(images01.transpose(0, 3, 1, 2)))
+
+
+def images_to_model_space(images: np.ndarray, channels: int | None, source: str) -> torch.Tensor:
+    """uint8 or [0, 1] float images in any supported layout → float32 (N,C,H,W) in [-1, 1], not resized.
+
+    Float64 input is mapped in float64 (2x − 1 is then exact for x = (y + 1)/2 of a float32 y), so an
+    exported run's images come back bit for bit. ``channels`` None takes whatever the array holds."""
+    if images.ndim == 4 and channels is None:
+        channels = images.shape[1] if looks_channel_first(images.shape) else images.shape[-1]
+    exact = images.dtype == np.float64
+    x = _to_nchw(_validate_pixels(images, source, keep_float64=exact), channels or 1, source)
+    return (x.double() * 2.0 - 1.0).float() if exact else x * 2.0 - 1.0
 
 
 def _resize(x: torch.Tensor, size: int) -> torch.Tensor:
@@ -160,26 +173,39 @@ def _check_npz_array(path: Path, name: str, shape: tuple[int, ...], dtype: np.dt
                         "bytes: the file is truncated or corrupt")
 
 
-def load_npz(path: Path, channels: int, size: int) -> ImageSet:
-    """A ``.npz`` with ``images`` ((N,H,W) or (N,H,W,C), uint8 or float in [0,1]) and optional ``labels``."""
+NPZ_ERRORS = (OSError, ValueError, zipfile.BadZipFile, EOFError, MemoryError, struct.error, NotImplementedError)
+
+
+def _unreadable_npz(path: Path, exc: BaseException) -> DataError:
+    return DataError(f"{path}: not a readable .npz file ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})")
+
+
+def read_npz(path: Path, required: tuple[str, ...], optional: tuple[str, ...] = ()) -> dict[str, np.ndarray]:
+    """The named arrays of a ``.npz`` (never unpickled), every header checked before anything is loaded."""
+    path = Path(path)
     if not path.is_file():
         raise DataError(f"npz file not found: {path}")
     try:
         headers = _npz_headers(path)
-    except (OSError, ValueError, zipfile.BadZipFile, EOFError, struct.error, NotImplementedError) as exc:
-        raise DataError(f"{path}: not a readable .npz file ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
-    if "images" not in headers:
-        raise DataError(f"{path}: the .npz has no 'images' array (found: {', '.join(sorted(headers)) or 'nothing'})")
-    for name in ("images", "labels"):
-        if name in headers:
-            _check_npz_array(path, name, *headers[name])
+    except NPZ_ERRORS as exc:
+        raise _unreadable_npz(path, exc) from None
+    missing = [name for name in required if name not in headers]
+    if missing:
+        raise DataError(f"{path}: the .npz has no {missing[0]!r} array (found: {', '.join(sorted(headers)) or 'nothing'})")
+    wanted = [name for name in (*required, *optional) if name in headers]
+    for name in wanted:
+        _check_npz_array(path, name, *headers[name])
     try:
         with np.load(path, allow_pickle=False) as npz:
-            images = npz["images"]
-            labels = npz["labels"] if "labels" in headers else None
-    except (OSError, ValueError, zipfile.BadZipFile, EOFError, MemoryError, struct.error, NotImplementedError) as exc:
-        raise DataError(f"{path}: not a readable .npz file ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
-    return _finish(images, labels, channels, size, str(path))
+            return {name: npz[name] for name in wanted}
+    except NPZ_ERRORS as exc:
+        raise _unreadable_npz(path, exc) from None
+
+
+def load_npz(path: Path, channels: int, size: int) -> ImageSet:
+    """A ``.npz`` with ``images`` ((N,H,W), (N,H,W,C) or (N,C,H,W); uint8 or float in [0,1]) and optional ``labels``."""
+    arrays = read_npz(path, ("images",), ("labels",))
+    return _finish(arrays["images"], arrays.get("labels"), channels, size, str(path))
 
 
 def load_folder(path: Path, channels: int, size: int) -> ImageSet:
@@ -227,6 +253,9 @@ def load_source(name: str, channels: int, size: int, path: str | None = None) ->
         if channels != 1:
             raise DataError(f"{name} is grayscale: channels must be 1, got {channels}")
         return builtin[name](channels, size)
+    if name == "imported":
+        raise DataError("data.source 'imported': the images live in an imported run folder (collafuse import); "
+                        "such a config cannot be trained from")
     if name in ("folder", "npz"):
         if not path:
             raise DataError(f"data source {name!r} needs data.path")

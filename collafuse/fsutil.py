@@ -147,6 +147,27 @@ def sweep_stale_partials(folder: Path | str, depth: int = 0) -> list[Path]:
     return removed
 
 
+@contextlib.contextmanager
+def staged_folder(out: Path | str) -> Iterator[Path]:
+    """Build a folder in a hidden sibling (``.<name>.partial-<pid>``) and rename it to ``out`` only when the
+    ``with`` block finishes: a failed or interrupted writer leaves ``out`` as it was (absent or empty).
+    Stale partials of dead writers beside it are swept first. The caller checks ``out`` is free."""
+    out = Path(out)
+    sweep_stale_partials(out.parent)
+    staging = out.parent / f".{out.name}.partial-{os.getpid()}"
+    if staging.exists():
+        shutil.rmtree(staging)
+    try:
+        staging.mkdir(parents=True)
+        yield staging
+        if out.exists():
+            out.rmdir()  # empty: the caller checked
+        staging.rename(out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
 # ----------------------------------------------------------------------------- writability
 
 def _missing_parents(folder: Path) -> list[Path]:

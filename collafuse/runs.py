@@ -17,6 +17,10 @@ Layout of RUN_DIR::
 A run is built in a hidden sibling folder and renamed into place only when it is
 complete, so a failed or interrupted run leaves RUN_DIR untouched.
 
+A run imported from a deployment trained elsewhere (:mod:`collafuse.deployment`) has the same
+layout, without train_log.jsonl and samples.png; its run.json also lists the models that were not
+handed over (``absent_models``: loaded as None) and says whether an audit key came (``has_audit_key``).
+
 ``run.json``'s ``files`` maps every other file's relative path to its sha256.
 :meth:`Run.load` refuses a folder in which one of them changed or went missing, and
 a checkpoint holding NaN/inf weights. Transcript shards are checked lazily, when an
@@ -28,8 +32,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path, PurePosixPath
@@ -46,14 +48,14 @@ from collafuse import __version__
 from collafuse.config import RunConfig, config_from_dict, config_to_yaml
 from collafuse.data import ImageSet, Splits, draw_canaries, load_source, make_splits, partition
 from collafuse.errors import ConfigError, RunError
-from collafuse.fsutil import sweep_stale_partials
+from collafuse.fsutil import staged_folder
 from collafuse.safeio import parse_yaml, short_repr
-from collafuse.model import UNet
+from collafuse.backends import Denoiser
 from collafuse.sampling import collaborative_sample
 from collafuse.schedule import NoiseSchedule
 from collafuse.training import (
     CPU, STREAM_CANARY, STREAM_PARTITION, STREAM_SAMPLE, STREAM_SPLIT, Hooks, TrainedSystem, build_model, generator_for,
-    resolve_device, train_system, unet_config,
+    denoiser_spec, resolve_device, train_system,
 )
 
 RUN_MARKER = "run.json"
@@ -211,12 +213,7 @@ def create_run(
         raise ConfigError("the config lists defenses but no hook was built from them")
     check_output_dir(out)
     data, splits = prepare_data(config)  # every data error is raised before anything is written
-    sweep_stale_partials(out.parent)  # staging folders of runs killed by SIGKILL (dead writers only)
-    staging = out.parent / f".{out.name}.partial-{os.getpid()}"
-    if staging.exists():
-        shutil.rmtree(staging)
-    try:
-        staging.mkdir(parents=True)
+    with staged_folder(out) as staging:  # stale staging folders of runs killed by SIGKILL are swept first
         started = time.perf_counter()
         with open(staging / "train_log.jsonl", "w") as log_file:
             system = train_system(
@@ -235,11 +232,7 @@ def create_run(
                 raise RunError(f"training diverged: the {name} model has NaN/inf weights ({bad}); lower training.lr")
             (staging / rel).parent.mkdir(parents=True, exist_ok=True)
             save_file(state, str(staging / rel))
-        stored = {"images": data.images.contiguous()}
-        if data.labels is not None:
-            stored["labels"] = data.labels
-        stored.update({f"split.{name}": idx.contiguous() for name, idx in splits.to_dict().items()})
-        save_file(stored, str(staging / "data.safetensors"), metadata={"num_classes": str(data.num_classes)})
+        write_data_file(staging, data, splits)
         (staging / CONFIG_FILE).write_text(config_to_yaml(config))
 
         per_client = config.sampling.per_client
@@ -267,13 +260,16 @@ def create_run(
                 indent=1,
             )
         )
-        if out.exists():
-            out.rmdir()  # empty, checked above
-        staging.rename(out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return out
+
+
+def write_data_file(folder: Path, data: ImageSet, splits: Splits) -> None:
+    """``data.safetensors``: the source images, labels and split indices (what scorers read as the truth)."""
+    stored = {"images": data.images.contiguous()}
+    if data.labels is not None:
+        stored["labels"] = data.labels.contiguous()
+    stored.update({f"split.{name}": idx.contiguous() for name, idx in splits.to_dict().items()})
+    save_file(stored, str(folder / DATA_FILE), metadata={"num_classes": str(data.num_classes)})
 
 
 def _check_manifest(path: Path, info: dict) -> dict[str, str]:
@@ -350,9 +346,8 @@ def _verify_run_files(path: Path, files: dict[str, str], already: set[str]) -> N
 
 
 def _load_model(path: Path, files: dict[str, str], rel: str, config: RunConfig, side: str, num_classes: int,
-                device: torch.device) -> UNet:
-    model_cfg = config.server_model if side == "server" else config.client_model
-    model = build_model(unet_config(model_cfg, config.data.channels, num_classes), config.seed)
+                device: torch.device) -> Denoiser:
+    model = build_model(denoiser_spec(config, side, num_classes), config.seed)
     raw = _read_verified(path, files, rel)
     try:
         state = load_bytes(raw)  # safetensors: tensors only, nothing is unpickled
@@ -392,6 +387,16 @@ def _run_metadata(path: Path, info: dict, config: RunConfig) -> tuple[int, int, 
     return t_c, num_classes, n, has_server
 
 
+def _absent_models(path: Path, info: dict, num_clients: int) -> frozenset[str]:
+    """The models run.json says were not given (``absent_models``: an imported deployment); absent: none."""
+    absent = info.get("absent_models", [])
+    valid = {"server", *(f"client_{k}" for k in range(num_clients))}
+    if not isinstance(absent, list) or not all(isinstance(a, str) and a in valid for a in absent):
+        raise RunError(f"{path}: run.json absent_models must list model names (server, client_<k>), "
+                       f"got {short_repr(absent, 60)}")
+    return frozenset(absent)
+
+
 def _snapshot_epochs(path: Path, info: dict, config: RunConfig) -> tuple[int, ...]:
     """The epochs run.json lists under ``snapshots`` (absent: none), checked against the config's training.snapshots."""
     epochs = info.get("snapshots", [])
@@ -411,8 +416,8 @@ class Run:
     schedule: NoiseSchedule
     t_c: int
     num_classes: int
-    server_model: UNet | None
-    client_models: list[UNet | None]
+    server_model: Denoiser | None
+    client_models: list[Denoiser | None]
     info: dict
     device: torch.device = CPU  # where the models were loaded (Run.load's ``device``), not config.device
     snapshot: int | None = None  # the training.snapshots epoch whose weights the models are (None: the final ones)
@@ -442,15 +447,16 @@ class Run:
         except (UnicodeDecodeError, yaml.YAMLError) as exc:
             raise RunError(f"{path}: {CONFIG_FILE} unreadable ({str(exc).splitlines()[0]})") from None
         t_c, num_classes, n, has_server = _run_metadata(path, info, config)
-        ckpts = [("checkpoints/server.safetensors", "server")] if has_server else []
+        absent = _absent_models(path, info, n)  # an imported deployment may lack some models (DESIGN §9)
+        ckpts = [("checkpoints/server.safetensors", "server")] if has_server and "server" not in absent else []
         if t_c > 0:
-            ckpts += [(f"checkpoints/client_{k}.safetensors", "client") for k in range(n)]
+            ckpts += [(f"checkpoints/client_{k}.safetensors", "client") for k in range(n) if f"client_{k}" not in absent]
         for epoch in _snapshot_epochs(path, info, config):  # recorded and present; hashed with the rest below
             for rel, _ in ckpts:
                 _missing_or_unlisted(path, files, snapshot_file(epoch, PurePosixPath(rel).stem))
         _verify_run_files(path, files, {CONFIG_FILE, *(rel for rel, _ in ckpts)})
         models = {rel: _load_model(path, files, rel, config, side, num_classes, target) for rel, side in ckpts}
-        schedule = NoiseSchedule.create(config.diffusion.schedule, config.diffusion.T)
+        schedule = NoiseSchedule.from_config(config.diffusion)
         server = models.get("checkpoints/server.safetensors")
         clients = [models.get(f"checkpoints/client_{k}.safetensors") for k in range(n)]
         return cls(path, config, schedule, t_c, num_classes, server, clients, info, target)
@@ -469,7 +475,7 @@ class Run:
             raise RunError(f"{self.path}: no snapshot at epoch {epoch!r}; snapshots kept: {kept}")
         files = _check_manifest(self.path, self.info)
 
-        def load(name: str, side: str) -> UNet:
+        def load(name: str, side: str) -> Denoiser:
             return _load_model(self.path, files, snapshot_file(epoch, name), self.config, side, self.num_classes,
                                self.device)
 

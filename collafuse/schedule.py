@@ -16,14 +16,31 @@ import torch
 
 from collafuse.errors import ConfigError
 
-ScheduleName = Literal["linear", "cosine"]
-SCHEDULES: tuple[str, ...] = ("linear", "cosine")
+ScheduleName = Literal["linear", "cosine", "scaled_linear", "trained"]
+SCHEDULES: tuple[str, ...] = ("linear", "cosine", "scaled_linear", "trained")
+# diffusers' beta_schedule names → ours (DESIGN §9). squaredcos_cap_v2 is the cosine schedule of
+# Nichol & Dhariwal with s = 0.008 and β capped at 0.999, exactly ``cosine_alpha_bar``.
+DIFFUSERS_BETA_SCHEDULES = {"linear": "linear", "scaled_linear": "scaled_linear", "squaredcos_cap_v2": "cosine"}
 
 
 def linear_alpha_bar(T: int, beta_start: float = 1e-4, beta_end: float = 0.02) -> torch.Tensor:
     """ᾱ_t for the linear β schedule of Ho et al. (2020); shape (T+1,), float64."""
     betas = torch.linspace(beta_start, beta_end, T, dtype=torch.float64)
     return torch.cat([torch.ones(1, dtype=torch.float64), torch.cumprod(1.0 - betas, 0)])
+
+
+def scaled_linear_alpha_bar(T: int, beta_start: float = 0.00085, beta_end: float = 0.012) -> torch.Tensor:
+    """ᾱ_t for diffusers' ``scaled_linear`` schedule (Stable Diffusion's): β linear in √β; shape (T+1,)."""
+    betas = torch.linspace(beta_start**0.5, beta_end**0.5, T, dtype=torch.float64) ** 2
+    return torch.cat([torch.ones(1, dtype=torch.float64), torch.cumprod(1.0 - betas, 0)])
+
+
+def alpha_bar_from_betas(betas: "torch.Tensor | list[float] | tuple[float, ...]") -> torch.Tensor:
+    """ᾱ_t for explicit β_1..β_T (diffusers' ``trained_betas``), each in (0, 1); shape (T+1,)."""
+    b = torch.as_tensor(betas, dtype=torch.float64).reshape(-1)
+    if b.numel() < 2 or not bool(torch.isfinite(b).all()) or bool((b <= 0).any()) or bool((b >= 1).any()):
+        raise ConfigError("trained betas must be at least 2 finite values, each strictly between 0 and 1")
+    return torch.cat([torch.ones(1, dtype=torch.float64), torch.cumprod(1.0 - b, 0)])
 
 
 def cosine_alpha_bar(T: int, s: float = 0.008, max_beta: float = 0.999) -> torch.Tensor:
@@ -54,14 +71,30 @@ class NoiseSchedule:
     alpha_bar: torch.Tensor
 
     @classmethod
-    def create(cls, name: str, T: int) -> "NoiseSchedule":
+    def create(
+        cls, name: str, T: int, beta_start: float | None = None, beta_end: float | None = None,
+        betas: "tuple[float, ...] | None" = None,
+    ) -> "NoiseSchedule":
+        """``linear`` (β from ``beta_start`` to ``beta_end``, default 1e-4 → 0.02), ``cosine``,
+        ``scaled_linear`` (default 0.00085 → 0.012) or ``trained`` (explicit ``betas``, T of them)."""
         if T < 2:
             raise ConfigError(f"T must be at least 2, got {T}")
         if name == "linear":
-            return cls(name, T, linear_alpha_bar(T))
+            return cls(name, T, linear_alpha_bar(T, *_betas_range(beta_start, beta_end, 1e-4, 0.02)))
+        if name == "scaled_linear":
+            return cls(name, T, scaled_linear_alpha_bar(T, *_betas_range(beta_start, beta_end, 0.00085, 0.012)))
         if name == "cosine":
             return cls(name, T, cosine_alpha_bar(T))
+        if name == "trained":
+            if betas is None or len(betas) != T:
+                raise ConfigError(f"schedule 'trained' needs exactly T = {T} betas, got {0 if betas is None else len(betas)}")
+            return cls(name, T, alpha_bar_from_betas(betas))
         raise ConfigError(f"unknown schedule {name!r}; valid: {', '.join(SCHEDULES)}")
+
+    @classmethod
+    def from_config(cls, diffusion) -> "NoiseSchedule":
+        """The schedule a run's ``diffusion:`` section names (:class:`collafuse.config.DiffusionConfig`)."""
+        return cls.create(diffusion.schedule, diffusion.T, diffusion.beta_start, diffusion.beta_end, diffusion.betas)
 
     def a(self, t: int) -> float:
         """a_t = √ᾱ_t, the signal scale at step t."""
@@ -80,6 +113,53 @@ class NoiseSchedule:
         rel = self.alpha_bar / self.alpha_bar[t_c]
         rel[: t_c + 1] = 1.0
         return rel
+
+
+def _betas_range(start: float | None, end: float | None, default_start: float, default_end: float) -> tuple[float, float]:
+    start = default_start if start is None else float(start)
+    end = default_end if end is None else float(end)
+    if not (0.0 < start <= end < 1.0):
+        raise ConfigError(f"beta_start and beta_end must satisfy 0 < beta_start <= beta_end < 1, got {start:g}, {end:g}")
+    return start, end
+
+
+def diffusers_schedule_fields(scheduler_config: dict) -> dict:
+    """The ``diffusion:`` fields (schedule, T, beta_start, beta_end, betas) of a diffusers scheduler config.
+
+    Reads ``num_train_timesteps``, ``beta_schedule``, ``beta_start``, ``beta_end`` and ``trained_betas``
+    (which, when given, wins, as in diffusers). A config that rescales to zero terminal SNR is refused:
+    ᾱ_T = 0 makes x̂0 = (x_T − s_T ε̂)/a_T undefined, and every attack here uses it. Other keys (sampling
+    choices such as ``timestep_spacing`` or ``clip_sample``) do not change the forward process.
+    """
+    if not isinstance(scheduler_config, dict):
+        raise ConfigError("a scheduler config must be a JSON object")
+    T = scheduler_config.get("num_train_timesteps", 1000)
+    if isinstance(T, bool) or not isinstance(T, int) or not 2 <= T <= 100_000:
+        raise ConfigError(f"scheduler config: num_train_timesteps must be an integer in 2..100000, got {T!r}")
+    if scheduler_config.get("rescale_betas_zero_snr"):
+        raise ConfigError("scheduler config: rescale_betas_zero_snr makes ᾱ_T = 0, which no attack here can use")
+    trained = scheduler_config.get("trained_betas")
+    if trained is not None:
+        if not isinstance(trained, list) or not all(isinstance(b, (int, float)) and not isinstance(b, bool) for b in trained):
+            raise ConfigError("scheduler config: trained_betas must be a list of numbers")
+        if len(trained) != T:
+            raise ConfigError(f"scheduler config: trained_betas has {len(trained)} values but num_train_timesteps is {T}")
+        alpha_bar_from_betas(trained)  # checks each β
+        return {"T": T, "schedule": "trained", "betas": [float(b) for b in trained]}
+    name = scheduler_config.get("beta_schedule", "linear")
+    if name not in DIFFUSERS_BETA_SCHEDULES:
+        raise ConfigError(f"scheduler config: beta_schedule {name!r} is not supported; valid: "
+                          f"{', '.join(DIFFUSERS_BETA_SCHEDULES)} (or trained_betas)")
+    fields: dict = {"T": T, "schedule": DIFFUSERS_BETA_SCHEDULES[name]}
+    if name != "squaredcos_cap_v2":  # diffusers ignores beta_start/beta_end for the cosine schedule too
+        start = scheduler_config.get("beta_start", 0.0001)
+        end = scheduler_config.get("beta_end", 0.02)
+        for key, value in (("beta_start", start), ("beta_end", end)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ConfigError(f"scheduler config: {key} must be a number, got {value!r}")
+        _betas_range(start, end, 0.0, 0.0)
+        fields.update(beta_start=float(start), beta_end=float(end))
+    return fields
 
 
 def gather(alpha_bar: torch.Tensor, t: torch.Tensor, ndim: int, dtype: torch.dtype) -> torch.Tensor:

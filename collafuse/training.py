@@ -14,7 +14,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Union
 
 import numpy as np
 import torch
@@ -22,7 +22,8 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import DataLoader, TensorDataset
 from tqdm import tqdm
 
-from collafuse.config import ModelConfig, RunConfig
+from collafuse.backends import Denoiser, DiffusersDenoiser, DiffusersSpec
+from collafuse.config import DiffusersModelConfig, ModelConfig, RunConfig
 from collafuse.data import ImageSet, Splits
 from collafuse.errors import ConfigError
 from collafuse.hooks import ReleaseHook, TrainingHook, deliver_round
@@ -70,6 +71,10 @@ def resolve_device(name: "str | torch.device | None") -> torch.device:
 
 
 def unet_config(model: ModelConfig, channels: int, num_classes: int) -> UNetConfig:
+    """The native UNet's build spec for a ``backend: native`` model section (see :func:`denoiser_spec`)."""
+    if not isinstance(model, ModelConfig):
+        raise ConfigError(f"unet_config builds native models only; this one is backend {model.backend!r} "
+                          "(use collafuse.training.denoiser_spec)")
     return UNetConfig(
         in_channels=channels,
         channels=tuple(model.channels),
@@ -80,10 +85,46 @@ def unet_config(model: ModelConfig, channels: int, num_classes: int) -> UNetConf
     )
 
 
-def build_model(config: UNetConfig, seed: int, *stream: int) -> UNet:
-    """A freshly initialised UNet whose weights depend only on (seed, stream)."""
+ModelSpec = Union[UNetConfig, DiffusersSpec]
+
+
+def model_spec(
+    model: "ModelConfig | DiffusersModelConfig", channels: int, image_size: int, num_classes: int,
+    alpha_bar: tuple[float, ...] | None = None,
+) -> ModelSpec:
+    """The build spec of an ε-model section, whichever its backend; ``alpha_bar`` is the schedule the model
+    is trained on (only a diffusers model that predicts v or x0 needs it, to convert to ε)."""
+    if isinstance(model, ModelConfig):
+        return unet_config(model, channels, num_classes)
+    return DiffusersSpec(
+        in_channels=channels, sample_size=image_size, num_classes=num_classes,
+        unet_kwargs=tuple(sorted(model.unet_kwargs.items())), prediction_type=model.prediction_type,
+        timestep_offset=1 if model.timesteps == "diffusers" else 0, alpha_bar=alpha_bar,
+    )
+
+
+def denoiser_spec(config: RunConfig, side: str, num_classes: int) -> ModelSpec:
+    """The build spec of one side's ε-model ("server" or "client") of a run config (DESIGN §9).
+
+    A diffusers model that predicts v or x0 converts to ε with the schedule it was trained on: the
+    full ᾱ for a client, the relative ᾱ' = ᾱ/ᾱ_{t_c} for the server (§2.2 step 3)."""
+    if side not in ("server", "client"):
+        raise ValueError(f"side must be 'server' or 'client', got {side!r}")
+    model = config.server_model if side == "server" else config.client_model
+    alpha_bar = None
+    if getattr(model, "prediction_type", "epsilon") != "epsilon":
+        schedule = NoiseSchedule.from_config(config.diffusion)
+        table = schedule.relative(config.t_c) if side == "server" else schedule.alpha_bar
+        alpha_bar = tuple(float(v) for v in table)
+    return model_spec(model, config.data.channels, config.data.image_size, num_classes, alpha_bar)
+
+
+def build_model(config: ModelSpec, seed: int, *stream: int) -> "Denoiser":
+    """A freshly initialised ε-model (native UNet or diffusers) whose weights depend only on (seed, stream)."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(stream_seed(seed, STREAM_INIT, *stream))
+        if isinstance(config, DiffusersSpec):
+            return DiffusersDenoiser(config)
         return UNet(config)
 
 
@@ -120,8 +161,8 @@ class TrainedSystem:
     config: RunConfig
     schedule: NoiseSchedule
     t_c: int
-    server_model: UNet | None
-    client_models: list[UNet | None]
+    server_model: Denoiser | None
+    client_models: list[Denoiser | None]
     log: list[dict] = field(default_factory=list)
     num_classes: int = 0
     # training.snapshots: epoch → model name ("server", "client_<k>") → its EMA weights after that epoch (CPU copies)
@@ -173,7 +214,7 @@ def train_system(
 ) -> TrainedSystem:
     """Train every client and the server; write the transcript and audit key under ``out_dir``."""
     device = resolve_device(config.device)
-    schedule = NoiseSchedule.create(config.diffusion.schedule, config.diffusion.T)
+    schedule = NoiseSchedule.from_config(config.diffusion)
     t_c = config.t_c
     T = schedule.T
     # A release hook may move where payloads sit (payload noise: t_c → t'); the server
@@ -187,14 +228,13 @@ def train_system(
     num_classes = data.num_classes if config.conditional else 0
     if config.conditional and data.labels is None:
         raise ConfigError(f"conditional: true needs labelled data; source {config.data.source!r} has no labels")
-    channels = config.data.channels
     tr = config.training
 
     server: Server | None = None
     server_average: WeightAverage | None = None
     client_averages: list[WeightAverage | None] = []
     if t_c < T:
-        s_model = build_model(unet_config(config.server_model, channels, num_classes), config.seed, STREAM_SERVER).to(device)
+        s_model = build_model(denoiser_spec(config, "server", num_classes), config.seed, STREAM_SERVER).to(device)
         s_opt = torch.optim.Adam(s_model.parameters(), lr=tr.lr)
         # The average copies the model before any hook wraps it (a wrapper's hooks must not be copied).
         server_average = WeightAverage(s_model, tr.ema_decay)
@@ -216,7 +256,7 @@ def train_system(
         )
         c_model = c_opt = None
         if t_c > 0:
-            c_model = build_model(unet_config(config.client_model, channels, num_classes), config.seed, STREAM_CLIENT, k).to(device)
+            c_model = build_model(denoiser_spec(config, "client", num_classes), config.seed, STREAM_CLIENT, k).to(device)
             c_opt = torch.optim.Adam(c_model.parameters(), lr=tr.lr)
         client_averages.append(WeightAverage(c_model, tr.ema_decay) if c_model is not None else None)
         # Wrapped even with no client model: the loader also picks what the server trains on.

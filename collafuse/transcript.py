@@ -128,8 +128,9 @@ class TranscriptWriter:
             }
         )
 
-    def close(self) -> None:
-        """Flush every buffer and write the index and the audit key."""
+    def close(self, write_audit_key: bool = True) -> None:
+        """Flush every buffer and write the index and (unless told not to: an imported deployment without
+        one) the audit key."""
         for client in sorted(self._buffers):
             self._flush(client)
         index = {
@@ -140,6 +141,8 @@ class TranscriptWriter:
             "shards": self._shards,
         }
         (self.dir / INDEX_FILE).write_text(json.dumps(index, indent=1))
+        if not write_audit_key:
+            return
         empty = torch.empty(0, dtype=torch.int64)
         _write_tensors(
             {
@@ -284,6 +287,10 @@ class ServerView:
         return {name: value[order] for name, value in merged.items()}
 
 
+class MissingAuditKey(RunError):
+    """The run has no audit key by design (imported without one): per-row scoring is impossible, not broken."""
+
+
 @dataclass(frozen=True)
 class AuditKey:
     """Ground truth for scoring: for each transcript row (by ``seq``), its member index and client."""
@@ -296,6 +303,14 @@ class AuditKey:
     def open(cls, run_dir: Path) -> "AuditKey":
         path = Path(run_dir) / AUDIT_KEY_FILE
         if not path.is_file():
+            marker = Path(run_dir) / "run.json"
+            try:
+                imported_without = json.loads(marker.read_text()).get("has_audit_key") is False
+            except (OSError, ValueError, AttributeError):
+                imported_without = False
+            if imported_without:
+                raise MissingAuditKey("the deployment was imported without an audit key: attacks that need the "
+                                      "truth of each payload row cannot be scored")
             raise RunError(f"audit key missing: {path}")
         try:
             d = load_file(str(path))

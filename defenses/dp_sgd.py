@@ -130,6 +130,20 @@ class PrivateUNet(GradSampleModule):
         return self._module.null_class
 
 
+def private_model(model: torch.nn.Module, role: str) -> PrivateUNet:
+    """``model`` wrapped for per-sample gradients, or one ConfigError line naming the layer Opacus cannot
+    handle (a diffusers backend may hold one: DESIGN §9)."""
+    from opacus.validators import ModuleValidator
+
+    problems = ModuleValidator.validate(model, strict=False)
+    if problems:
+        raise ConfigError(f"dp-sgd: Opacus cannot train the {role} model privately: {str(problems[0]).splitlines()[0]}")
+    try:
+        return PrivateUNet(model, loss_reduction="mean")
+    except NotImplementedError as exc:
+        raise ConfigError(f"dp-sgd: Opacus cannot train the {role} model privately: {str(exc).splitlines()[0]}") from None
+
+
 class MultiplicityDPOptimizer(DPOptimizer):
     """Opacus' DPOptimizer that first averages the K per-row gradients of each image (noise multiplicity).
 
@@ -202,7 +216,7 @@ class DPSGD(TrainingHook):
         if role == "server":
             if not self.spec.private("server"):
                 return model, optimizer, loader
-            model = PrivateUNet(model, loss_reduction="mean")
+            model = private_model(model, "server")
             dp_opt = self._optimizer(optimizer, 0, expected_batch_size=1)
             # σ and the sample rate depend on the clients' loaders, which are wrapped next.
             self._server_pending = (dp_opt,)
@@ -217,7 +231,7 @@ class DPSGD(TrainingHook):
                 loader, generator=torch.Generator().manual_seed(stream_seed(self.seed, STREAM_DP_LOADER, k))
             )
         if self.spec.private("client") and model is not None:
-            model = PrivateUNet(model, loss_reduction="mean")
+            model = private_model(model, f"client {k}")
             q = self.client_rates[k]
             dp_opt = self._optimizer(optimizer, k + 1, expected_batch_size=max(1, round(q * self.client_sizes[k])))
             sigma = self._sigma(f"client{k}", q, self.epochs * self.client_batches[k])

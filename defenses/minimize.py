@@ -239,7 +239,7 @@ def _single_release(spec: MinimizeSpec, config) -> ReleaseHook:
 
 
 def _quantize(spec: MinimizeSpec, config) -> ReleaseHook:
-    return Quantize(int(spec.bits), NoiseSchedule.create(config.diffusion.schedule, config.diffusion.T))
+    return Quantize(int(spec.bits), NoiseSchedule.from_config(config.diffusion))
 
 
 MODES: Registry[Callable[[MinimizeSpec, Any], ReleaseHook]] = Registry("minimize mode")

@@ -119,7 +119,7 @@ class PayloadNoise(ReleaseHook):
 
 def build(spec: PayloadNoiseSpec, config) -> PayloadNoise:
     """The hook for a run config; refuses a σ that leaves the server no step to train on."""
-    schedule = NoiseSchedule.create(config.diffusion.schedule, config.diffusion.T)
+    schedule = NoiseSchedule.from_config(config.diffusion)
     t_c, T = config.t_c, schedule.T
     if config.training.payload != "cut":
         raise ConfigError(

@@ -164,7 +164,7 @@ class SettingSummary:
 # ---------------------------------------------------------------- from a config
 
 def _schedule(config) -> NoiseSchedule:
-    return NoiseSchedule.create(config.diffusion.schedule, config.diffusion.T)
+    return NoiseSchedule.from_config(config.diffusion)
 
 
 def _release_step(parsed: Sequence[Any], t_c: int, schedule: NoiseSchedule) -> int:

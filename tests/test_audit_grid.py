@@ -63,6 +63,12 @@ def test_grid_cells_are_the_product_and_carry_their_config(tmp_path):
     ({"payload_curve": {"cut_ratios": [0.2], "defenses": {"x": [{"name": "payload-noise", "sigma": -1}]}}}, "sigma"),
     ({"colour": "blue"}, "unknown grid key"),
     ({"seeds": [0, 0]}, "lists a cell twice"),
+    # grid integers are strict, as in a run config: a bool or a string is a mistake, not 1 or 2
+    ({"payload_curve": {"cut_ratios": [0.2], "epochs": True}}, "payload_curve.epochs: Input should be a valid integer"),
+    ({"systems": {"cut_ratios": [0.5], "references": "2"}}, "systems.0.references: Input should be a valid integer"),
+    ({"systems": {"cut_ratios": [0.5], "samples_per_client": 32.0}}, "samples_per_client: Input should be a valid integer"),
+    ({"systems": {"cut_ratios": [0.5], "snapshots": [True]}}, "snapshots.0: Input should be a valid integer"),
+    ({"seeds": [False]}, "seeds.0: Input should be a valid integer"),
 ])
 def test_bad_grids_are_refused_with_one_line(tmp_path, change, message):
     raw = {**GRID, **change}

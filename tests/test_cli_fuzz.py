@@ -334,7 +334,8 @@ CASES = {
         "labels", np.zeros(32, np.int64), (10**13,), {"images": _digits()})), "labels"),
     "npz images truncated": (train_npz_bytes(lambda: _npz_lying_header(
         "images", _digits(), (32000, 8, 8))), "truncated or corrupt"),
-    "npz channel-first": (train_npz(images=_digits(shape=(1, 8, 8))), "channel-first (N, C, H, W)"),
+    "npz channel-first RGB for 1 channel": (train_npz(images=_digits(shape=(3, 8, 8))),
+                                            "3 channel(s) but the config says channels=1"),
     "npz NaN pixels": (train_npz(images=np.where(np.arange(32 * 64).reshape(32, 8, 8) == 5, np.nan, 0.5)),
                        "NaN pixels"),
     "npz inf pixels": (train_npz(images=np.full((32, 8, 8), np.inf)), "infinite"),

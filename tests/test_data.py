@@ -129,18 +129,23 @@ def test_npz_of_pickled_objects_or_not_an_npz_is_refused(tmp_path):
         load_npz(tmp_path / "l.npz", 1, 8)
 
 
-def test_channel_first_npz_names_the_layout_and_the_fix(tmp_path):
-    from collafuse.data import load_npz
+def test_channel_first_npz_loads_like_channel_last(tmp_path):
+    """DESIGN §9: (N, C, H, W), the PyTorch habit, is detected (second axis 1 or 3, last axis not) and loads."""
+    from collafuse.data import load_npz, looks_channel_first
 
-    np.savez(tmp_path / "cf.npz", images=np.random.default_rng(0).random((10, 1, 16, 16)).astype(np.float32))
-    with pytest.raises(DataError) as info:
-        load_npz(tmp_path / "cf.npz", 1, 16)
-    message = str(info.value)
-    assert "channel-first (N, C, H, W)" in message and "channel-last (N, H, W, C)" in message
-    assert "images.transpose(0, 2, 3, 1)" in message and "(10, 16, 16, 1)" in message
+    rng = np.random.default_rng(0)
+    for channels, dtype in ((1, np.float32), (3, np.uint8)):
+        last = (rng.random((10, 16, 16, channels)) * (255 if dtype == np.uint8 else 1)).astype(dtype)
+        np.savez(tmp_path / "last.npz", images=last)
+        np.savez(tmp_path / "first.npz", images=last.transpose(0, 3, 1, 2))
+        a, b = load_npz(tmp_path / "last.npz", channels, 16), load_npz(tmp_path / "first.npz", channels, 16)
+        assert torch.equal(a.images, b.images) and a.images.shape == (10, channels, 16, 16)
+    assert looks_channel_first((10, 3, 32, 32)) and looks_channel_first((10, 1, 8, 8))
+    assert not looks_channel_first((10, 32, 32, 3)) and not looks_channel_first((3, 3, 8, 3))
+    assert not looks_channel_first((10, 8, 8))
     np.savez(tmp_path / "rgb.npz", images=np.zeros((10, 3, 8, 8), np.uint8))
-    with pytest.raises(DataError, match="channel-first"):
-        load_npz(tmp_path / "rgb.npz", 3, 8)
+    with pytest.raises(DataError, match="3 channel\\(s\\) but the config says channels=1"):
+        load_npz(tmp_path / "rgb.npz", 1, 8)
     np.savez(tmp_path / "hw3.npz", images=np.zeros((10, 8, 8, 3), np.uint8))
     with pytest.raises(DataError, match="3 channel\\(s\\) but the config says channels=1"):
         load_npz(tmp_path / "hw3.npz", 1, 8)

@@ -139,15 +139,71 @@ def test_attack_membership_reports_the_one_run_audit_per_target_and_attack(tmp_p
     from collafuse.runs import Run, create_run
 
     run = Run.load(create_run(tiny_config(canaries={"count": 40}), tmp_path / "run", progress=False))
-    result = run_membership(run, ("loss", "sima"), ("client", "server", "payload"))
+    result = run_membership(run, ("loss", "sima", "payload-lr"), ("client", "server", "payload"))
     rep = result.to_json()["targets"]
-    for key in ("client_0", "server"):  # the canary client's model and the server (it trains on its payloads)
-        for name in ("loss", "sima"):
+    keys = {"epsilon_lb", "m", "k_plus", "k_minus", "correct", "confidence", "delta", "formal_epsilon"}
+    # the canary client's model, the server (it trains on its payloads) and the payloads themselves (T1)
+    for key, names in (("client_0", ("loss", "sima")), ("server", ("loss", "sima")), ("payload", ("payload-lr",))):
+        for name in names:
             one = rep[key]["attacks"][name]["one_run"]
-            assert set(one) == {"epsilon_lb", "m", "k_plus", "k_minus", "correct", "confidence", "delta"}
+            assert set(one) == keys
             assert one["m"] == 40 and one["k_plus"] == one["k_minus"] == 4 and 0 <= one["correct"] <= 8
             assert one["confidence"] == pytest.approx(0.95) and one["epsilon_lb"] >= 0
+            if key == "client_0":
+                assert one["formal_epsilon"] == "inf"  # no DP-SGD: the client model has no formal bound
+            else:  # the cut's own noise is a Gaussian mechanism: finite, vacuous; the server inherits it
+                assert one["formal_epsilon"] == rep["payload"]["attacks"]["payload-lr"]["one_run"]["formal_epsilon"]
+                assert one["formal_epsilon"] > 100
     assert "one_run" not in rep["client_1"]["attacks"]["loss"]  # client 1 trained on no canary
+
+
+def test_payload_channel_one_run_bound_sits_beside_its_formal_epsilon(tmp_path):
+    """The payload channel (T1) audited on the canaries' payloads by payload-lr: undefended, the canaries
+    sent at c = 0.2 are found (ε_LB > 1 with 10 + 10 guesses of m = 100); behind payload noise σ = 1 the
+    bound is reported beside the defense's formal ε and stays below it."""
+    from conftest import tiny_config
+    from collafuse.attacks.membership.engine import run_membership
+    from collafuse.runs import Run, create_run
+
+    plain = Run.load(create_run(tiny_config(canaries={"count": 100}), tmp_path / "plain", progress=False))
+    one = run_membership(plain, ("payload-lr",), ("payload",)).targets["payload"].attacks["payload-lr"].one_run
+    assert one["m"] == 100 and one["k_plus"] == one["k_minus"] == 10
+    assert one["epsilon_lb"] > 1.0 and one["epsilon_lb"] <= one["formal_epsilon"], one
+
+    from collafuse.benchmarks.audit.cells import trained_system  # the audit's way to train a defended system
+    from collafuse.benchmarks.audit.grid import Cell
+
+    cfg = tiny_config(canaries={"count": 100}, defenses=[{"name": "payload-noise", "sigma": 1.0}])
+    cell = Cell("system", "digits", 0.2, "payload-noise", "cut", 1, 2, cfg)
+    path, _ = trained_system(cell, tmp_path / "cache")
+    noisy = run_membership(Run.load(path), ("payload-lr",), ("payload",)).targets["payload"].attacks["payload-lr"].one_run
+    assert isinstance(noisy["formal_epsilon"], float) and math.isfinite(noisy["formal_epsilon"]), noisy
+    assert 0 <= noisy["epsilon_lb"] <= noisy["formal_epsilon"], noisy
+
+
+def test_report_sets_the_one_run_bound_beside_the_formal_epsilon():
+    import pandas as pd
+    from collafuse.benchmarks.audit.report.analysis import formal_table
+
+    def row(threat, target, attack, metric, value):
+        return {"cell": "c", "kind": "system", "defense": "dp-sgd", "cut_ratio": 0.5, "threat": threat,
+                "target": target, "attack": attack, "metric": metric, "value": value}
+
+    rows = pd.DataFrame([
+        row("formal", "payload", "accountant", "epsilon_payload", 2.0),
+        row("formal", "clients", "accountant", "epsilon_model_clients", 8.0),
+        row("T1", "payload", "payload-lr", "epsilon_lb", 0.3),
+        row("T1", "payload", "payload-lr", "one_run_epsilon_lb", 0.9),
+        row("T3", "client_0", "loss", "one_run_epsilon_lb", 0.4),
+        row("T3", "client_0", "sima", "one_run_epsilon_lb", 1.1),
+    ])
+    table = formal_table(rows, ["c"]).set_index("threat")
+    assert table.loc["T1", "formal"] == 2.0 and table.loc["T1", "one_run"] == 0.9
+    assert table.loc["T1", "empirical"] == 0.3
+    # T3: no threshold ε_LB row, but the one-run bound alone puts it beside the accountant's ε
+    assert table.loc["T3", "formal"] == 8.0 and table.loc["T3", "one_run"] == 1.1
+    assert (table.loc["T3", "one_run_attack"], table.loc["T3", "one_run_target"]) == ("sima", "client_0")
+    assert math.isnan(table.loc["T3", "empirical"])
 
 
 @pytest.mark.slow

@@ -112,6 +112,20 @@ def test_cluster_bootstrap_covers_the_true_mean_with_correlated_rows() -> None:
     assert naive_covered / sims < 0.88  # treating rows as independent would under-cover: why clusters matter
 
 
+def test_cluster_bootstrap_does_not_depend_on_how_clusters_are_numbered() -> None:
+    """Relabelling the images (an imported copy of a run numbers them 0..M-1) must not move the interval;
+    regrouping rows must."""
+    rng = np.random.default_rng(0)
+    clusters = rng.integers(0, 40, 200)
+    values = rng.normal(size=200) + clusters / 40
+    relabel = rng.permutation(1000)[:40] + 7  # any injective renaming
+    a = cluster_bootstrap_interval(values, clusters, np.random.default_rng(3))
+    b = cluster_bootstrap_interval(values, relabel[clusters], np.random.default_rng(3))
+    assert a == b
+    c = cluster_bootstrap_interval(values, np.roll(clusters, 1), np.random.default_rng(3))
+    assert (c.lo, c.hi) != (a.lo, a.hi)
+
+
 def test_summarize_picks_the_interval_by_structure() -> None:
     assert summarize(np.array([1.0, 0.0, 1.0]), proportion=True).method == "wilson"
     assert summarize(np.array([1.0, 2.0, 4.0])).method == "t"

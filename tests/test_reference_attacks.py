@@ -6,6 +6,8 @@ flagged), a nearly untrained one (chance), and LiRA with K = 8 references not wo
 """
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -61,7 +63,7 @@ def test_reference_attacks_are_registered_as_needing_references_and_not_run_by_d
     assert not set(REFERENCE_ATTACKS) & set(DEFAULT_ATTACKS)
     for name in REFERENCE_ATTACKS:
         a = ATTACKS.get(name)
-        assert a.threats == ("T3",) and a.direction == "higher = more likely member"
+        assert a.threats == ("T2", "T3") and a.direction == "higher = more likely member"
         # target + R references, each at M steps × K fixed noise draws
         assert a.queries_per_image(SignalSettings(n_noise=4, references=2), 8) == 3 * 8 * 4
     with pytest.raises(ValueError, match="references must be an integer >= 2"):
@@ -149,12 +151,12 @@ def test_reference_models_are_cached_by_content(tmp_path):
 # real client models (T3)
 
 
-def _config(epochs: int, n: int, lr: float = 3e-3) -> dict:
+def _config(epochs: int, n: int, lr: float = 3e-3, cut_ratio: float = 1.0) -> dict:
     """One client, c = 1 (it owns every step; no server to train), 8×8 digits, full-batch steps."""
     return {
         "seed": 0, "device": "cpu", "conditional": False,
         "data": {"image_size": 8, "n_members": n, "n_nonmembers": n, "n_aux": 64, "num_clients": 1},
-        "diffusion": {"T": 100, "cut_ratio": 1.0},
+        "diffusion": {"T": 100, "cut_ratio": cut_ratio},
         "client_model": {"channels": [8, 16], "time_dim": 32},
         "server_model": {"channels": [8, 16], "time_dim": 16},
         "training": {"epochs": epochs, "batch_size": 32, "lr": lr, "ema_decay": 0.99},
@@ -259,3 +261,42 @@ def test_command_line_runs_reference_attacks_with_the_asked_number_of_references
     err = capsys.readouterr().err
     assert rc == 2 and "--references must be >= 2" in err and err.count("\n") == 1
     assert not (tmp_path / "bad.json").exists()
+
+
+# ---------------------------------------------------------------------------------------
+# reference SERVER models (T2): trained on payloads simulated from each subset
+
+
+def test_reference_server_models_train_on_simulated_payloads_and_are_cached(tmp_path):
+    from collafuse.attacks.membership.references import ServerRecipe, load_or_train_server, release_hooks
+    from collafuse.config import config_from_dict
+
+    cfg = config_from_dict({**_config(2, 8, cut_ratio=0.3), "defenses": [{"name": "payload-noise", "sigma": 1.0}]})
+    hooks = release_hooks(cfg)
+    assert hooks  # payload noise shapes the simulated payloads as it shaped the target's
+    recipe = ServerRecipe(UNetConfig(channels=(8, 16), time_dim=16), "cosine", 100, 30, 30, "cut", 2, 8, 1e-3, 0.0,
+                          0.0, json.dumps(cfg.defenses))
+    images = torch.rand(8, 1, 8, 8) * 2 - 1
+    a, hit_a = load_or_train_server(recipe, hooks, images, None, 3, tmp_path)
+    b, hit_b = load_or_train_server(recipe, hooks, images, None, 3, tmp_path)
+    assert not hit_a and hit_b
+    assert all(torch.equal(va, vb) for va, vb in zip(a.state_dict().values(), b.state_dict().values()))
+    plain = ServerRecipe(**{**recipe.__dict__, "defenses": "[]"})
+    assert reference_key(plain, images, None, 3) != reference_key(recipe, images, None, 3)
+    c, _ = load_or_train_server(plain, (), images, None, 3, tmp_path)  # other payloads: other weights
+    assert any(not torch.equal(va, vc) for va, vc in zip(a.state_dict().values(), c.state_dict().values()))
+
+
+@pytest.mark.slow
+def test_memorising_server_is_found_by_lira_and_rmia_and_untrained_is_chance(tmp_path):
+    """One client, c = 0.1, 32 members, 300 full-batch epochs: the server has memorised the payloads of its
+    32 images; 2 reference server models each. A 1-epoch server at lr 1e-4 (160 members) gives chance."""
+    run = _train(_config(300, 32, cut_ratio=0.1), tmp_path / "mem")
+    target = run_membership(run, ("lira", "rmia", "loss"), ("server",), _settings(2)).targets["server"]
+    for name in ("lira", "rmia"):
+        m = target.attacks[name].metrics
+        assert m.auc.value >= 0.9, (name, m.auc.value, target.attacks["loss"].metrics.auc.value)
+    untrained = _train(_config(1, 160, lr=1e-4, cut_ratio=0.1), tmp_path / "untrained")
+    result = run_membership(untrained, ("lira", "rmia"), ("server",), _settings(2))
+    aucs = {name: a.metrics.auc.value for name, a in result.targets["server"].attacks.items()}
+    assert all(0.4 <= v <= 0.6 for v in aucs.values()), aucs

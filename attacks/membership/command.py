@@ -125,6 +125,7 @@ def run_command(run_dir: Path, attacks: str | None, targets: str | None, out: st
             if outcome.one_run is not None:
                 o = outcome.one_run
                 print(f"{target.key:>16} {target.threat} {outcome.name:>12}  one-run eps_LB {o['epsilon_lb']} "
-                      f"({o['correct']}/{o['k_plus'] + o['k_minus']} correct of m = {o['m']} canaries)")
+                      f"({o['correct']}/{o['k_plus'] + o['k_minus']} correct of m = {o['m']} canaries)"
+                      + (f"  formal eps {o['formal_epsilon']}" if "formal_epsilon" in o else ""))
     print(f"membership report written to {out_path}")
     return 0

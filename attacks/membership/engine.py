@@ -285,12 +285,28 @@ def plan(attack_names: tuple[str, ...], target_names: tuple[str, ...], explicit_
     return [(inst, [a for a in attacks if inst.threat in a.threats]) for inst in instances]
 
 
+def formal_epsilons(run) -> dict[str, float]:
+    """The formal ε each one-run bound is set beside (§4.3, §5), per threat: T1 the payload channel's ε
+    (the release defenses'; ∞ without one), T2 the server model's (never worse than the payload channel),
+    T3 the client models' (DP-SGD's accountant; ∞ without it). Read from the run's own hook records."""
+    from collafuse.defenses import HookRecord, model_epsilon, setting_from_run
+
+    payload = float(setting_from_run(run.info, run.config).payload_guarantee.epsilon)
+    clients, server = model_epsilon([HookRecord.from_json(h) for h in run.info.get("hooks", [])], payload)
+    return {"T1": payload, "T2": float(server), "T3": float(clients)}
+
+
+def _json_epsilon(eps: float) -> float | str:
+    return eps if np.isfinite(eps) else "inf"
+
+
 def one_run_outcome(outcome: AttackOutcome, attack: MembershipAttack, cache: SignalCache, canaries: Candidates,
-                    settings: MembershipSettings) -> AttackOutcome:
+                    settings: MembershipSettings, formal_epsilon: float | None = None) -> AttackOutcome:
     """``outcome`` with its one-run audit (§4.3; :mod:`~collafuse.attacks.membership.one_run`): the attack
     scores the m canaries, guesses IN for its k₊ highest and OUT for its k₋ lowest (k₊ = k₋ =
     ⌊settings.one_run_fraction · m⌋, fixed in advance) and the correct guesses bound ε at confidence
-    1 − α. Attacks whose signals the canaries' cache lacks (reference attacks) keep ``one_run`` None."""
+    1 − α. Attacks whose signals the canaries' cache lacks (reference attacks) keep ``one_run`` None.
+    ``formal_epsilon``: the target's formal ε (:func:`formal_epsilons`), written beside the bound."""
     if not set(attack.signals) <= set(cache.available()):
         return outcome
     scores = np.asarray(attack.score(cache.require(attack.signals)).scores, dtype=np.float64)
@@ -299,11 +315,16 @@ def one_run_outcome(outcome: AttackOutcome, attack: MembershipAttack, cache: Sig
     k = max(1, int(settings.one_run_fraction * m))
     audit = one_run_audit(np.r_[s_in, s_out], np.r_[np.ones(len(s_in), bool), np.zeros(len(s_out), bool)],
                           k, k, settings.delta, settings.alpha)
-    return replace(outcome, one_run=audit.to_json())
+    entry = audit.to_json()
+    if formal_epsilon is not None:
+        entry["formal_epsilon"] = _json_epsilon(float(formal_epsilon))
+    return replace(outcome, one_run=entry)
 
 
-def _attack_targets(work, settings: MembershipSettings, seed: int, bar) -> dict[str, TargetOutcome]:
-    """Every planned (target, attacks) pair evaluated: one :class:`TargetOutcome` per target key."""
+def _attack_targets(work, settings: MembershipSettings, seed: int, bar,
+                    formal: dict[str, float] | None = None) -> dict[str, TargetOutcome]:
+    """Every planned (target, attacks) pair evaluated: one :class:`TargetOutcome` per target key.
+    ``formal``: threat → formal ε, set beside each one-run bound."""
     targets: dict[str, TargetOutcome] = {}
     for inst, attacks in work:
         if not inst.available:
@@ -324,7 +345,8 @@ def _attack_targets(work, settings: MembershipSettings, seed: int, bar) -> dict[
             bar.update(1)
         if inst.canaries is not None:
             canary_cache = inst.make_canary_cache()
-            outcomes = {name: one_run_outcome(o, ATTACKS.get(name), canary_cache, inst.canaries, settings)
+            eps = (formal or {}).get(inst.threat)
+            outcomes = {name: one_run_outcome(o, ATTACKS.get(name), canary_cache, inst.canaries, settings, eps)
                         for name, o in outcomes.items()}
         view = inst.info.get("view")
         targets[inst.key] = TargetOutcome(
@@ -352,7 +374,9 @@ def run_membership(run, attack_names: tuple[str, ...], target_names: tuple[str, 
     work = plan(attack_names, target_names, explicit_attacks, ctx)
     bar = tqdm(total=sum(len(a) for inst, a in work if inst.available), desc="membership", unit="attack",
                disable=not progress)
-    targets = _attack_targets(work, settings, seed, bar)
+    canaries = any(inst.available and inst.canaries is not None for inst, _ in work)
+    formal = formal_epsilons(run) if canaries else None
+    targets = _attack_targets(work, settings, seed, bar, formal)
     snapshots: dict[int, dict[str, TargetOutcome]] = {}
     model_targets = tuple(t for t in target_names if t in SNAPSHOT_TARGETS)
     for epoch in run.snapshot_epochs if model_targets and run.snapshot is None else ():

@@ -17,8 +17,8 @@ Variances are global per step (the paper's "fixed variance", used below 64 refer
 authors' code: the spread of all IN (OUT) values), so K = 2 references already work. The score per
 step is averaged over the low-noise half (:func:`~collafuse.attacks.membership.base.low_noise_scores`).
 HIGHER = MORE LIKELY MEMBER; the direction is learned from the references (IN vs OUT), never from
-the target's labels. Threat T3 (client models; reference server models are not built).
-Queries per image: (1 + R)·M·K fixed draws, plus R reference client trainings.
+the target's labels. Threats T2 (the server model; reference server models trained on simulated
+payloads) and T3 (client models). Queries per image: (1 + R)·M·K fixed draws, plus R reference trainings.
 """
 from __future__ import annotations
 
@@ -84,8 +84,8 @@ def _queries(settings, m: int) -> int:
 
 ATTACK = MembershipAttack(
     name="lira",
-    summary="online LiRA: Gaussian IN/OUT fits of −log loss over R reference client models, likelihood ratio",
-    threats=("T3",),
+    summary="online LiRA: Gaussian IN/OUT fits of −log loss over R reference models (client or server), likelihood ratio",
+    threats=("T2", "T3"),
     signals=SIGNALS,
     score=score_online,
     queries_per_image=_queries,
@@ -95,7 +95,7 @@ ATTACK = MembershipAttack(
 ATTACK_OFFLINE = MembershipAttack(
     name="lira-offline",
     summary="offline LiRA: one-sided test against the OUT reference models only",
-    threats=("T3",),
+    threats=("T2", "T3"),
     signals=SIGNALS,
     score=score_offline,
     queries_per_image=_queries,

@@ -28,9 +28,18 @@ Signals (N candidates, Z population samples, R references, M steps):
     pop_fixed_loss      (Z, M)     the target's loss on the population samples
     ref_pop_fixed_loss  (R, Z, M)  each reference's loss on them (z is OUT for every reference)
 
-Not covered: reference SERVER models (T2) — they would train on payloads simulated from each
-subset; the run's defenses (DP-SGD) are not applied to the references (the attacker's models are
-plain; DP targets then differ from their references, which makes the attack conservative).
+A reference SERVER model (T2) trains with the server's recipe (:meth:`collafuse.protocol.Server.receive`:
+the relative schedule ᾱ'_t = ᾱ_t/ᾱ_{t_c} above the hand-off step) on payloads simulated from its subset:
+a model-less sender releases each minibatch as the run's clients do (:meth:`collafuse.protocol.Client.release`,
+the run's payload kind and the release hooks of its ``defenses:``, so payload noise, clipping and
+single-release shape them as they shaped the target's), one server step per payload, E epochs, EMA weights.
+That is what the server would have received had its clients held that subset. Its plan: candidates are
+members of every client and held-out images, the pool the members that are not candidates and the
+auxiliary images beyond the population; a reference trains on as many images as all clients hold.
+
+Not covered: the run's TRAINING defenses (DP-SGD) are not applied to the references (the attacker's
+models are plain; DP targets then differ from their references, which makes the attack conservative),
+nor is a relay's mixing of a round (it reorders payloads, it does not change them).
 """
 from __future__ import annotations
 
@@ -47,13 +56,13 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader, TensorDataset
 
-from collafuse.attacks.membership.signals import ModelView, step_grid
+from collafuse.attacks.membership.signals import ModelView, loss_target_scale, step_grid
 from collafuse.attacks.reconstruction.denoiser import default_cache_dir
-from collafuse.model import UNet, UNetConfig
-from collafuse.protocol import Client
+from collafuse.protocol import Client, Server
 from collafuse.schedule import NoiseSchedule
 from collafuse.training import (
-    CPU, STREAM_CLIENT, STREAM_LOADER, WeightAverage, build_model, generator_for, stream_seed, unet_config,
+    CPU, STREAM_CLIENT, STREAM_LOADER, STREAM_SERVER, ModelSpec, WeightAverage, build_model, denoiser_spec,
+    generator_for, stream_seed,
 )
 
 CACHE_SUBDIR = "references"
@@ -68,7 +77,7 @@ VERSION = 1
 class ClientRecipe:
     """How the target client model was trained: everything a reference must repeat."""
 
-    unet: UNetConfig
+    unet: ModelSpec          # native UNetConfig or DiffusersSpec (collafuse.training.denoiser_spec)
     schedule: str
     T: int
     t_max: int
@@ -77,27 +86,29 @@ class ClientRecipe:
     lr: float
     ema_decay: float
     label_dropout: float
+    schedule_args: tuple = ()  # (beta_start, beta_end, betas) of diffusion: (NoiseSchedule.create's extra arguments)
 
     @classmethod
     def from_run(cls, run) -> "ClientRecipe":
         cfg = run.config
         tr = cfg.training
         return cls(
-            unet=unet_config(cfg.client_model, cfg.data.channels, run.num_classes),
+            unet=denoiser_spec(cfg, "client", run.num_classes),
             # A snapshot's models are those after epoch ``snapshot``: its references train that long.
             schedule=cfg.diffusion.schedule, T=cfg.diffusion.T, t_max=int(run.t_c),
+            schedule_args=(cfg.diffusion.beta_start, cfg.diffusion.beta_end, cfg.diffusion.betas),
             epochs=int(getattr(run, "snapshot", None) or tr.epochs),
             batch_size=tr.batch_size, lr=tr.lr, ema_decay=tr.ema_decay, label_dropout=tr.label_dropout,
         )
 
 
 def train_client_model(recipe: ClientRecipe, images: torch.Tensor, labels: torch.Tensor | None, seed: int,
-                       device: torch.device | str = CPU) -> UNet:
+                       device: torch.device | str = CPU) -> torch.nn.Module:
     """One client training (the loop of :func:`collafuse.training.train_system` for one client, no
     server): epochs × shuffled minibatches, ``Client.train_step`` on t ∈ [1, t_max], EMA weights.
     images (n, C, H, W) in [-1, 1]; labels (n,) or None. Deterministic given ``seed``."""
     device = torch.device(device)
-    schedule = NoiseSchedule.create(recipe.schedule, recipe.T)
+    schedule = NoiseSchedule.create(recipe.schedule, recipe.T, *recipe.schedule_args)
     conditional = recipe.unet.num_classes > 0 and labels is not None
     model = build_model(recipe.unet, seed, STREAM_CLIENT).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=recipe.lr)
@@ -115,7 +126,80 @@ def train_client_model(recipe: ClientRecipe, images: torch.Tensor, labels: torch
     return average.weights.eval()
 
 
-def reference_key(recipe: ClientRecipe, images: torch.Tensor, labels: torch.Tensor | None, seed: int) -> str:
+@dataclass(frozen=True)
+class ServerRecipe:
+    """How the target server model was trained, and how its payloads were made: what a reference repeats.
+
+    t_release: the step the clients release at (c·T); t_hand: where the server's steps begin (t_release,
+    or the later step a release hook moves payloads to). defenses: the run's ``defenses:`` as canonical
+    JSON (their release hooks are rebuilt from the run config for each reference)."""
+
+    unet: ModelSpec
+    schedule: str
+    T: int
+    t_release: int
+    t_hand: int
+    payload: str
+    epochs: int
+    batch_size: int
+    lr: float
+    ema_decay: float
+    label_dropout: float
+    defenses: str
+    schedule_args: tuple = ()  # as ClientRecipe.schedule_args
+
+    @classmethod
+    def from_run(cls, run) -> "ServerRecipe":
+        cfg = run.config
+        tr = cfg.training
+        return cls(
+            unet=denoiser_spec(cfg, "server", run.num_classes), schedule=cfg.diffusion.schedule, T=cfg.diffusion.T,
+            t_release=int(cfg.t_c), t_hand=int(run.t_c), payload=tr.payload,
+            epochs=int(getattr(run, "snapshot", None) or tr.epochs),
+            batch_size=tr.batch_size, lr=tr.lr, ema_decay=tr.ema_decay, label_dropout=tr.label_dropout,
+            defenses=json.dumps([dict(d) for d in cfg.defenses], sort_keys=True),
+            schedule_args=(cfg.diffusion.beta_start, cfg.diffusion.beta_end, cfg.diffusion.betas),
+        )
+
+
+def release_hooks(config) -> tuple:
+    """The release hooks of a run config's ``defenses:`` (those acting on payloads), as training builds them."""
+    if not config.defenses:
+        return ()
+    from collafuse.defenses import build_hooks
+
+    return tuple(build_hooks(config.defenses, config).release)
+
+
+def train_server_model(recipe: ServerRecipe, hooks: tuple, images: torch.Tensor, labels: torch.Tensor | None,
+                       seed: int, device: torch.device | str = CPU):
+    """One server training on payloads simulated from ``images`` (n, C, H, W) in [-1, 1]: per epoch,
+    shuffled minibatches, each released by a model-less sender (the run's payload kind; ``hooks``: the
+    run's release hooks) and passed to ``Server.receive`` (its relative schedule above ``t_hand``); EMA
+    weights. Deterministic given ``seed``."""
+    device = torch.device(device)
+    schedule = NoiseSchedule.create(recipe.schedule, recipe.T, *recipe.schedule_args)
+    conditional = recipe.unet.num_classes > 0 and labels is not None
+    model = build_model(recipe.unet, seed, STREAM_SERVER).to(device)
+    opt = torch.optim.Adam(model.parameters(), lr=recipe.lr)
+    average = WeightAverage(model, recipe.ema_decay)
+    server = Server(model, opt, schedule, recipe.t_hand, generator_for(seed, STREAM_SERVER), device, recipe.label_dropout)
+    sender = Client(0, None, None, schedule, recipe.t_release, recipe.payload, generator_for(seed, STREAM_CLIENT),
+                    release_hooks=hooks, send_labels=conditional)
+    ys = labels if labels is not None else torch.zeros(len(images), dtype=torch.long)
+    loader = DataLoader(TensorDataset(torch.arange(len(images)), images, ys), batch_size=min(recipe.batch_size, len(images)),
+                        shuffle=True, generator=generator_for(seed, STREAM_LOADER))
+    model.train()
+    step = 0
+    for _ in range(recipe.epochs):
+        for ids, x0, y in loader:
+            server.receive(sender.release(x0.to(device), y.to(device) if conditional else None, ids, step))
+            average.update()
+            step += 1
+    return average.weights.eval()
+
+
+def reference_key(recipe: "ClientRecipe | ServerRecipe", images: torch.Tensor, labels: torch.Tensor | None, seed: int) -> str:
     """sha256 over the recipe, the training images' and labels' bytes and the seed: the cache key."""
     h = hashlib.sha256()
     h.update(json.dumps({"recipe": asdict(recipe), "seed": int(seed), "v": VERSION}, sort_keys=True).encode())
@@ -128,19 +212,32 @@ def reference_key(recipe: ClientRecipe, images: torch.Tensor, labels: torch.Tens
 
 
 def load_or_train_client(recipe: ClientRecipe, images: torch.Tensor, labels: torch.Tensor | None, seed: int,
-                         cache_dir: Path | None = None, device: torch.device | str = CPU) -> tuple[UNet, bool]:
+                         cache_dir: Path | None = None, device: torch.device | str = CPU) -> tuple[torch.nn.Module, bool]:
     """The cached reference client model for (recipe, images, labels, seed); trained and cached on a miss.
     Returns (model in eval mode, hit)."""
+    return _load_or_train(recipe, images, labels, seed, cache_dir, device,
+                          lambda: train_client_model(recipe, images, labels, seed, device))
+
+
+def load_or_train_server(recipe: ServerRecipe, hooks: tuple, images: torch.Tensor, labels: torch.Tensor | None,
+                         seed: int, cache_dir: Path | None = None,
+                         device: torch.device | str = CPU) -> tuple[torch.nn.Module, bool]:
+    """The cached reference server model (:func:`train_server_model`); its key holds the defenses (recipe)."""
+    return _load_or_train(recipe, images, labels, seed, cache_dir, device,
+                          lambda: train_server_model(recipe, hooks, images, labels, seed, device))
+
+
+def _load_or_train(recipe, images, labels, seed, cache_dir, device, train: Callable[[], torch.nn.Module]):
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     path = root / CACHE_SUBDIR / f"{reference_key(recipe, images, labels, seed)}.safetensors"
     if path.is_file():
         try:
-            model = UNet(recipe.unet)
+            model = build_model(recipe.unet, seed)  # any init: every weight is replaced by the cached ones
             model.load_state_dict(load_file(str(path)))
             return model.to(device).eval(), True
         except (SafetensorError, OSError, RuntimeError):
             pass  # unreadable entry: train again and replace it
-    model = train_client_model(recipe, images, labels, seed, device)
+    model = train()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
     save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(tmp),
@@ -200,20 +297,23 @@ def reference_training_sets(plan: ReferencePlan, design: np.ndarray, generator: 
 
 def fixed_losses(view: ModelView, images: torch.Tensor, labels: torch.Tensor | None, steps: list[int],
                  noise: torch.Tensor, batch_size: int) -> np.ndarray:
-    """Per-pixel mean ‖ε − ε_θ(a_t x + s_t ε, t)‖² at the fixed draws ``noise`` (M, K, N, C, H, W):
-    (N, M), the mean over the K draws of each step. Client models only (the target is ε)."""
+    """Per-pixel mean ‖η* − ε_θ(a_t x + s_t ε, t)‖² at the fixed draws ``noise`` (M, K, N, C, H, W):
+    (N, M), the mean over the K draws of each step. η* = ε for a client model; for the server, the
+    posterior mean of its regression target, (√(1−ᾱ'_t)/s_t)·ε (as the ``loss`` signal)."""
     ab = view.schedule.alpha_bar
+    abm = view.alpha_bar_model
     x0 = images.float()
     n = x0.shape[0]
     out = np.zeros((n, len(steps)), dtype=np.float64)
     for j, t in enumerate(steps):
         a_t, s_t = float(ab[t].sqrt()), float((1.0 - ab[t]).sqrt())
+        scale = loss_target_scale(float(ab[t]), float(abm[t]))
         for k in range(noise.shape[1]):
             x_t = a_t * x0 + s_t * noise[j, k]
             for i in range(0, n, batch_size):
                 sl = slice(i, min(n, i + batch_size))
                 y = labels[sl] if labels is not None else None
-                err = (view.eps(x_t[sl], t, y) - noise[j, k, sl]).pow(2).flatten(1).mean(1)
+                err = (view.eps(x_t[sl], t, y) - scale * noise[j, k, sl]).pow(2).flatten(1).mean(1)
                 out[sl, j] += err.double().numpy() / noise.shape[1]
     return out
 
@@ -224,6 +324,33 @@ def client_reference_producers(
 ) -> dict[str, Callable]:
     """Signal producers (for :meth:`SignalCache.with_producers`) of one client target's reference
     signals; the references are trained (or loaded) only when a signal is first asked for."""
+
+    def reference(images, labels, ref_seed) -> ModelView:
+        model, _hit = load_or_train_client(recipe, images, labels, ref_seed, cache_dir, view.device)
+        return ModelView.client(model, view.schedule, recipe.t_max, view.conditional, view.device)
+
+    return reference_producers(view, reference, plan, n_refs, n_steps, n_noise, batch_size, seed, stream)
+
+
+def server_reference_producers(
+    view: ModelView, recipe: ServerRecipe, hooks: tuple, plan: ReferencePlan, n_refs: int, n_steps: int,
+    n_noise: int, batch_size: int, seed: int, stream: int, cache_dir: Path | None = None,
+) -> dict[str, Callable]:
+    """The same for the server target (T2): reference server models trained on simulated payloads."""
+
+    def reference(images, labels, ref_seed) -> ModelView:
+        model, _hit = load_or_train_server(recipe, hooks, images, labels, ref_seed, cache_dir, view.device)
+        return ModelView.server(model, view.schedule, recipe.t_hand, view.conditional, view.device)
+
+    return reference_producers(view, reference, plan, n_refs, n_steps, n_noise, batch_size, seed, stream)
+
+
+def reference_producers(
+    view: ModelView, reference: Callable[[torch.Tensor, torch.Tensor | None, int], ModelView], plan: ReferencePlan,
+    n_refs: int, n_steps: int, n_noise: int, batch_size: int, seed: int, stream: int,
+) -> dict[str, Callable]:
+    """The reference signals of one target ``view``: ``reference(images, labels, seed)`` is the view of a
+    reference model trained (or loaded) on that subset; target and references share the fixed draws."""
     steps = step_grid(view.t_min, view.t_max, n_steps)
     shape = plan.candidates.shape[1:]
 
@@ -240,9 +367,7 @@ def client_reference_producers(
         pl = fixed_losses(view, plan.population, plan.population_labels, steps, noise_z, batch_size)
         ref_x, ref_z, ref_in = [], [], []
         for r, (images, labels, mask) in enumerate(sets):
-            model, _hit = load_or_train_client(recipe, images, labels, stream_seed(seed, STREAM_REFERENCES, stream, 2, r),
-                                               cache_dir, view.device)
-            rview = ModelView.client(model, view.schedule, recipe.t_max, view.conditional, view.device)
+            rview = reference(images, labels, stream_seed(seed, STREAM_REFERENCES, stream, 2, r))
             ref_x.append(fixed_losses(rview, plan.candidates, plan.candidate_labels, steps, noise_x, batch_size))
             ref_z.append(fixed_losses(rview, plan.population, plan.population_labels, steps, noise_z, batch_size))
             ref_in.append(mask)
@@ -250,6 +375,28 @@ def client_reference_producers(
                 "ref_pop_fixed_loss": np.stack(ref_z), "ref_in": np.stack(ref_in)}
 
     return {name: produce for name in REFERENCE_SIGNALS}
+
+
+def server_plan(data, splits, candidates_index: torch.Tensor, candidates) -> ReferencePlan:
+    """The reference plan of the server's target: pool = the members that are not candidates, then the
+    auxiliary images beyond the population; population = the first ≤ 256 auxiliary images; a reference
+    trains on as many images as all clients together (``splits.members``)."""
+    labels = data.labels
+    aux = splits.aux
+    n_z = min(len(aux), MAX_POPULATION)
+    taken = set(candidates_index.tolist())
+    rest = torch.tensor([int(i) for i in splits.members.tolist() if int(i) not in taken], dtype=torch.long)
+    pool_idx = torch.cat([rest, aux[n_z:].long()])
+
+    def lab(idx):
+        return None if candidates.labels is None else labels[idx]
+
+    return ReferencePlan(
+        candidates=candidates.images, candidate_labels=candidates.labels,
+        pool=data.images[pool_idx], pool_labels=lab(pool_idx),
+        population=data.images[aux[:n_z]], population_labels=lab(aux[:n_z]),
+        n_train=int(len(splits.members)),
+    )
 
 
 def client_plan(data, splits, client: int, candidates) -> ReferencePlan:
@@ -281,4 +428,16 @@ def target_reference_producers(ctx, client: int, view: ModelView, candidates) ->
     return client_reference_producers(
         view, ClientRecipe.from_run(ctx.run), client_plan(data, splits, client, candidates), s.references,
         s.n_steps, s.n_noise, s.batch_size, ctx.seed, 1 + client,
+    )
+
+
+def server_target_reference_producers(ctx, view: ModelView, candidates, member_index: torch.Tensor) -> dict[str, Callable]:
+    """The reference signals of the server's T2 target in an ``AuditContext`` (``member_index``: the member
+    candidates' indices into the data, so the pool leaves them out)."""
+    data, splits = ctx.data()
+    s = ctx.settings
+    return server_reference_producers(
+        view, ServerRecipe.from_run(ctx.run), release_hooks(ctx.run.config),
+        server_plan(data, splits, member_index, candidates), s.references, s.n_steps, s.n_noise, s.batch_size,
+        ctx.seed, 0,
     )

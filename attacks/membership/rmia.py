@@ -15,8 +15,8 @@ Pr(z) is computed the same way). With LR(x, z) = [Pr(x|θ)/Pr(x)] / [Pr(z|θ)/Pr
 over Z population samples (auxiliary images no reference trained on). The fraction takes at most Z + 1
 values; ties are broken by adding σ(log Pr(x|θ)/Pr(x)) < 1 to the count, which keeps the score
 strictly increasing in the paper's ratio (so its ranking is the paper's). HIGHER = MORE LIKELY MEMBER;
-the direction comes from the references. Threat T3. Queries per image: (1 + R)·M·K (and Z·(1 + R)·M·K
-for the population), plus R reference client trainings.
+the direction comes from the references. Threats T2 (reference server models on simulated payloads)
+and T3. Queries per image: (1 + R)·M·K (and Z·(1 + R)·M·K for the population), plus R reference trainings.
 """
 from __future__ import annotations
 
@@ -99,8 +99,8 @@ def _queries(settings, m: int) -> int:
 
 ATTACK = MembershipAttack(
     name="rmia",
-    summary="RMIA: Pr(x|θ)/Pr(x) over reference client models, against population samples z (γ = 1)",
-    threats=("T3",),
+    summary="RMIA: Pr(x|θ)/Pr(x) over reference models (client or server), against population samples z (γ = 1)",
+    threats=("T2", "T3"),
     signals=SIGNALS,
     score=score_online,
     queries_per_image=_queries,
@@ -110,7 +110,7 @@ ATTACK = MembershipAttack(
 ATTACK_OFFLINE = MembershipAttack(
     name="rmia-offline",
     summary="offline RMIA: OUT references only, Pr(x) = ((1+a)·Pr_OUT(x) + (1−a))/2, a = 0.3",
-    threats=("T3",),
+    threats=("T2", "T3"),
     signals=SIGNALS,
     score=score_offline,
     queries_per_image=_queries,

@@ -22,7 +22,7 @@ import torch
 
 from collafuse.attacks.membership.base import SignalSettings
 from collafuse.attacks.membership.metrics import ScoreError
-from collafuse.attacks.membership.references import target_reference_producers
+from collafuse.attacks.membership.references import server_target_reference_producers, target_reference_producers
 from collafuse.attacks.membership.signals import (
     ModelView, SignalCache, model_signal_cache, payload_signal_cache, sample_signal_cache,
 )
@@ -149,13 +149,18 @@ class AuditContext:
             self._data = self.run.load_data()
         return self._data
 
-    def candidates(self, member_idx: torch.Tensor, stream: int) -> Candidates:
-        data, splits = self.data()
+    def candidate_index(self, member_idx: torch.Tensor, stream: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(member, non-member) indices into the data of :meth:`candidates` (balanced, seeded)."""
+        _, splits = self.data()
         if len(splits.nonmembers) == 0:
             raise CandidateError("the non-members candidate set is empty: the run holds out no images (data.n_nonmembers = 0)")
         if len(member_idx) == 0:
             raise CandidateError("the members candidate set is empty")
-        m, n = balanced(member_idx, splits.nonmembers, generator_for(self.seed, STREAM_MEMBERSHIP, stream))
+        return balanced(member_idx, splits.nonmembers, generator_for(self.seed, STREAM_MEMBERSHIP, stream))
+
+    def candidates(self, member_idx: torch.Tensor, stream: int) -> Candidates:
+        data, _ = self.data()
+        m, n = self.candidate_index(member_idx, stream)
         labels = data.labels if (self.run.num_classes > 0 and data.labels is not None) else None
         return Candidates(
             data.images[m], data.images[n],
@@ -171,15 +176,20 @@ class AuditContext:
 def _server(ctx: AuditContext) -> list[TargetInstance]:
     run = ctx.run
     if run.server_model is None:
-        return [TargetInstance("server", "server", "T2", False, "c = 1 (local-only): there is no server model")]
+        reason = ("c = 1 (local-only): there is no server model" if run.t_c >= run.schedule.T
+                  else "the server model was not given (an imported deployment without it)")
+        return [TargetInstance("server", "server", "T2", False, reason)]
     _, splits = ctx.data()
     cand = ctx.candidates(splits.members, 0)
+    member_index, _ = ctx.candidate_index(splits.members, 0)
     view = ModelView.server(run.server_model, run.schedule, run.t_c, run.num_classes > 0, ctx.device)
     canaries = canary_candidates(ctx)  # they reach the server as the canary client's payloads
     return [
         TargetInstance(
             "server", "server", "T2", True, candidates=cand,
-            make_cache=lambda: _model_cache(view, cand, ctx, 0),
+            # lira / rmia: reference server models on simulated payloads, trained only when a signal is read
+            make_cache=lambda: _model_cache(view, cand, ctx, 0).with_producers(
+                server_target_reference_producers(ctx, view, cand, member_index)),
             info={"query_steps": [view.t_min, view.t_max], "schedule": "relative ᾱ_t/ᾱ_{t_c}", "view": view},
             canaries=canaries, make_canary_cache=None if canaries is None else lambda: _model_cache(view, canaries, ctx, 50),
         )
@@ -198,6 +208,10 @@ def _clients(ctx: AuditContext) -> list[TargetInstance]:
     canaries = canary_candidates(ctx)
     out = []
     for k, model in enumerate(run.client_models):
+        if model is None:
+            out.append(TargetInstance(f"client_{k}", "client", "T3", False,
+                                      f"the client_{k} model was not given (an imported deployment without it)"))
+            continue
         cand = ctx.candidates(splits.clients[k], 1 + k)
         view = ModelView.client(model, run.schedule, run.t_c, run.num_classes > 0, ctx.device)
         out.append(
@@ -228,6 +242,13 @@ def _samples(ctx: AuditContext) -> list[TargetInstance]:
     _, splits = ctx.data()
     out = []
     for k in range(len(run.client_models)):
+        missing = [name for name, model, needed in (("server", run.server_model, run.t_c < run.schedule.T),
+                                                    (f"client_{k}", run.client_models[k], run.t_c > 0))
+                   if needed and model is None]
+        if missing and (ctx.samples or {}).get(k) is None:
+            out.append(TargetInstance(f"samples_{k}", "samples", "T4", False,
+                                      f"sampling needs the {missing[0]} model, which was not given"))
+            continue
         cand = ctx.candidates(splits.clients[k], 1 + k)
         n = ctx.n_samples or cand.n_members
 
@@ -265,16 +286,20 @@ def _payload(ctx: AuditContext) -> list[TargetInstance]:
     cand = ctx.candidates(splits.members, 0)
     refs = data.images[splits.aux]
 
-    def make() -> SignalCache:
+    def make(images: torch.Tensor) -> SignalCache:
         # E views per member (one per epoch) is public protocol knowledge: payload-lr fuses them.
-        return payload_signal_cache(cand.images, view.load(), run.schedule, refs, ctx.settings.n_steps,
+        return payload_signal_cache(images, view.load(), run.schedule, refs, ctx.settings.n_steps,
                                     views_per_image=run.config.training.epochs)
 
+    # One-run audit of the payload channel: the IN canaries were sent as the canary client's payloads, so
+    # a payload attack scores every canary against the same transcript (beside the formal payload ε).
+    canaries = canary_candidates(ctx)
     return [
         TargetInstance(
-            "payload", "payload", "T1", True, candidates=cand, make_cache=make,
+            "payload", "payload", "T1", True, candidates=cand, make_cache=lambda: make(cand.images),
             info={"payload_kind": view.payload_kind, "payloads": len(view), "references": int(len(splits.aux)),
                   "views_per_image": int(run.config.training.epochs)},
+            canaries=canaries, make_canary_cache=None if canaries is None else lambda: make(canaries.images),
         )
     ]
 

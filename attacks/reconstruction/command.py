@@ -150,7 +150,7 @@ def result_json(run: Run, names: tuple[str, ...], attacked: RunReconstruction, o
         "attacks_requested": list(names),
     }
     if not attacked.attacked:
-        return {**base, "status": "nothing-to-attack", "reason": attacked.reason, "rows": 0, "attacks": {}}
+        return {**base, "status": attacked.status, "reason": attacked.reason, "rows": 0, "attacks": {}}
     ev, truth, view, seed = attacked.evaluation, attacked.truth, attacked.view, cfg.seed
     sender = truth.client
     lab = ev.payload_label_summary(seed=seed)
@@ -206,7 +206,8 @@ def run_command(
     result = result_json(run, names, attacked, out_path, cache_dir)
     if not attacked.attacked:
         _write_atomic(result, out_path, None)
-        print(f"nothing to attack ({attacked.reason}); result written to {out_path}")
+        what = "nothing to attack" if attacked.status == "nothing-to-attack" else attacked.status
+        print(f"{what} ({attacked.reason}); result written to {out_path}")
         return 0
     _write_atomic(result, out_path, (attacked.evaluation, attacked.truth, attacked.view))
     if progress:

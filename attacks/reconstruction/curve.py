@@ -78,31 +78,33 @@ def simulate_view(
     return sim.view, sim.member
 
 
-def simulate_rounds(
+def _check_epochs(epochs: int) -> None:
+    if epochs < 1:
+        raise ConfigError(f"epochs must be >= 1, got {epochs}")
+
+
+def _messages(
     data: ImageSet,
     splits: Splits,
     schedule: NoiseSchedule,
     t_c: int,
     epochs: int,
-    payload_kind: str = "cut",
-    batch_size: int = 64,
-    seed: int = 0,
-    send_labels: bool = False,
-    release_hooks: tuple[ReleaseHook, ...] = (),
-) -> SimulatedView:
-    """:func:`simulate_view` with the true sender of every row (see :class:`SimulatedView`)."""
-    if epochs < 1:
-        raise ConfigError(f"epochs must be >= 1, got {epochs}")
+    payload_kind: str,
+    batch_size: int,
+    seed: int,
+    send_labels: bool,
+    release_hooks: tuple[ReleaseHook, ...],
+):
+    """Every message that reaches the server, in crossing order: (payload, member ids (B,), true
+    sender (B,) int64). A generator, so a reader can stream the view (DESIGN §10); every draw comes
+    from generators seeded here, so each call replays exactly the same messages."""
+    _check_epochs(epochs)
     clients = [
         Client(k, None, None, schedule, t_c, payload_kind, generator_for(seed, STREAM_CLIENT, k),
                release_hooks=release_hooks, send_labels=send_labels)
         for k in range(len(splits.clients))
     ]
     orders = [generator_for(seed, STREAM_LOADER, k) for k in range(len(splits.clients))]
-    rows: dict[str, list[torch.Tensor]] = {"tensor": [], "t": [], "client": [], "step": [], "label": [], "noise": [],
-                                           "wire_bytes": []}
-    members: list[torch.Tensor] = []
-    senders: list[torch.Tensor] = []
     step = 0
     relay, round_index = generator_for(seed, STREAM_RELAY), 0
     for _ in range(epochs):
@@ -123,29 +125,111 @@ def simulate_rounds(
             round_index += 1
             for payload, ids, sender in messages:
                 n_rows = len(payload)
-                rows["tensor"].append(payload.values().float())
-                rows["t"].append(payload.t)
-                rows["client"].append(torch.full((n_rows,), payload.client_id, dtype=torch.long))  # what the server sees
-                rows["step"].append(torch.full((n_rows,), payload.step, dtype=torch.long))
-                rows["wire_bytes"].append(payload.row_wire_bytes())
-                if payload.label is not None:
-                    rows["label"].append(payload.label)
-                if payload.noise is not None:
-                    rows["noise"].append(payload.noise)
-                members.append(ids)
-                senders.append(sender if isinstance(sender, torch.Tensor) else torch.full((n_rows,), sender, dtype=torch.long))
-    n = sum(r.shape[0] for r in rows["tensor"])
-    view = ViewArrays(
-        tensor=torch.cat(rows["tensor"]),
-        t=torch.cat(rows["t"]).long(),
-        client=torch.cat(rows["client"]),
-        step=torch.cat(rows["step"]),
-        seq=torch.arange(n),
-        label=torch.cat(rows["label"]).long() if rows["label"] else None,
-        noise=torch.cat(rows["noise"]) if rows["noise"] else None,
-        wire_bytes=torch.cat(rows["wire_bytes"]).long(),
-    )
-    return SimulatedView(view, torch.cat(members), torch.cat(senders).long())
+                sender = sender if isinstance(sender, torch.Tensor) else torch.full((n_rows,), sender, dtype=torch.long)
+                yield payload, ids, sender.long()
+
+
+def _message_rows(payload, with_tensors: bool) -> dict[str, torch.Tensor]:
+    """The view fields of one message's rows (``with_tensors`` False: the metadata only, no payload values)."""
+    n_rows = len(payload)
+    rows = {"t": payload.t.long(),
+            "client": torch.full((n_rows,), payload.client_id, dtype=torch.long),  # what the server sees
+            "step": torch.full((n_rows,), payload.step, dtype=torch.long),
+            "wire_bytes": payload.row_wire_bytes().long()}
+    if payload.label is not None:
+        rows["label"] = payload.label.long()
+    if with_tensors:
+        rows["tensor"] = payload.values().float()
+        if payload.noise is not None:
+            rows["noise"] = payload.noise
+    return rows
+
+
+def _view_of(parts: list[dict[str, torch.Tensor]], first_seq: int, metadata_only: bool = False) -> ViewArrays:
+    """Rows ``parts`` (dicts of :func:`_message_rows`) as one :class:`ViewArrays`, ``seq`` from ``first_seq``.
+    ``metadata_only``: a view without payload values, whose tensor is (N, 0, 1, 1)."""
+    def cat(key: str) -> torch.Tensor | None:
+        return torch.cat([p[key] for p in parts]) if parts and key in parts[0] else None
+
+    n = sum(p["t"].shape[0] for p in parts)
+    tensor = torch.empty((n, 0, 1, 1)) if metadata_only else cat("tensor")
+    return ViewArrays(tensor=tensor, t=cat("t"), client=cat("client"), step=cat("step"),
+                      seq=torch.arange(first_seq, first_seq + n), label=cat("label"), noise=cat("noise"),
+                      wire_bytes=cat("wire_bytes"))
+
+
+def simulate_rounds(
+    data: ImageSet,
+    splits: Splits,
+    schedule: NoiseSchedule,
+    t_c: int,
+    epochs: int,
+    payload_kind: str = "cut",
+    batch_size: int = 64,
+    seed: int = 0,
+    send_labels: bool = False,
+    release_hooks: tuple[ReleaseHook, ...] = (),
+) -> SimulatedView:
+    """:func:`simulate_view` with the true sender of every row (see :class:`SimulatedView`)."""
+    parts, members, senders = [], [], []
+    for payload, ids, sender in _messages(data, splits, schedule, t_c, epochs, payload_kind, batch_size, seed,
+                                          send_labels, release_hooks):
+        parts.append(_message_rows(payload, True))
+        members.append(ids)
+        senders.append(sender)
+    return SimulatedView(_view_of(parts, 0), torch.cat(members), torch.cat(senders).long())
+
+
+def simulated_metadata(
+    data: ImageSet, splits: Splits, schedule: NoiseSchedule, t_c: int, epochs: int, payload_kind: str = "cut",
+    batch_size: int = 64, seed: int = 0, send_labels: bool = False, release_hooks: tuple[ReleaseHook, ...] = (),
+) -> SimulatedView:
+    """:func:`simulate_rounds` without the payload values: every field but ``tensor`` and ``noise``, whose
+    tensor is (N, 0, 1, 1). What a streamed evaluation needs up front (steps, senders, message order),
+    in memory that grows by a few integers per row only."""
+    parts, members, senders = [], [], []
+    for payload, ids, sender in _messages(data, splits, schedule, t_c, epochs, payload_kind, batch_size, seed,
+                                          send_labels, release_hooks):
+        parts.append(_message_rows(payload, False))
+        members.append(ids)
+        senders.append(sender)
+    return SimulatedView(_view_of(parts, 0, metadata_only=True), torch.cat(members), torch.cat(senders).long())
+
+
+def simulated_shards(
+    data: ImageSet, splits: Splits, schedule: NoiseSchedule, t_c: int, epochs: int, payload_kind: str = "cut",
+    batch_size: int = 64, seed: int = 0, send_labels: bool = False, release_hooks: tuple[ReleaseHook, ...] = (),
+    shard_rows: int = 4096,
+):
+    """The rows of :func:`simulate_rounds`, ``shard_rows`` at a time (the last shard may be shorter):
+    (first row index, :class:`SimulatedView` of the shard). The same rows, values and ``seq`` as the
+    whole simulated view, which is never held (DESIGN §10); each call replays the simulation."""
+    if shard_rows < 1:
+        raise ValueError(f"shard_rows must be >= 1, got {shard_rows}")
+    parts, members, senders, held, start = [], [], [], 0, 0
+
+    def flush(k: int) -> SimulatedView:
+        nonlocal parts, members, senders, held
+        pend, mem, snd = parts, torch.cat(members), torch.cat(senders)
+        # Split every field of the pending rows at k: the first k rows leave as a shard.
+        whole = {key: torch.cat([p[key] for p in pend]) for key in pend[0]}
+        parts = [{key: v[k:] for key, v in whole.items()}] if held > k else []
+        members, senders = ([mem[k:]], [snd[k:]]) if held > k else ([], [])
+        held -= k
+        return SimulatedView(_view_of([{key: v[:k] for key, v in whole.items()}], start), mem[:k], snd[:k])
+
+    for payload, ids, sender in _messages(data, splits, schedule, t_c, epochs, payload_kind, batch_size, seed,
+                                          send_labels, release_hooks):
+        parts.append(_message_rows(payload, True))
+        members.append(ids)
+        senders.append(sender)
+        held += len(payload)
+        while held >= shard_rows:
+            shard = flush(shard_rows)
+            yield start, shard
+            start += shard_rows
+    if held:
+        yield start, flush(held)
 
 
 def truth_for(member: torch.Tensor, view: ViewArrays, data: ImageSet, splits: Splits,

@@ -18,7 +18,7 @@ from collafuse.errors import RunError
 from collafuse.runs import Run
 from collafuse.schedule import NoiseSchedule
 from collafuse.training import resolve_device
-from collafuse.transcript import TRANSCRIPT_DIR, AuditKey, ServerView
+from collafuse.transcript import TRANSCRIPT_DIR, AuditKey, MissingAuditKey, ServerView
 
 from collafuse.attacks.reconstruction.curve import POOL_DESCRIPTION
 from collafuse.attacks.reconstruction.denoiser import DenoiserConfig, load_or_train
@@ -94,6 +94,7 @@ class RunReconstruction:
     denoiser: DenoiserUsed | None
     aux_images: int
     reason: str | None = None
+    status: str = "nothing-to-attack"  # when not attacked: or "not-scored" (an imported run without an audit key)
 
     @property
     def attacked(self) -> bool:
@@ -106,18 +107,24 @@ def reconstruct_run(run: Run, names: tuple[str, ...], *, denoiser_config: Denois
     """Attack ``run``'s server view with ``names`` and score the attacks (the audit key is read only here)."""
     cfg, schedule = run.config, run.schedule
     has_transcript = (run.path / TRANSCRIPT_DIR).is_dir()
-    if run.server_model is not None and not has_transcript:
+    if run.t_c < schedule.T and not has_transcript:
         raise RunError(f"{run.path}: the run has a server but no transcript folder")
-    view = ViewArrays.from_server_view(ServerView.open(run.path)) if run.server_model is not None else None
+    # The transcript exists whenever the server owns steps, with or without its model (an imported
+    # deployment may not hand the server model over: the T1 attacks do not need it).
+    view = ViewArrays.from_server_view(ServerView.open(run.path)) if run.t_c < schedule.T else None
     if view is None or len(view) == 0:
         reason = (
             f"c = {cfg.diffusion.cut_ratio} (t_c = {run.t_c} = T): every client works alone; no payload crossed to a server"
             if run.t_c >= schedule.T else "the transcript holds no payload rows"
         )
         return RunReconstruction(view, None, None, None, None, 0, reason)
+    try:
+        key = AuditKey.open(run.path)  # scorer side only
+    except MissingAuditKey as exc:
+        return RunReconstruction(view, None, None, None, None, 0, f"not scored: {exc}", status="not-scored")
     data, splits = run.load_data()
     aux = data.subset(splits.aux)
-    member, sender = resolve_truth_rows(view, AuditKey.open(run.path))  # scorer side only
+    member, sender = resolve_truth_rows(view, key)
     pool = torch.cat([splits.members, splits.nonmembers])
     truth = Truth(member, sender, data.images, data.labels, {k: idx for k, idx in enumerate(splits.clients)}, pool,
                   POOL_DESCRIPTION)

@@ -40,7 +40,8 @@ UPPER_BOUNDS: dict[str, tuple[str, str]] = {
 class ViewEvaluation:
     """Scores per attack (plus the upper bounds ``multiview-perfect-linking`` when multiview
     ran and ``oracle-all-views`` when the oracle ran), the reconstructions, the payload-level
-    label inference (per row, 0/1) and chance levels."""
+    label inference (per row, 0/1) and chance levels. ``reconstruction_rows``: the view rows the
+    reconstructions hold, in order (None: every row; a streamed evaluation keeps a few only)."""
 
     scores: dict[str, Scores]
     reconstructions: dict[str, Reconstruction]
@@ -48,6 +49,7 @@ class ViewEvaluation:
     labels_sent: bool
     chance: dict[str, float]
     extra: dict[str, dict] = field(default_factory=dict)
+    reconstruction_rows: torch.Tensor | None = None
 
     def payload_label_summary(self, mask: np.ndarray | None = None, seed: int = 0) -> dict | None:
         if self.payload_label is None:

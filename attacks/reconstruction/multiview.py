@@ -47,6 +47,28 @@ MAX_VARIANCE_PAIRS = 64  # above this many distinct (v, V) pairs, link_cost uses
 BYTES_PER_PAIR = 32  # float64 temporaries per (row, group) pair while link_cost builds a chunk
 
 
+class FusionSums:
+    """The sums behind :func:`fuse` for ``groups`` groups of ``d`` values: Σ y_k/v_k and Σ 1/v_k per group.
+
+    Rows are added block by block (:meth:`add`); a group's terms are summed in the order they are
+    added, so adding the rows in row order, in any blocks, gives the numbers of one call over every
+    row (what lets a streamed evaluation fuse a view it never holds whole, DESIGN §10)."""
+
+    def __init__(self, groups: int, d: int):
+        self.num = torch.zeros(groups, d, dtype=torch.float64)
+        self.den = torch.zeros(groups, dtype=torch.float64)
+
+    def add(self, slots: torch.Tensor, y: torch.Tensor, var: torch.Tensor) -> None:
+        """Rows y (n, ...) = p/a with noise variances var (n,) into the groups ``slots`` (n,) int64."""
+        w = 1.0 / var.double().clamp_min(EXACT_VAR)
+        self.num.index_add_(0, slots, y.reshape(y.shape[0], -1).double() * w[:, None])
+        self.den.index_add_(0, slots, w)
+
+    def result(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(fused mean (groups, d) = Σ(y/v)/Σ(1/v), its noise variance (groups,) = 1/Σ(1/v)), float64."""
+        return self.num / self.den[:, None], 1.0 / self.den
+
+
 def fuse(y: torch.Tensor, var: torch.Tensor, groups: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Precision-weighted fusion per group. y (N,C,H,W) = p/a, var (N,) = s²/a², groups (N,) any labels.
 
@@ -55,11 +77,10 @@ def fuse(y: torch.Tensor, var: torch.Tensor, groups: torch.Tensor) -> tuple[torc
     """
     _, g = torch.unique(groups, return_inverse=True)
     k = int(g.max()) + 1 if g.numel() else 0
-    w = 1.0 / var.double().clamp_min(EXACT_VAR)
-    flat = y.reshape(y.shape[0], -1).double()
-    num = torch.zeros(k, flat.shape[1], dtype=torch.float64).index_add_(0, g, flat * w[:, None])
-    den = torch.zeros(k, dtype=torch.float64).index_add_(0, g, w)
-    return (num / den[:, None])[g].reshape(y.shape), (1.0 / den)[g]
+    sums = FusionSums(k, y[0].numel() if y.shape[0] else 0)
+    sums.add(g, y, var)
+    mean, noise_var = sums.result()
+    return mean[g].reshape(y.shape), noise_var[g]
 
 
 @dataclass(frozen=True)
@@ -167,6 +188,83 @@ def link(y: torch.Tensor, var: torch.Tensor, client: torch.Tensor, epochs: int, 
             r, c = assign_block(flat[block], v[block], mean, prec, prior, chunk)
             groups[block[r]] = anchors[c]
     return groups
+
+
+def link_blocks(client: torch.Tensor, epochs: int) -> dict[int, list[torch.Tensor]]:
+    """The blocks :func:`link` cuts each client's rows into (client (N,) of every row, in crossing
+    order): client → [anchor rows, epoch block 2, ...], row indices. Metadata only."""
+    out = {}
+    for k in torch.unique(client):
+        rows = torch.nonzero(client == k).flatten()
+        size = math.ceil(rows.numel() / epochs)
+        out[int(k)] = list(torch.split(rows, size))
+    return out
+
+
+class StreamedLinking:
+    """:func:`link` and :func:`fuse` over a view fed a shard at a time, in crossing order (DESIGN §10).
+
+    ``client`` (N,) and ``epochs`` fix the blocks (:func:`link_blocks`); :meth:`feed` takes the rescaled
+    rows of the next shard. A client's block is matched as soon as all its rows have arrived, with the
+    very inputs :func:`link` gives :func:`assign_block` (blocks of different clients never share
+    state), and each matched row joins its group's :class:`FusionSums` then, in row order. So
+    :attr:`groups` and :meth:`fused` equal :func:`link` and :func:`fuse` on the whole view, while the
+    memory held is the groups' means and sums and at most one pending block per client — bounded by
+    the number of images, not the number of rows."""
+
+    def __init__(self, client: torch.Tensor, epochs: int, d: int, prior: GaussianPrior | None = None,
+                 chunk: int | None = None):
+        self.blocks = link_blocks(client, epochs)
+        self.prior, self.chunk = prior, chunk
+        self.groups = torch.arange(client.numel())
+        anchors = torch.sort(torch.cat([b[0] for b in self.blocks.values()])).values if self.blocks else torch.empty(0, dtype=torch.long)
+        self.slot = torch.full((client.numel(),), -1, dtype=torch.long)  # anchor row → its group's place in the sums
+        self.slot[anchors] = torch.arange(anchors.numel())
+        self.sums = FusionSums(anchors.numel(), d)
+        self._next = {k: 0 for k in self.blocks}  # the next block of each client
+        self._pending: dict[int, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = {k: [] for k in self.blocks}
+        self._held = {k: 0 for k in self.blocks}
+        self._state: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # client → (group means, precisions)
+
+    def feed(self, rows: torch.Tensor, y: torch.Tensor, var: torch.Tensor, client: torch.Tensor) -> None:
+        """The next rows (indices ``rows`` (n,), in crossing order) with y (n, ...) = p/a, var (n,), client (n,)."""
+        flat = y.reshape(y.shape[0], -1).double()
+        v = var.double().clamp_min(EXACT_VAR)
+        for k in torch.unique(client).tolist():
+            mine = client == k
+            self._pending[k].append((rows[mine], flat[mine], v[mine]))
+            self._held[k] += int(mine.sum())
+            self._match_ready(k)
+
+    def _match_ready(self, k: int) -> None:
+        blocks = self.blocks[k]
+        while self._next[k] < len(blocks) and self._held[k] >= blocks[self._next[k]].numel():
+            n = blocks[self._next[k]].numel()
+            rows, flat, v = (torch.cat(parts) for parts in zip(*self._pending[k]))
+            self._pending[k] = [(rows[n:], flat[n:], v[n:])] if rows.numel() > n else []
+            self._held[k] -= n
+            rows, flat, v = rows[:n], flat[:n], v[:n]
+            if self._next[k] == 0:  # the anchors: one group each
+                self._state[k] = (flat.clone(), 1.0 / v)
+                self.sums.add(self.slot[rows], flat, v)
+            else:
+                mean, prec = self._state[k]
+                r, c = assign_block(flat, v, mean, prec, self.prior, self.chunk)
+                anchors = blocks[0][c]
+                self.groups[rows[r]] = anchors
+                self.sums.add(self.slot[anchors], flat[r], v[r])
+            self._next[k] += 1
+
+    def fused(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """After the last shard: (fused mean of every group (G, d), its noise variance (G,), each row's
+        group slot (N,)), float64 — row i's x̂ is mean[slot[i]]."""
+        if any(self._next[k] < len(b) for k, b in self.blocks.items()):
+            raise RuntimeError("StreamedLinking.fused: not every row was fed")
+        slots = self.slot[self.groups]
+        if bool((slots < 0).any()):
+            raise RuntimeError("StreamedLinking.fused: a row was left unmatched")
+        mean, noise_var = self.sums.result()
+        return mean, noise_var, slots
 
 
 def assign_block(y: torch.Tensor, v: torch.Tensor, mean: torch.Tensor, prec: torch.Tensor,

@@ -120,19 +120,44 @@ def all_views(view: ViewArrays, schedule: NoiseSchedule, candidates: torch.Tenso
     if true_groups.shape != (len(view),):
         raise ValueError(f"true_groups must have shape ({len(view)},), got {tuple(true_groups.shape)}")
     cand = candidates.double()
-    size = rows_per_chunk(cand.shape[0], BYTES_PER_PAIR, chunk)
     _, g = torch.unique(true_groups, return_inverse=True)
-    k = int(g.max()) + 1 if g.numel() else 0
-    group_lw = torch.zeros(k, cand.shape[0], dtype=torch.float64)
-    for sl in row_slices(len(view), size):  # Σ_k log w over the views of each image, rows in order
-        group_lw.index_add_(0, g[sl], block_log_weights(view, schedule, cand, sl))
-    if k:
-        group_lw -= group_lw.max(1, keepdim=True).values  # a per-row constant: keeps the differences exact in float32
-    means = torch.cat([posterior_mean(group_lw[sl], cand) for sl in row_slices(k, size)]) if k else torch.empty(0, *view.image_shape)
-    group_w = group_lw.float()
-    del group_lw
+    sums = AllViewsSums(cand, int(g.max()) + 1 if g.numel() else 0, chunk)
+    sums.add(view, schedule, g, 0)
+    group_w, means = sums.result()
     if _fits(len(view), cand.shape[0], chunk):
-        weights = PoolLogWeights.of(group_w[g], size)
+        weights = PoolLogWeights.of(group_w[g], sums.size)
     else:
-        weights = PoolLogWeights((len(view), cand.shape[0]), lambda rows: group_w[g[rows]], size)
-    return Reconstruction(NAME + "-all-views", means[g], pool_log_weights=weights)
+        weights = PoolLogWeights((len(view), cand.shape[0]), lambda rows: group_w[g[rows]], sums.size)
+    return Reconstruction(NAME + "-all-views", means[g] if g.numel() else means, pool_log_weights=weights)
+
+
+class AllViewsSums:
+    """The (groups, M) sums of log weights behind :func:`all_views`, filled a view (or shard) at a time.
+
+    :meth:`add` takes rows in row order, ``size`` rows against the pool at a time, the chunks laid
+    from row 0 of the whole view (``first_row``), so a view fed shard by shard, each shard starting
+    on a chunk boundary, gives the numbers of one call over every row (DESIGN §10)."""
+
+    def __init__(self, candidates: torch.Tensor, groups: int, chunk: int | None = None):
+        self.cand = candidates.double()
+        self.size = rows_per_chunk(self.cand.shape[0], BYTES_PER_PAIR, chunk)
+        self.group_lw = torch.zeros(groups, self.cand.shape[0], dtype=torch.float64)
+
+    def add(self, view: ViewArrays, schedule: NoiseSchedule, slots: torch.Tensor, first_row: int) -> None:
+        """The rows of ``view`` (rows ``first_row``.. of the whole view) into the groups ``slots`` (len(view),)."""
+        if first_row % self.size:
+            raise ValueError(f"a shard must start on a chunk boundary ({self.size} rows), got row {first_row}")
+        for sl in row_slices(len(view), self.size):  # Σ_k log w over the views of each image, rows in order
+            self.group_lw.index_add_(0, slots[sl], block_log_weights(view, schedule, self.cand, sl))
+
+    def result(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(each group's log weights (groups, M) float32, shifted so that each row's maximum is 0; its
+        posterior mean (groups, C, H, W) float32). The sums are consumed."""
+        group_lw, k = self.group_lw, self.group_lw.shape[0]
+        if k:
+            group_lw -= group_lw.max(1, keepdim=True).values  # a per-row constant: keeps the differences exact in float32
+        means = (torch.cat([posterior_mean(group_lw[sl], self.cand) for sl in row_slices(k, self.size)]) if k
+                 else torch.empty(0, *self.cand.shape[1:]))
+        group_w = group_lw.float()
+        self.group_lw = torch.empty(0, self.cand.shape[0], dtype=torch.float64)
+        return group_w, means

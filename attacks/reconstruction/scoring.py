@@ -38,6 +38,7 @@ from torch.nn import functional as F
 
 from collafuse.schedule import NoiseSchedule, q_sample
 
+from collafuse.attacks.chunking import row_slices, rows_per_chunk
 from collafuse.attacks.reconstruction.view import PoolLogWeights, Reconstruction
 from collafuse.attacks.stats import summarize
 
@@ -45,6 +46,8 @@ PSNR_CAP_DB = 100.0
 EXTRACTION_DELTA = 0.1  # Carlini et al. 2023's δ for their normalised ℓ2 on [0, 1] images
 METRICS: tuple[str, ...] = ("mse", "psnr", "ssim", "reid_client", "reid_pool", "label", "extraction")
 PROPORTIONS = frozenset({"reid_client", "reid_pool", "label", "extraction"})
+# Bytes one value (row × pixel) costs while MSE and SSIM are computed: SSIM's float64 temporaries.
+SCORE_BYTES_PER_VALUE = 128
 HIGHER_IS_BETTER = {"mse": False, "psnr": True, "ssim": True, "reid_client": True, "reid_pool": True, "label": True,
                     "extraction": True}
 
@@ -259,6 +262,17 @@ class Scores:
         return {str(int(k)): self.summary(self.client == k, seed) for k in np.unique(self.client)}
 
 
+def _mse_and_ssim(x_hat: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`mse_per_image` and :func:`ssim_per_image` (N,) each, a block of rows at a time (sized from the
+    memory budget, :mod:`collafuse.attacks.chunking`): per-row formulas, so any block gives the same
+    numbers, and SSIM's float64 temporaries stay bounded however many rows there are."""
+    if x.shape[0] == 0:
+        return torch.empty(0, dtype=torch.float64), torch.empty(0, dtype=torch.float64)
+    size = rows_per_chunk(x[0].numel(), SCORE_BYTES_PER_VALUE)
+    blocks = [(mse_per_image(x_hat[sl], x[sl]), ssim_per_image(x_hat[sl], x[sl])) for sl in row_slices(x.shape[0], size)]
+    return torch.cat([m for m, _ in blocks]), torch.cat([s for _, s in blocks])
+
+
 def score(
     recon: Reconstruction,
     truth: Truth,
@@ -271,12 +285,12 @@ def score(
     x = truth.images
     if recon.images.shape != x.shape:
         raise ValueError(f"reconstruction {tuple(recon.images.shape)} does not match the truth {tuple(x.shape)}")
-    mse = mse_per_image(recon.images, x)
+    mse, ssim = _mse_and_ssim(recon.images, x)
     in_client, in_pool = reidentify(recon, truth, weight_ids)
     per_row = {
         "mse": mse.numpy(),
         "psnr": psnr_from_mse(mse).numpy(),
-        "ssim": ssim_per_image(recon.images, x).numpy(),
+        "ssim": ssim.numpy(),
         "reid_client": (in_client == truth.member).double().numpy(),
         "reid_pool": (in_pool == truth.member).double().numpy(),
         "extraction": extracted(mse.sqrt(), extraction_delta),

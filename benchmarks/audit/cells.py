@@ -165,11 +165,16 @@ def cell_device(cell: Cell, device=None) -> torch.device:
     return resolve_device(device if device is not None else cell.run_config.device)
 
 
-def payload_cell(cell: Cell, cache_dir: Path, device=None) -> CellOutput:
-    """T1 from the data, the schedule and the release-side defenses alone: no system is trained."""
-    from collafuse.attacks.reconstruction.curve import simulate_rounds, truth_for
+def payload_cell(cell: Cell, cache_dir: Path, device=None, streamed: bool = True) -> CellOutput:
+    """T1 from the data, the schedule and the release-side defenses alone: no system is trained.
+
+    ``streamed`` (and every attack streamable): the view is simulated and attacked a shard at a time
+    (:mod:`~collafuse.attacks.reconstruction.streamed`), so the cell's memory does not grow with the
+    payload rows (DESIGN §10), with the numbers of the whole-view path (False: that path)."""
+    from collafuse.attacks.reconstruction.curve import simulate_rounds, simulated_metadata, simulated_shards, truth_for
     from collafuse.attacks.reconstruction.engine import attacker_resources
     from collafuse.attacks.reconstruction.evaluate import evaluate_view
+    from collafuse.attacks.reconstruction.streamed import can_stream, evaluate_streamed, shard_rows
 
     cfg = cell.run_config
     images, splits = prepare_data(cfg)
@@ -181,24 +186,37 @@ def payload_cell(cell: Cell, cache_dir: Path, device=None) -> CellOutput:
     attacks = cell.attacks["T1"]
     aux = images.subset(splits.aux)
     send_labels = cfg.conditional and images.labels is not None
-    sim = simulate_rounds(images, splits, schedule, cfg.t_c, cell.epochs, cfg.training.payload,
-                          cfg.training.batch_size, cfg.seed, send_labels, _release_hooks(cfg))
-    view, member = sim.view, sim.member
+    protocol = (images, splits, schedule, cfg.t_c, cell.epochs, cfg.training.payload, cfg.training.batch_size, cfg.seed,
+                send_labels, _release_hooks(cfg))
     pool = torch.cat([splits.members, splits.nonmembers])
     resources, _ = attacker_resources(aux, images.images[pool], schedule, attacks, seed=cfg.seed, epochs=cell.epochs,
                                       denoiser_cache=cache_dir / DENOISER_CACHE, device=cell_device(cell, device))
-    ev = evaluate_view(view, schedule, truth_for(member, view, images, splits, sim.sender), resources, attacks,
-                       images.num_classes)
+    if streamed and can_stream(attacks):
+        sim = simulated_metadata(*protocol)  # every field but the payload values
+        view, member = sim.view, sim.member
+        picks = _grid_rows(member, sim.sender)
+        size = shard_rows(images.images[0].numel(), attacks, pool.numel())
+        ev = evaluate_streamed(lambda: ((start, s.view) for start, s in simulated_shards(*protocol, shard_rows=size)),
+                               view, schedule, truth_for(member, view, images, splits, sim.sender), resources, attacks,
+                               images.num_classes, tuple(images.images.shape[1:]), picks, size)
+        grid_at = torch.searchsorted(ev.reconstruction_rows, picks)  # where each pick sits among the kept rows
+    else:
+        sim = simulate_rounds(*protocol)
+        view, member = sim.view, sim.member
+        ev = evaluate_view(view, schedule, truth_for(member, view, images, splits, sim.sender), resources, attacks,
+                           images.num_classes)
+        picks = grid_at = _grid_rows(member, sim.sender)
     rows.append(_row("T1", "payload", "count", "payload_rows", len(view)))
     rows.extend(reconstruction_rows(ev, cfg.seed))
     rows.extend(sender_rows(view, sim.sender, cfg.data.num_clients))
-    picks = _grid_rows(member, sim.sender)
-    png, labels = reconstruction_grid(ev, images.images[member[picks]], picks)
+    png, labels = reconstruction_grid(ev, images.images[member[picks]], grid_at)
     return CellOutput(rows, {"reconstructions.png": png}, {"reconstruction_rows": labels})
 
 
 def trained_system(cell: Cell, cache_dir: Path, device=None) -> tuple[Path, bool]:
     """The cell's trained system from the cache, trained (on ``device`` when given) and cached (atomically) on a miss."""
+    if cell.run_dir is not None:  # systems.runs: an imported deployment (or any run) is attacked, never trained
+        return Path(cell.run_dir), True
     cfg = cell.run_config
     path = cache_dir / "systems" / system_hash(cfg)  # keyed by the grid's config: a --device override shares it
     if (path / RUN_MARKER).is_file():
@@ -316,7 +334,15 @@ def client_samples(run: Run, cell: Cell) -> dict[int, torch.Tensor]:
     and shared by the T4 attacks and the utility metrics."""
     from collafuse.attacks.membership.targets import attacker_samples
 
-    return {k: attacker_samples(run, k, cell.samples_per_client, run.config.seed) for k in range(len(run.client_models))}
+    return {k: attacker_samples(run, k, cell.samples_per_client, run.config.seed)
+            for k in range(len(run.client_models)) if can_sample(run, k)}
+
+
+def can_sample(run: Run, k: int) -> bool:
+    """Whether client ``k``'s collaborative samples can be drawn: an imported deployment may lack the
+    server's or this client's model."""
+    return (run.server_model is not None or run.t_c >= run.schedule.T) and (
+        run.client_models[k] is not None or run.t_c == 0)
 
 
 def utility_rows(run: Run, cell: Cell, cache_dir: Path, samples: dict[int, torch.Tensor]) -> list[dict[str, Any]]:
@@ -325,8 +351,8 @@ def utility_rows(run: Run, cell: Cell, cache_dir: Path, samples: dict[int, torch
     from collafuse.benchmarks.audit.utility import load_or_train_feature_classifier, sample_utility
 
     data, splits = run.load_data()
-    if data.labels is None or data.num_classes == 0:
-        return []
+    if data.labels is None or data.num_classes == 0 or not all(can_sample(run, k) for k in range(len(run.client_models))):
+        return []  # unlabelled data, or a client whose samples cannot be drawn (an imported model not given)
     classifier = load_or_train_feature_classifier(data.images, data.labels, data.num_classes, run.config.seed,
                                                   cache_dir / "classifiers", device=run.device)
     n = cell.samples_per_client
@@ -354,12 +380,16 @@ def utility_rows(run: Run, cell: Cell, cache_dir: Path, samples: dict[int, torch
 def _run_sender_rows(run: Run) -> list[dict[str, Any]]:
     from collafuse.attacks.reconstruction.engine import resolve_truth_rows
     from collafuse.attacks.reconstruction.view import ViewArrays
-    from collafuse.transcript import AuditKey, ServerView
+    from collafuse.transcript import AuditKey, MissingAuditKey, ServerView
 
     view = ViewArrays.from_server_view(ServerView.open(run.path))
     if len(view) == 0:
         return []
-    _, sender = resolve_truth_rows(view, AuditKey.open(run.path))  # scorer side only
+    try:
+        key = AuditKey.open(run.path)  # scorer side only
+    except MissingAuditKey:
+        return []  # an imported deployment without its audit key: the true senders are unknown
+    _, sender = resolve_truth_rows(view, key)
     return sender_rows(view, sender, run.config.data.num_clients)
 
 
@@ -376,17 +406,20 @@ def system_cell(cell: Cell, cache_dir: Path, device=None) -> CellOutput:
     artifacts: dict[str, bytes] = {}
     info: dict[str, Any] = {"system": str(path), "system_cached": cached, "train_seconds": run.info.get("train_seconds")}
     recon = tuple(a for a in cell.attacks.get("T1", ()) if a in RECONSTRUCTION_ATTACKS)
-    if run.server_model is None:
+    has_payloads = run.t_c < run.schedule.T  # imported: the transcript may come without the server model
+    if not has_payloads:
         rows.append(_row("T1", "payload", "count", "payload_rows", 0))
     elif recon:
         attacked = reconstruct_run(run, recon, denoiser_cache=cache_dir / DENOISER_CACHE)
+        info["reconstruction"] = attacked.reason if not attacked.attacked else "scored"
+    if has_payloads and recon and attacked.attacked:
         ev, truth = attacked.evaluation, attacked.truth
         rows.append(_row("T1", "payload", "count", "payload_rows", len(attacked.view)))
         rows.extend(reconstruction_rows(ev, cfg.seed))
         picks = _grid_rows(truth.member, truth.client)
         artifacts["reconstructions.png"], info["reconstruction_rows"] = reconstruction_grid(
             ev, truth.source[truth.member[picks]], picks)
-    if run.server_model is not None:  # every setting with payloads: does the server know who sent each?
+    if has_payloads:  # every setting with payloads: does the server know who sent each?
         rows.extend(_run_sender_rows(run))
     samples = client_samples(run, cell)
     mrows, roc = membership_rows(run, cell, samples)
@@ -402,6 +435,8 @@ def shared_resources(cell: Cell) -> list[tuple[str, str]]:
     from collafuse.attacks.reconstruction.registry import RECONSTRUCTION_ATTACKS
 
     cfg = cell.run_config
+    if cell.run_dir is not None:
+        return []  # an existing run's data is in its folder: the cell builds what it needs itself
     data_key = json.dumps(cfg.data.model_dump(mode="json"), sort_keys=True)
     out = []
     if RECONSTRUCTION_ATTACKS.needing("denoiser", cell.attacks.get("T1", ())) and cfg.t_c < cfg.diffusion.T:

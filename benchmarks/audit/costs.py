@@ -19,16 +19,15 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from collafuse.config import ModelConfig, RunConfig
 from collafuse.defenses import defense_effects
-from collafuse.model import UNetConfig
 from collafuse.sampling import split_ddim_steps
 from collafuse.schedule import ddim_timesteps
-from collafuse.training import build_model, unet_config
+from collafuse.training import ModelSpec, build_model, model_spec
 
 __all__ = ["denoiser_flops", "sampling_evaluations", "compute_costs"]
 
 
 @functools.lru_cache(maxsize=64)
-def _unet_forward_flops(config: UNetConfig, image_size: int) -> int:
+def _unet_forward_flops(config: ModelSpec, image_size: int) -> int:
     model = build_model(config, 0).eval()
     x = torch.zeros(1, config.in_channels, image_size, image_size)
     t = torch.ones(1, dtype=torch.long)
@@ -46,7 +45,10 @@ def denoiser_flops(model_config: ModelConfig, channels: int, image_size: int, nu
     upsampling and the class-embedding lookup are not counted (a few per cent at
     most). So the count does not depend on ``num_classes``.
     """
-    return _unet_forward_flops(unet_config(model_config, channels, num_classes), image_size)
+    if not isinstance(model_config, ModelConfig):
+        # The conversion of v / x0 outputs to ε is elementwise (not counted); the network's FLOPs do not change.
+        model_config = model_config.model_copy(update={"prediction_type": "epsilon"})
+    return _unet_forward_flops(model_spec(model_config, channels, image_size, num_classes), image_size)
 
 
 def sampling_evaluations(T: int, t_hand: int, sampler: str, steps: int, guided: bool) -> tuple[int, int]:

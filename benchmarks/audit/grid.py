@@ -24,7 +24,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from collafuse.config import DEFAULT_CONFIG, RunConfig, config_from_dict
+from collafuse.config import DEFAULT_CONFIG, Int, RunConfig, config_from_dict
 from collafuse.errors import ConfigError
 from collafuse.safeio import parse_yaml, read_text, short_repr
 from collafuse.threats import THREAT_IDS
@@ -32,6 +32,8 @@ from collafuse.threats import THREAT_IDS
 CELL_FORMAT = 1  # bump when a cell's computation changes meaning: old cached cells stop matching
 
 
+# Int (collafuse.config): strict, as in a run config — YAML's `epochs: true` or `references: "2"` is a
+# mistake, not 1 or 2.
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
@@ -47,7 +49,7 @@ def _cut_ratios_ok(values: tuple[float, ...]) -> tuple[float, ...]:
 
 class PayloadCurveSpec(_Strict):
     cut_ratios: tuple[float, ...] = ()
-    epochs: int = Field(1, ge=1)                   # epochs of payloads simulated (multiview fuses them)
+    epochs: Int = Field(1, ge=1)                   # epochs of payloads simulated (multiview fuses them)
     payload_kinds: tuple[Literal["cut", "trajectory", "naive"], ...] = ("cut",)
     defenses: dict[str, tuple[dict[str, Any], ...]] = {"none": ()}
     attacks: tuple[str, ...] = ("rescale", "tweedie", "multiview", "oracle")
@@ -60,15 +62,19 @@ class PayloadCurveSpec(_Strict):
 
 class SystemsSpec(_Strict):
     cut_ratios: tuple[float, ...] = ()
+    # Run folders attacked as they are, never trained: deployments brought in with `collafuse import`
+    # (DESIGN §9), or any finished run. Relative paths are relative to the grid file. Each is one cell
+    # with this block's attacks, samples_per_client and references; its own config says the rest.
+    runs: tuple[str, ...] = ()
     payload_kinds: tuple[Literal["cut", "trajectory", "naive"], ...] = ("cut",)
     defenses: dict[str, tuple[dict[str, Any], ...]] = {"none": ()}
     attacks: dict[str, tuple[str, ...]] = {}     # threat (T1..T4) → attack names
-    samples_per_client: int = Field(128, ge=2)   # generated images per client for utility and T4
-    references: int = Field(4, ge=2, le=64)      # reference client models per T3 target for lira / rmia
+    samples_per_client: Int = Field(128, ge=2)   # generated images per client for utility and T4
+    references: Int = Field(4, ge=2, le=64)      # reference client models per T3 target for lira / rmia
     inception_fid: bool = False                  # also FID in Inception-v3 features (needs the `fid` extra; slow)
     # training.snapshots of these systems: their models are also attacked after each of these epochs (T2/T3
     # `*_at_epoch` rows, the report's leakage-against-training-length figure). Empty: the final models only.
-    snapshots: tuple[int, ...] = ()
+    snapshots: tuple[Int, ...] = ()
 
     @field_validator("cut_ratios")
     @classmethod
@@ -80,7 +86,7 @@ class GridSpec(_Strict):
     name: str = "audit"
     base: dict[str, Any] = {}                    # run-config overrides for every cell (sections as in `collafuse train`)
     datasets: dict[str, dict[str, Any]] = {"digits": {}}  # name → data-section overrides
-    seeds: tuple[int, ...] = (0,)
+    seeds: tuple[Int, ...] = (0,)
     payload_curve: PayloadCurveSpec = PayloadCurveSpec()
     # One block, or a list of blocks: each block is its own product (cut ratios × defenses), so a
     # costly defense (DP-SGD) can be trained at one cut ratio while the others cover several.
@@ -108,6 +114,8 @@ class Cell:
     samples_per_client: int = 0
     inception_fid: bool = False
     references: int = 4             # reference models per target of lira / rmia (only they read it)
+    run_dir: str | None = None      # a system cell on an existing run folder (systems.runs), not trained
+    run_sha256: str | None = None   # sha256 of that run's run.json (which hashes every file): its identity
 
     @property
     def cell_id(self) -> str:
@@ -131,6 +139,8 @@ class Cell:
             **({"inception_fid": True} if self.inception_fid else {}),  # absent when off: older hashes stay valid
             # only where an attack reads it (lira / rmia): the hashes of every other cell stay as they were
             **({"references": self.references} if self.uses_references else {}),
+            # an existing run: its content, not its path, is what the results depend on
+            **({"run_sha256": self.run_sha256} if self.run_dir is not None else {}),
         }
 
     @property
@@ -145,7 +155,7 @@ class Cell:
     def baseline(self) -> str | None:
         """"local-only" (c = 1: every client trains alone, nothing crosses) or "central" (c = 0: the server
         trains on the raw images) for a trained system with no defense (DESIGN §2.4); None otherwise."""
-        if self.kind != "system" or self.run_config.defenses:
+        if self.kind != "system" or self.run_config.defenses or self.run_dir is not None:
             return None
         return "local-only" if self.cut_ratio == 1.0 else "central" if self.cut_ratio == 0.0 else None
 
@@ -203,9 +213,34 @@ def load_grid(path: Path | str | None, quick: bool = False) -> Grid:
         spec = GridSpec.model_validate(raw)
     except ValidationError as exc:
         raise ConfigError(f"grid error: {_format_error(exc)}") from None
+    if path is not None and any(b.runs for b in spec.systems):  # run folders relative to the grid file
+        base = Path(path).parent
+        spec = spec.model_copy(update={"systems": tuple(
+            b.model_copy(update={"runs": tuple(str(r if Path(r).is_absolute() else base / r) for r in b.runs)})
+            for b in spec.systems)})
     grid = Grid(spec, text, source)
     validate(grid.cells(), spec)
     return grid
+
+
+def existing_run_cell(path: str, block: SystemsSpec) -> Cell:
+    """A system cell on the run folder at ``path`` (systems.runs): its config from the folder, never trained."""
+    from collafuse.runs import CONFIG_FILE, RUN_MARKER
+
+    folder = Path(path)
+    marker = folder / RUN_MARKER
+    if not marker.is_file():
+        raise ConfigError(f"grid error: systems.runs: {folder} is not a run folder (no {RUN_MARKER}); "
+                          "make one with `collafuse import MANIFEST --out RUN_DIR`")
+    try:
+        text = (folder / CONFIG_FILE).read_text()
+        digest = hashlib.sha256(marker.read_bytes()).hexdigest()
+    except OSError as exc:
+        raise ConfigError(f"grid error: systems.runs: {folder} unreadable ({exc.strerror or exc})") from None
+    cfg = config_from_dict(parse_yaml(text, str(folder / CONFIG_FILE), ConfigError) or {})
+    return Cell("system", folder.name, cfg.diffusion.cut_ratio, "as deployed", cfg.training.payload, cfg.seed,
+                cfg.training.epochs, cfg, dict(block.attacks), block.samples_per_client, block.inception_fid,
+                block.references, run_dir=str(folder.resolve()), run_sha256=digest)
 
 
 def _run_config(spec: GridSpec, dataset: str, c: float, payload_kind: str, defenses, seed: int,
@@ -235,7 +270,7 @@ def _run_config(spec: GridSpec, dataset: str, c: float, payload_kind: str, defen
 
 
 def expand(spec: GridSpec) -> list[Cell]:
-    """Every cell of the grid, in a fixed order: payload curve first, then systems."""
+    """Every cell of the grid, in a fixed order: payload curve first, then systems, then existing runs."""
     cells: list[Cell] = []
     curve = spec.payload_curve
     for dataset in spec.datasets:
@@ -252,6 +287,7 @@ def expand(spec: GridSpec) -> list[Cell]:
                         cells.append(Cell("system", dataset, c, label, kind, seed, cfg.training.epochs, cfg,
                                           dict(systems.attacks), systems.samples_per_client, systems.inception_fid,
                                           systems.references))
+    cells += [existing_run_cell(path, block) for block in spec.systems for path in block.runs]
     return cells
 
 

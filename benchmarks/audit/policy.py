@@ -17,6 +17,12 @@ model at c = 1, no client model at c = 0) passes with that reason. A cell is *co
 when every threat of the policy applies to its kind (payload-only cells measure T1 only).
 The recommendation is the complete, passing cell with the least client compute.
 
+The worst value is always the attack's own AUC (or rate): an attack flagged ``inverted`` (AUC
+significantly below 0.5) is never turned into 1 − AUC with the labels; the calibrated attacks
+(``lira``, ``rmia``: their direction comes from reference models) are what uses such a signal
+(DESIGN.md §4.2 "Direction"). Where attacks tie on the worst value, the calibrated one is named
+(:func:`worst_index`), so the verdict rests on an attack that needed no labels to orient itself.
+
 Membership limits (T1–T4): ``auc``, ``tpr_at_1pct_fpr``, ``tpr_at_01pct_fpr``, ``balanced_accuracy``,
 ``epsilon_lb``, ``epsilon_gdp``, all on the final (released) models. A ``max`` limit on
 ``tpr_at_01pct_fpr`` where a target has fewer than 1000 non-members is *not measured* (that value
@@ -122,7 +128,7 @@ def check_against_grid(policy: Policy, spec: GridSpec) -> None:
     """Refuse a policy on a threat (or metric) that no cell of the grid measures."""
     from collafuse.attacks.membership.catalog import ATTACKS as MEMBERSHIP
 
-    blocks = [b for b in spec.systems if b.cut_ratios and b.defenses and b.payload_kinds]
+    blocks = [b for b in spec.systems if (b.cut_ratios and b.defenses and b.payload_kinds) or b.runs]
     systems = bool(blocks)
     attacked = {t: {a for b in blocks for a in b.attacks.get(t, ())} for t in THREAT_IDS}
     t1_recon = bool(spec.payload_curve.cut_ratios and spec.payload_curve.attacks) or any(
@@ -140,6 +146,24 @@ def check_against_grid(policy: Policy, spec: GridSpec) -> None:
         if not ok:
             raise ConfigError(f"policy error: limits.{limit.threat}.{limit.metric}: no attack in the grid measures it "
                               f"(add attacks for {limit.threat} to the grid or drop the limit)")
+
+
+def calibrated_attacks() -> frozenset[str]:
+    """The membership attacks that learn their direction from reference models (lira, rmia and variants)."""
+    from collafuse.attacks.membership.catalog import ATTACKS as MEMBERSHIP
+
+    return frozenset(MEMBERSHIP.needing("references"))
+
+
+def worst_index(values: pd.Series, attacks: pd.Series, op: str = "max"):
+    """The index of the worst of ``values`` (largest for ``max``, smallest for ``min``); among ties the
+    first row of a calibrated attack (:func:`calibrated_attacks`), else the first row. ``attacks``: the
+    attack name of each row, same index. The values are used as measured: nothing is flipped."""
+    target = values.max() if op == "max" else values.min()
+    tied = values.index[values == target]
+    calibrated = calibrated_attacks()
+    preferred = [i for i in tied if attacks.loc[i] in calibrated]
+    return preferred[0] if preferred else tied[0]
 
 
 def _absent_reason(cell: Cell, threat: str, rows: pd.DataFrame) -> str | None:
@@ -206,7 +230,7 @@ def evaluate_cell(policy: Policy, cell: Cell, rows: pd.DataFrame) -> dict[str, A
             checks.append(check)
             continue
         values = values[~unresolved] if unresolved.any() else values
-        idx = values.idxmax() if limit.op == "max" else values.idxmin()
+        idx = worst_index(values, sel.loc[values.index, "attack"], limit.op)
         observed = float(values.loc[idx])
         ok = observed <= limit.bound if limit.op == "max" else observed >= limit.bound
         check.update({"observed": observed, "attack": sel.loc[idx, "attack"], "target": sel.loc[idx, "target"],

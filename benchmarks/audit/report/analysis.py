@@ -8,6 +8,7 @@ import pandas as pd
 
 from collafuse.threats import THREAT_IDS
 
+from collafuse.benchmarks.audit.policy import worst_index
 from collafuse.benchmarks.audit.results import to_float
 
 HEADLINE: dict[str, tuple[str, ...]] = {"T1": ("reid_pool", "auc"), "T2": ("auc",), "T3": ("auc",), "T4": ("auc",)}
@@ -68,6 +69,9 @@ def ordered(values: Iterable[str], preferred: Sequence[str] = ()) -> list[str]:
 def worst_leakage(rows: pd.DataFrame, cells: Sequence[str] | None = None) -> pd.DataFrame:
     """One row per (cell, threat T1–T4) with the worst value of the threat's headline metric.
 
+    The worst is the largest value as measured (an inverted attack's AUC stays below 0.5; it is
+    never read as 1 − AUC); ties name a calibrated attack (lira, rmia) first (:func:`worst_index`).
+
     Columns: cell, kind, defense, cut_ratio, seed, threat, metric, value, ci_low, ci_high,
     attack, target. A (cell, threat) with headline rows that are all null gets value NaN.
     """
@@ -85,7 +89,7 @@ def worst_leakage(rows: pd.DataFrame, cells: Sequence[str] | None = None) -> pd.
                 candidates = sub[sub["metric"] == metric]
                 hits = measured(candidates)
                 if not hits.empty:
-                    chosen = hits.loc[hits["value"].idxmax()]
+                    chosen = hits.loc[worst_index(hits["value"], hits["attack"])]
                     break
                 if chosen is None and not candidates.empty:
                     chosen = candidates.iloc[0].copy()
@@ -156,7 +160,9 @@ def formal_table(rows: pd.DataFrame, cells: Sequence[str]) -> pd.DataFrame:
 
     ``formal_metrics``/``formal_values``: the bounds found (a null value in results → ∞: no bound);
     ``formal``: the one bound to plot (∞ for T4 if either model bound is ∞, NaN otherwise: the two
-    model bounds compose and are listed, not summed); ``empirical``: the largest ε_LB of any attack.
+    model bounds compose and are listed, not summed); ``empirical``: the largest ε_LB of any attack;
+    ``one_run``: the largest one-run ε_LB (Steinke, Nasr & Jagielski 2023: the run's canaries) of any
+    attack, with ``one_run_attack`` / ``one_run_target`` (NaN / "" without canaries).
     """
     out = []
     for cell in cells:
@@ -173,7 +179,9 @@ def formal_table(rows: pd.DataFrame, cells: Sequence[str]) -> pd.DataFrame:
                     bounds.append((metric, math.inf if math.isnan(v) else float(v)))
             lb = measured(group[(group["threat"] == threat) & (group["metric"] == "epsilon_lb")])
             lb_row = lb.loc[lb["value"].idxmax()] if not lb.empty else None
-            if not bounds and lb_row is None:
+            one = measured(group[(group["threat"] == threat) & (group["metric"] == "one_run_epsilon_lb")])
+            one_row = one.loc[one["value"].idxmax()] if not one.empty else None
+            if not bounds and lb_row is None and one_row is None:
                 continue
             if len(bounds) == len(FORMAL_FOR_THREAT[threat]) and len(bounds) == 1:
                 formal = bounds[0][1]
@@ -188,9 +196,12 @@ def formal_table(rows: pd.DataFrame, cells: Sequence[str]) -> pd.DataFrame:
                 "empirical": lb_row["value"] if lb_row is not None else math.nan,
                 "attack": lb_row["attack"] if lb_row is not None else "",
                 "target": lb_row["target"] if lb_row is not None else "",
+                "one_run": one_row["value"] if one_row is not None else math.nan,
+                "one_run_attack": one_row["attack"] if one_row is not None else "",
+                "one_run_target": one_row["target"] if one_row is not None else "",
             })
     columns = ["cell", "kind", "defense", "cut_ratio", "threat", "formal_metrics", "formal_values", "formal",
-               "empirical", "attack", "target"]
+               "empirical", "attack", "target", "one_run", "one_run_attack", "one_run_target"]
     return pd.DataFrame(out, columns=columns)
 
 
