@@ -381,42 +381,34 @@ def server_plan(data, splits, candidates_index: torch.Tensor, candidates) -> Ref
     """The reference plan of the server's target: pool = the members that are not candidates, then the
     auxiliary images beyond the population; population = the first ≤ 256 auxiliary images; a reference
     trains on as many images as all clients together (``splits.members``)."""
-    labels = data.labels
     aux = splits.aux
     n_z = min(len(aux), MAX_POPULATION)
     taken = set(candidates_index.tolist())
     rest = torch.tensor([int(i) for i in splits.members.tolist() if int(i) not in taken], dtype=torch.long)
     pool_idx = torch.cat([rest, aux[n_z:].long()])
-
-    def lab(idx):
-        return None if candidates.labels is None else labels[idx]
-
-    return ReferencePlan(
-        candidates=candidates.images, candidate_labels=candidates.labels,
-        pool=data.images[pool_idx], pool_labels=lab(pool_idx),
-        population=data.images[aux[:n_z]], population_labels=lab(aux[:n_z]),
-        n_train=int(len(splits.members)),
-    )
+    return _plan(data, candidates, pool_idx, aux[:n_z], int(len(splits.members)))
 
 
 def client_plan(data, splits, client: int, candidates) -> ReferencePlan:
     """The reference plan of client ``client``'s target: pool = other clients' members then the
     auxiliary images beyond the population; population = the first ≤ 256 auxiliary images."""
-    labels = data.labels
     aux = splits.aux
     n_z = min(len(aux), MAX_POPULATION)
     others = [idx for k, idx in enumerate(splits.clients) if k != client]
     pool_idx = torch.cat([*others, aux[n_z:]]) if (others or len(aux) > n_z) else torch.empty(0, dtype=torch.long)
-    pool_idx = pool_idx.long()
+    return _plan(data, candidates, pool_idx.long(), aux[:n_z], int(len(splits.clients[client])))
 
+
+def _plan(data, candidates, pool_idx: torch.Tensor, population_idx: torch.Tensor, n_train: int) -> ReferencePlan:
+    """A :class:`ReferencePlan` from indices into the run's data (labels only when the candidates have them)."""
     def lab(idx):
-        return None if candidates.labels is None else labels[idx]
+        return None if candidates.labels is None else data.labels[idx]
 
     return ReferencePlan(
         candidates=candidates.images, candidate_labels=candidates.labels,
         pool=data.images[pool_idx], pool_labels=lab(pool_idx),
-        population=data.images[aux[:n_z]], population_labels=lab(aux[:n_z]),
-        n_train=int(len(splits.clients[client])),
+        population=data.images[population_idx], population_labels=lab(population_idx),
+        n_train=n_train,
     )
 
 
