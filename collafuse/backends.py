@@ -40,9 +40,8 @@ DIFFUSERS_DERIVED_KEYS = ("sample_size", "in_channels", "out_channels", "num_cla
 
 
 class Denoiser(Protocol):
-    """What every part of collafuse calls: ε̂ = model(x_t, t, y), t in 1..T, y None or (B,) labels."""
-
-    num_classes: int
+    """What every part of collafuse calls: ε̂ = model(x_t, t, y), t in 1..T, y None or (B,) labels;
+    ``null_class`` is the label of "no class" (classifier-free guidance)."""
 
     @property
     def null_class(self) -> int: ...
