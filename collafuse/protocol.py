@@ -194,3 +194,38 @@ def server_noising(
     ab = schedule.alpha_bar
     rel = gather(ab, t, p.ndim, torch.float64) / gather(ab, t_p, p.ndim, torch.float64)
     return (rel.sqrt() * p.double() + (1.0 - rel).sqrt() * eta.double()).to(p.dtype)
+
+
+def server_eps_scale(schedule: NoiseSchedule, t_c: int, payload_kind: str) -> torch.Tensor:
+    """Per step t, the factor that turns the server's prediction into the full schedule's ε̂ (shape (T+1,)).
+
+    Whatever the payload kind, the server's x_t has the full marginal q(x_t | x0) = N(a_t x0, s_t² I)
+    (§2.2 step 3), so its score is ∇log q(x_t) = −E[ε | x_t]/s_t. The server learns E[η | x_t] for its own
+    noise η, and for independent Gaussian noise parts E[η | x_t] = (s'_t/s_t)·E[ε | x_t], where s'_t is η's
+    scale in x_t:
+    - ``cut``: x_t = √ᾱ'_t p + s'_t η on ᾱ'_t = ᾱ_t/ᾱ_{t_c}, so s'_t = √(1 − ᾱ_t/ᾱ_{t_c});
+    - ``naive``: the server is told the full noise, so s'_t = s_t (factor 1);
+    - ``trajectory``: p is sent at t_p ~ U{t_c+1..T−1} and the server trains at t ~ U{t_p+1..T}, so it learns
+      the average of s'_{t|t_p} over P(t_p | t) ∝ 1/(T − t_p) for t_p < t. At t = t_c + 1, where no payload
+      was noised further, the ``cut`` factor stands in.
+    Entries t ≤ t_c are 1 (the server never runs there). With t_c = 0 every factor is exactly 1.
+    """
+    T, ab = schedule.T, schedule.alpha_bar
+    s_full = (1.0 - ab).sqrt()
+    scale = torch.ones(T + 1, dtype=torch.float64)
+    if t_c >= T or payload_kind == "naive":
+        return scale
+    steps = torch.arange(t_c + 1, T + 1)
+    s_cut = (1.0 - ab[steps] / ab[t_c]).sqrt()
+    if payload_kind == "cut":
+        scale[steps] = s_full[steps] / s_cut
+        return scale
+    if payload_kind != "trajectory":
+        raise ValueError(f"unknown payload kind {payload_kind!r}; valid: cut, trajectory, naive")
+    scale[steps] = s_full[steps] / s_cut
+    for t in range(t_c + 2, T + 1):
+        t_p = torch.arange(t_c + 1, min(t, T))  # payload steps that can be noised further to t
+        weight = 1.0 / (T - t_p).double()
+        s_rel = (1.0 - ab[t] / ab[t_p]).sqrt()
+        scale[t] = s_full[t] / ((weight * s_rel).sum() / weight.sum())
+    return scale

@@ -218,15 +218,29 @@ def ddim_step(
     ab_t: float,
     ab_next: float,
     clip_x0: float | None = None,
+    eta: float = 0.0,
+    noise: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """One deterministic DDIM step (η = 0; Song et al. 2021, eq. 12) from ᾱ_t to ᾱ_next."""
+    """One DDIM step from ᾱ_t to ᾱ_next (Song et al. 2021, eq. 12).
+
+    ``eta`` = 0: the deterministic step. ``eta`` > 0 adds fresh ``noise`` with
+    σ = η·√((1−ᾱ_next)/(1−ᾱ_t))·√(1−ᾱ_t/ᾱ_next) (eq. 16) and keeps the marginals: η = 1 is ancestral
+    sampling on the strided grid (the DDPM posterior between the two steps).
+    """
     abt = torch.tensor(ab_t, dtype=torch.float64)
     abn = torch.tensor(ab_next, dtype=torch.float64)
     x0_hat = predict_x0(x_t.double(), eps.double(), abt)
     if clip_x0 is not None:
         x0_hat = x0_hat.clamp(-clip_x0, clip_x0)
         eps = ((x_t.double() - abt.sqrt() * x0_hat) / (1.0 - abt).sqrt()).to(eps.dtype)
-    out = abn.sqrt() * x0_hat + (1.0 - abn).sqrt() * eps.double()
+    if eta == 0.0:
+        out = abn.sqrt() * x0_hat + (1.0 - abn).sqrt() * eps.double()
+        return out.to(x_t.dtype)
+    if noise is None:
+        raise ValueError("a stochastic DDIM step (eta > 0) needs its noise")
+    sigma = eta * ((1.0 - abn) / (1.0 - abt)).sqrt() * (1.0 - abt / abn).sqrt()
+    direction = (1.0 - abn - sigma**2).clamp_min(0.0).sqrt()
+    out = abn.sqrt() * x0_hat + direction * eps.double() + sigma * noise.double()
     return out.to(x_t.dtype)
 
 

@@ -62,7 +62,11 @@ def test_quick_audit_writes_table_report_and_verdict(quick_audit):
                "metric", "value", "ci_low", "ci_high"}
     assert columns <= set(rows[0])
     threats = {r["threat"] for r in rows}
-    assert threats == {"T1", "T2", "T3", "T4", "utility", "cost", "formal"}
+    assert threats == {"T1", "T2", "T3", "T4", "utility", "cost", "formal", "sampling"}
+    # Every split system checks its server's hand-off against its payloads (issue 19) and draws a sample grid.
+    handoff = [r for r in rows if r["threat"] == "sampling" and r["metric"] == "handoff_std_error"]
+    assert len(handoff) == 5 and all(r["value"] < 0.1 for r in handoff)
+    assert all(c["artifacts"].get("samples") for c in meta["cells"] if c["kind"] == "system")
     # The CSV holds the same rows as the JSON.
     import pandas as pd
 

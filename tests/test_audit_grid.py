@@ -264,3 +264,28 @@ def test_verdict_compares_the_recommendation_with_training_alone(tmp_path):
 def test_default_grid_holds_both_baselines():
     cells = load_grid(None).cells()
     assert {c.baseline for c in cells if c.baseline} == {"central", "local-only"}
+
+
+def test_verdict_gives_every_utility_metric_against_both_baselines_and_says_when_they_disagree(tmp_path):
+    """Issue 19 item 3: accuracy alone once called saturated noise good; the verdict now gives accuracy, FID,
+    KID, precision and recall with their intervals against local-only and central training."""
+    grid = {**GRID, "payload_curve": {}, "systems": {**GRID["systems"], "cut_ratios": [0.0, 0.5, 1.0]}}
+    cells = load_grid(write(tmp_path, "g.yaml", grid)).cells()
+    utility = {  # metric: (central, split, local-only) as (value, low, high)
+        "accuracy": ((0.95, 0.9, 0.98), (0.60, 0.55, 0.65), (0.36, 0.30, 0.42)),
+        "fid": ((150.0, None, None), (2181.0, None, None), (382.0, None, None)),
+        "precision": ((0.58, 0.5, 0.66), (0.013, 0.0, 0.04), (0.23, 0.17, 0.30)),
+        "recall": ((0.83, 0.8, 0.86), (0.80, 0.77, 0.83), (0.79, 0.76, 0.82)),
+    }
+    index = {0.0: 0, 0.5: 1, 1.0: 2}
+    df = pd.concat([_rows(c, [("T1", "payload", "oracle", "reid_pool", {0.0: 1.0, 0.5: 0.03, 1.0: 0.0}[c.cut_ratio], None, None),
+                              ("cost", "clients", "count", "client_gflops_sample", c.cut_ratio, None, None)]
+                          + [("utility", "pooled", "classifier-features", m, *v[index[c.cut_ratio]]) for m, v in utility.items()])
+                    for c in cells], ignore_index=True)
+    _, decision = verdict(parse_policy({"limits": {"T1": {"reid_pool": {"max": 0.05}}}}), cells, df)
+    text = decision["text"]
+    assert "accuracy 0.6 [0.55, 0.65], fid 2.18e+03, precision 0.013 [0, 0.04], recall 0.8 [0.77, 0.83]" in text
+    assert "Local-only (accuracy 0.36 [0.3, 0.42], fid 382" in text
+    assert ("the recommendation is better on accuracy; worse on fid, precision; indistinguishable on recall. "
+            "The metrics disagree.") in text
+    assert "Central (accuracy 0.95 [0.9, 0.98]" in text and "worse on accuracy, fid, precision" in text

@@ -129,6 +129,17 @@ def make_audit(root: Path, *, systems: bool = True, artifacts: bool = True) -> P
                 rel = f"artifacts/{chash}/roc.json"
                 (root / rel).write_text(json.dumps(curves))
                 art["roc"] = rel
+                rel = f"artifacts/{chash}/samples.png"
+                _reconstruction_png(root / rel, ["client_0", "client_1"], rng, 0.3)
+                art["samples"] = rel
+            # the hand-off check: the payload-noise system at c = 0.3 hands off too wide a tensor
+            broken = defense.startswith("payload-noise") and c == 0.3
+            auc_h, ratio = (0.97, 2.6) if broken else (0.53, 1.01)
+            rows += [_row(cell, "sampling", "handoff", "c2st", "handoff_auc", auc_h, auc_h - 0.04, auc_h + 0.04),
+                     _row(cell, "sampling", "handoff", "c2st", "handoff_p_value", 0.001 if broken else 0.4),
+                     _row(cell, "sampling", "handoff", "moments", "handoff_std_ratio", ratio),
+                     _row(cell, "sampling", "handoff", "moments", "handoff_std_error", abs(ratio - 1)),
+                     _row(cell, "sampling", "handoff", "check", "handoff_off_distribution", float(broken))]
         cells.append({**cell, "seconds": 1.5 if kind == "payload" else 20.0, "run_config": None, "artifacts": art})
         mine = [r for r in rows if r["cell"] == cid]
         worst_reid = max(r["value"] for r in mine if r["threat"] == "T1" and r["metric"] == "reid_pool")
@@ -422,3 +433,19 @@ def test_report_in_a_real_browser(audit, tmp_path):
     assert seen["verdict_visible"] and "PASS" in seen["verdict_text"]
     assert seen["recommendation_visible"] and "Recommendation" in seen["recommendation_text"]
     assert shot.stat().st_size > 10_000
+
+
+def test_report_shows_every_systems_samples_and_flags_an_off_distribution_hand_off(tmp_path):
+    audit = make_audit(tmp_path / "audit")
+    html, md = write_report(audit)
+    text = md.read_text()
+    section = text[text.index("## 1a. Samples"):text.index("## 2.")]
+    # one grid per trained system (6), each linked from its artifact and captioned with its utility
+    assert section.count("samples.png") >= 6 and "accuracy" in section and "fid" in section
+    page = _Page("handoff-table")
+    page.feed(html.read_text())
+    assert "samples" in page.ids and "handoff-table" in page.ids
+    verdicts = [row[-1][0] for row in page.table_rows[1:]]
+    assert verdicts.count("off-distribution") == 1 and verdicts.count("payload-like") == 5
+    flagged = _cell_id("system", 0.3, "payload-noise σ=1")
+    assert f"{flagged}: hand-off OFF-DISTRIBUTION" in text and "broken sampler" in text

@@ -5,7 +5,7 @@ from torch import nn
 
 from collafuse.model import UNet, UNetConfig
 from collafuse.protocol import server_noising
-from collafuse.sampling import collaborative_sample, reverse_chain
+from collafuse.sampling import collaborative_sample, reverse_chain, server_handoff
 from collafuse.schedule import NoiseSchedule, q_sample
 
 MU, VAR0 = 0.4, 0.09  # toy data: x0 ~ N(MU, VAR0) independently per pixel
@@ -54,10 +54,10 @@ def test_split_chain_with_ideal_denoisers_returns_the_data(sampler):
     client = IdealDenoiser(sched.alpha_bar, MU, VAR0)
     shape = (2000, 1, 2, 2)
 
-    # The server's chain on its relative schedule hands off samples distributed as x_{t_c}.
+    # The server's chain (trained on its relative schedule) hands off samples distributed as x_{t_c}.
     g = torch.Generator().manual_seed(1)
     x_T = torch.randn(shape, generator=g).double()
-    handoff = reverse_chain(server, sched.relative(t_c), sched.T, t_c, x_T, g, sampler=sampler, ddim_steps=400)
+    handoff = server_handoff(server, sched, t_c, x_T, g, sampler=sampler, server_steps=400, data_bound=None)
     assert float(handoff.mean()) == pytest.approx(payload_mean, abs=0.01)
     assert float(handoff.var()) == pytest.approx(payload_var, rel=0.05)
 

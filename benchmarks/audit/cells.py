@@ -30,10 +30,12 @@ from collafuse.schedule import NoiseSchedule
 from collafuse.training import Hooks, resolve_device
 
 from collafuse.benchmarks.audit.grid import Cell, system_hash
+from collafuse.benchmarks.audit.handoff import check_handoff, handoff_rows
 
 DENOISER_CACHE = "denoisers"  # the attacker denoisers' folder under the audit cache
 ROC_POINTS = 200  # ROC curves are thinned to about this many points for the report
 GRID_IMAGES = 8   # originals shown in a cell's reconstruction grid
+SAMPLE_GRID = 16  # samples shown per client in a system cell's samples grid
 
 
 @dataclass
@@ -85,6 +87,17 @@ def sender_rows(view, true_sender: torch.Tensor, num_clients: int) -> list[dict[
     iv = score.accuracy
     return [_row("T1", "payload", NAME, "accuracy", iv.value, iv.lo, iv.hi),
             _row("T1", "payload", NAME, "chance", score.chance)]
+
+
+def samples_grid(samples: dict[int, torch.Tensor]) -> bytes:
+    """PNG bytes: the first :data:`SAMPLE_GRID` samples of each client, one row per client (labels cycle
+    through the classes, so columns line up by class)."""
+    blocks = [to_uint8(samples[k][:SAMPLE_GRID]) for k in sorted(samples)]
+    width = max(b.shape[0] for b in blocks)
+    blocks = [np.concatenate([b, np.zeros((width - b.shape[0], *b.shape[1:]), b.dtype)]) for b in blocks]
+    buf = io.BytesIO()
+    save_png(image_grid(np.concatenate(blocks), rows=len(blocks)), buf, scale=3)
+    return buf.getvalue()
 
 
 def reconstruction_grid(ev, originals: torch.Tensor, rows: torch.Tensor) -> tuple[bytes, list[str]]:
@@ -422,6 +435,9 @@ def system_cell(cell: Cell, cache_dir: Path, device=None) -> CellOutput:
     if has_payloads:  # every setting with payloads: does the server know who sent each?
         rows.extend(_run_sender_rows(run))
     samples = client_samples(run, cell)
+    if samples:
+        artifacts["samples.png"] = samples_grid(samples)
+    rows.extend(handoff_rows(check_handoff(run)))  # is the server's hand-off payload-like? (DESIGN §2.3)
     mrows, roc = membership_rows(run, cell, samples)
     rows.extend(mrows)
     if roc:

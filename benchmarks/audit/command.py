@@ -148,6 +148,8 @@ def _cell_entry(cell, record: dict) -> dict[str, Any]:
         entry["artifacts"]["reconstruction_rows"] = record["info"].get("reconstruction_rows", [])
     if "roc.json" in artifacts:
         entry["artifacts"]["roc"] = artifacts["roc.json"]
+    if "samples.png" in artifacts:
+        entry["artifacts"]["samples"] = artifacts["samples.png"]
     return entry
 
 

@@ -60,6 +60,8 @@ METRICS: dict[str, tuple[str, ...]] = {
              "client_flops_share_sample", "client_gflops_train_per_image_epoch", "client_gflops_sample",
              "payload_bytes_per_image_epoch"),
     "formal": ("epsilon_payload", "epsilon_model_clients", "epsilon_model_server"),
+    # Is the server's hand-off distributed like a payload (DESIGN §2.3; benchmarks/audit/handoff.py)?
+    "sampling": ("handoff_auc", "handoff_std_error", "handoff_off_distribution"),
 }
 STATISTICS = ("value", "ci_low", "ci_high")
 
@@ -139,7 +141,7 @@ def check_against_grid(policy: Policy, spec: GridSpec) -> None:
             ok = t1_member if limit.metric in MEMBERSHIP_METRICS else t1_recon
         elif limit.threat in THREAT_IDS:  # T2..T4 (T1 above)
             ok = bool(attacked[limit.threat])
-        elif limit.threat == "utility":
+        elif limit.threat in ("utility", "sampling"):
             ok = systems
         else:
             ok = True
@@ -178,6 +180,8 @@ def _absent_reason(cell: Cell, threat: str, rows: pd.DataFrame) -> str | None:
             return "no server model (c = 1)"
         if threat == "T3" and cell.t_c == 0:
             return "no client model (c = 0)"
+        if threat == "sampling" and not 0 < cell.t_c < T:
+            return "no hand-off: one party runs the whole chain (c = 0 or 1)"
     return None
 
 
@@ -288,6 +292,65 @@ def against_baseline(cell: Cell, cells: list[Cell], df: pd.DataFrame, cost_metri
             f"sample accuracy {fmt(cmp['accuracy'])} vs {fmt(cmp['baseline_accuracy'])}.")
 
 
+# The pooled utility metrics the verdict compares, and which way is better (DESIGN §6).
+UTILITY_DIRECTIONS = {"accuracy": "higher", "fid": "lower", "kid": "lower", "precision": "higher", "recall": "higher"}
+
+
+def _pooled_utility(df: pd.DataFrame, config_hash: str, metric: str) -> tuple[float, float, float] | None:
+    sel = df[(df.config_hash == config_hash) & (df.threat == "utility") & (df.target == "pooled") & (df.metric == metric)]
+    sel = sel[sel["value"].notna()]
+    if sel.empty:
+        return None
+    row = sel.iloc[0]
+    lo, hi = row.get("ci_low"), row.get("ci_high")
+    return float(row["value"]), (float(lo) if pd.notna(lo) else math.nan), (float(hi) if pd.notna(hi) else math.nan)
+
+
+def _with_interval(v: tuple[float, float, float]) -> str:
+    value, lo, hi = v
+    return f"{value:.3g}" + (f" [{lo:.3g}, {hi:.3g}]" if math.isfinite(lo) and math.isfinite(hi) else "")
+
+
+def _compare(mine: tuple[float, float, float], theirs: tuple[float, float, float], direction: str) -> str:
+    """"better", "worse" or "indistinguishable" (the two 95 % intervals overlap); without intervals, by value."""
+    (a, alo, ahi), (b, blo, bhi) = mine, theirs
+    if all(math.isfinite(x) for x in (alo, ahi, blo, bhi)) and alo <= bhi and blo <= ahi:
+        return "indistinguishable"
+    if a == b:
+        return "indistinguishable"
+    return "better" if (a > b) == (direction == "higher") else "worse"
+
+
+def utility_sentence(cell: Cell, cells: list[Cell], df: pd.DataFrame) -> str:
+    """Every pooled utility metric of ``cell`` with its interval, against local-only (c = 1) and central (c = 0)
+    training on the same dataset and seed, saying where the metrics disagree (issue 19: a class-accuracy
+    judge alone called saturated noise good). '' when the cell has no utility rows."""
+    mine = {m: _pooled_utility(df, cell.config_hash, m) for m in UTILITY_DIRECTIONS}
+    mine = {m: v for m, v in mine.items() if v is not None}
+    if not mine:
+        return ""
+    parts = [f"Its samples: {', '.join(f'{m} {_with_interval(v)}' for m, v in mine.items())}."]
+    for name in ("local-only", "central"):
+        base = next((c for c in cells if c.baseline == name and c.dataset == cell.dataset and c.seed == cell.seed
+                     and c.config_hash != cell.config_hash), None)
+        if base is None:
+            continue
+        verdicts: dict[str, list[str]] = {"better": [], "worse": [], "indistinguishable": []}
+        shown = []
+        for metric, v in mine.items():
+            other = _pooled_utility(df, base.config_hash, metric)
+            if other is None:
+                continue
+            shown.append(f"{metric} {_with_interval(other)}")
+            verdicts[_compare(v, other, UTILITY_DIRECTIONS[metric])].append(metric)
+        if not shown:
+            continue
+        said = "; ".join(f"{k} on {', '.join(v)}" for k, v in verdicts.items() if v)
+        disagree = " The metrics disagree." if verdicts["better"] and verdicts["worse"] else ""
+        parts.append(f"{name.capitalize()} ({', '.join(shown)}): the recommendation is {said}.{disagree}")
+    return " ".join(parts)
+
+
 def verdict(policy: Policy, cells: list[Cell], df: pd.DataFrame) -> tuple[list[dict], dict[str, Any]]:
     """(evaluations per cell, the verdict with the recommendation)."""
     evaluations = [evaluate_cell(policy, cell, df[df.config_hash == cell.config_hash]) for cell in cells]
@@ -309,6 +372,8 @@ def verdict(policy: Policy, cells: list[Cell], df: pd.DataFrame) -> tuple[list[d
         }
         text = (f"PASS: {len(passing)} of {len(complete)} fully audited settings meet the policy; "
                 f"recommended: {_describe(cell)}. {against_baseline(cell, cells, df, policy.minimize, cost(best))}")
+        utility = utility_sentence(cell, cells, df)
+        text = f"{text} {utility}" if utility else text
         rec["against_local_only"] = baseline_comparison(cell, cells, df, policy.minimize)
         status = "pass"
     else:

@@ -8,6 +8,7 @@ relatively; reconstructions linked from ``artifacts/``). Both come from one list
 sections, so they say the same thing:
 
 1. the verdict and the recommendation (``#verdict``, ``#recommendation``)
+   1a. samples of every trained system beside the baselines', and the server's hand-off check (``#handoff-table``)
 2. leakage vs cut ratio per defense
 3. cut × defense heatmaps of worst-case leakage, and the per-cell table ``#leakage-table``
 4. membership ROC curves (log–log) from the cells' ``roc.json``
@@ -30,7 +31,7 @@ Conventions the tests rely on:
   [1e-3, 1e6)); table cells that hold a number also carry it unrounded in ``data-value``.
 - Nothing measured prints as "not measured"; a formal ε that is null or infinite prints "∞".
 - Table ids: ``leakage-table`` (one row per cell × threat), ``frontier-table``,
-  ``epsilon-table``, ``coverage-table``, ``cells-table`` and ``checks-table`` (policy),
+  ``epsilon-table``, ``coverage-table``, ``handoff-table``, ``cells-table`` and ``checks-table`` (policy),
   ``run-table``, ``versions-table``, ``cells-config-table``, ``membership-detail-table``,
   ``epochs-table``.
 

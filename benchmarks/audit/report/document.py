@@ -43,6 +43,7 @@ class Artifact:
     relpath: str         # relative to the audit folder
     png: bytes
     caption: str
+    wide: bool = False   # shown wider (a sample grid: 16 images a row)
 
 
 @dataclass

@@ -36,6 +36,7 @@ figure img{max-width:100%;height:auto;border:1px solid #e1e5e9;background:#fff}
 .gallery{display:flex;flex-wrap:wrap;gap:14px 18px;align-items:flex-start;margin:8px 0 4px}
 .gallery figure{margin:0}
 .gallery figure.art{width:300px}.gallery figure.art img{width:100%;image-rendering:pixelated}
+.gallery figure.art.wide{width:560px}
 p.caption{font-size:.85em;color:#4a545e;margin-top:2px}
 figcaption{font-size:.85em;color:#4a545e;max-width:900px;margin-top:4px}
 pre{background:#f1f3f5;border:1px solid #dde3ea;padding:10px 12px;overflow-x:auto;font-size:.82em;white-space:pre}
@@ -85,6 +86,12 @@ def _html_verdict(v: Verdict) -> str:
     return "".join(out)
 
 
+def _artifact(a: Artifact) -> str:
+    cls = "art wide" if a.wide else "art"
+    return (f'<figure class="{cls}"><img src="{_data_uri(a.png)}" alt="{_esc(a.caption)}">'
+            f"<figcaption>{_esc(a.caption)}</figcaption></figure>")
+
+
 def render_html(sections: list[Section], meta: dict) -> str:
     """The whole page: title, the subtitle from ``meta``, a navigation bar and every section."""
     parts = []
@@ -101,14 +108,12 @@ def render_html(sections: list[Section], meta: dict) -> str:
                 body.append(f'<figure><img src="{_data_uri(b.png)}" alt="{_esc(b.caption)}">'
                             f"<figcaption>{_esc(b.caption)}</figcaption></figure>")
             elif isinstance(b, Artifact):
-                body.append(f'<figure class="art"><img src="{_data_uri(b.png)}" alt="{_esc(b.caption)}">'
-                            f"<figcaption>{_esc(b.caption)}</figcaption></figure>")
+                body.append(_artifact(b))
             elif isinstance(b, Gallery):
                 items = []
                 for item in b.items:
                     if isinstance(item, Artifact):
-                        items.append(f'<figure class="art"><img src="{_data_uri(item.png)}" alt="{_esc(item.caption)}">'
-                                     f"<figcaption>{_esc(item.caption)}</figcaption></figure>")
+                        items.append(_artifact(item))
                     else:
                         items.append(f'<figure><img src="{_data_uri(item.png)}" alt="{_esc(item.caption)}"></figure>')
                 body.append(f'<div class="gallery">{"".join(items)}</div>')

@@ -17,6 +17,7 @@ from .analysis import (FORMAL_FOR_THREAT, HEADLINE, NOT_MEASURED, best_per_cell,
                        format_value, formal_table, frontier_table, measured, ordered, worst_leakage)
 from .document import Artifact, Cell, Figure, Gallery, Para, Pre, Section, Table, Verdict, num, txt, verdict_cell
 from .membership import membership_detail_section, training_length_section
+from .samples import samples_section
 
 MAX_RECONSTRUCTIONS = 8
 TITLE = "collafuse audit report"
@@ -440,6 +441,7 @@ def build_sections(audit_dir: Path, rows: pd.DataFrame, meta: dict) -> list[Sect
     rec = verdict.get("recommendation") if isinstance(verdict.get("recommendation"), dict) else None
     return [
         _verdict_section(meta, len(cells)),
+        samples_section(audit_dir, rows, meta_cells, cells),
         _leakage_curve_section(rows, worst, defenses),
         _heatmap_section(worst, defenses, rows),
         _roc_section(audit_dir, rows, worst, meta_cells, cells),
