@@ -19,24 +19,43 @@ from dataclasses import asdict, dataclass
 import numpy as np
 from scipy import stats as sps
 
+from collafuse.jsonio import encode
+
 
 @dataclass(frozen=True)
 class Interval:
-    """An estimate with a two-sided confidence interval.
+    """An estimate with its two-sided confidence interval: the project's one interval type.
 
-    ``method`` names the construction; ``n`` is the number of independent units
-    (values, or clusters when a cluster bootstrap was used).
+    ``low`` / ``high`` are None where no interval was computed (no bootstrap); ±∞ where the
+    construction gives no finite bound (a t interval of one value). ``method`` names the construction;
+    ``n`` is the number of independent units (values, or clusters when a cluster bootstrap was used).
     """
 
     value: float
-    lo: float
-    hi: float
-    n: int
-    method: str
+    low: float | None = None
+    high: float | None = None
+    n: int | None = None
+    method: str | None = None
     level: float = 0.95
 
-    def to_dict(self) -> dict:
-        return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in asdict(self).items()}
+    def ci(self) -> list[float] | None:
+        """[low, high], or None without an interval."""
+        return None if self.low is None else [self.low, self.high]
+
+    def finite_bounds(self) -> tuple[float | None, float | None]:
+        """(low, high) with every non-finite or absent bound as None: how a results row stores them."""
+        def finite(x: float | None) -> float | None:
+            return None if x is None or not math.isfinite(x) else float(x)
+
+        return finite(self.low), finite(self.high)
+
+    def contains(self, x: float) -> bool:
+        """Whether ``x`` lies in [low, high] (False without an interval)."""
+        return self.low is not None and self.low <= x <= self.high
+
+    def to_json(self) -> dict:
+        """The interval as the attack reports write it (∞ as "inf", through :mod:`collafuse.jsonio`)."""
+        return encode(asdict(self))
 
 
 def t_interval(values: np.ndarray, level: float = 0.95) -> Interval:

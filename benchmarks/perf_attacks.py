@@ -69,7 +69,7 @@ def reference_setup(args, run=None):
     ``--ref-epochs`` epochs, N candidates, a pool and ≤ 256 population samples from the same data."""
     if run is not None:
         data, splits = run.load_data()
-        view = ModelView.client(run.client_models[0], run.schedule, run.t_c, run.num_classes > 0)
+        view = ModelView.client(run.client_models[0], run.schedule, run.t_hand, run.num_classes > 0)
         recipe = ClientRecipe.from_run(run)
         labels_all = data.labels if run.num_classes > 0 else None
         order = torch.cat([splits.members, splits.nonmembers, splits.aux])
@@ -170,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
         idx = torch.cat([splits.members, splits.nonmembers])[: args.n]
         images = data.images[idx]
         labels = data.labels[idx] if run.num_classes > 0 else None
-        schedule, t_c = run.schedule, run.t_c
+        schedule, t_c = run.schedule, run.t_hand
         if run.server_model is not None:
             view = ModelView.server(run.server_model, schedule, t_c, run.num_classes > 0)
         else:

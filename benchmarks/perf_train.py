@@ -28,7 +28,9 @@ from collafuse.data import load_source
 from collafuse.model import UNet
 from collafuse.protocol import Client, Server
 from collafuse.schedule import NoiseSchedule, q_sample
-from collafuse.training import CPU, build_model, generator_for, unet_config
+from collafuse.device import CPU
+from collafuse.streams import generator_for
+from collafuse.training import build_model, unet_config
 from collafuse.transcript import TranscriptWriter
 
 

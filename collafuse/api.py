@@ -62,12 +62,14 @@ def resolve_config(config: ConfigLike) -> RunConfig:
 
 
 def hooks_for(config: RunConfig) -> Hooks:
-    """The core's hooks for ``config.defenses`` (validated); the plain protocol when there are none."""
-    if not config.defenses:
-        return Hooks()
-    from collafuse.defenses import build_hooks
+    """The core's hooks for ``config.defenses`` (validated); the plain protocol when there are none.
 
-    return build_hooks(config.defenses, config)
+    :func:`collafuse.hooks.hooks_for`, with ``collafuse.defenses`` imported so that its builder is registered."""
+    from collafuse.hooks import hooks_for as core_hooks_for
+
+    if config.defenses:
+        import collafuse.defenses  # noqa: F401  (registers the one hook builder)
+    return core_hooks_for(config)
 
 
 def uncovered(config: RunConfig) -> list[str]:
@@ -196,10 +198,20 @@ def attack_membership(
     out_path = command._resolve_out(run_dir, str(out)) if out is not None else None
     run = _run(run_or_dir)
     result = run_membership(run, attack_names, target_names, settings, explicit_attacks=attacks_text is not None,
-                            progress=progress)
+                            progress=progress, formal=formal_epsilons(run))
     if out_path is not None:
         command.write_report(result, out_path)
     return result
+
+
+def formal_epsilons(run: Run) -> dict[str, float]:
+    """The formal ε each one-run bound is set beside (DESIGN §4.3, §5), per threat: T1 the payload channel's
+    (the release defenses'; ∞ without one), T2 the server model's (never worse than the payload channel),
+    T3 the client models' (DP-SGD's accountant; ∞ without it). Read by the defenses from the run's own hook
+    records: attacks never import the defenses, so their callers hand this in."""
+    from collafuse.defenses import setting_from_run
+
+    return setting_from_run(run.info, run.config).epsilon_by_threat()
 
 
 # -- the audit ------------------------------------------------------------------------------

@@ -50,10 +50,11 @@ def _cmd_attack_reconstruct(args: argparse.Namespace) -> int:
 
 
 def _cmd_attack_membership(args: argparse.Namespace) -> int:
+    from collafuse.api import formal_epsilons
     from collafuse.attacks.membership.command import run_command
 
     return run_command(Path(args.run), args.attacks, args.targets, args.out, progress=not args.quiet,
-                       device=args.device, references=args.references)
+                       device=args.device, references=args.references, formal_for=formal_epsilons)
 
 
 def _cmd_audit(args: argparse.Namespace) -> int:
@@ -96,8 +97,8 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     if not 0 <= args.client < len(run.client_models):
         raise CollafuseError(f"--client must be in 0..{len(run.client_models) - 1}, got {args.client}")
     missing = [name for name, model, needed in (
-        ("server", run.server_model, run.t_c < run.schedule.T),
-        (f"client_{args.client}", run.client_models[args.client], run.t_c > 0)) if needed and model is None]
+        ("server", run.server_model, run.t_hand < run.schedule.T),
+        (f"client_{args.client}", run.client_models[args.client], run.t_hand > 0)) if needed and model is None]
     if missing:
         raise CollafuseError(f"{args.run}: the run has no {missing[0]} model (imported without it); "
                              "collaborative sampling needs the server's and the client's")

@@ -44,6 +44,7 @@ from collafuse.config import RunConfig, config_from_dict, config_to_yaml
 from collafuse.data import ImageSet, Splits, images_to_model_space, read_npz
 from collafuse.errors import ConfigError, DataError
 from collafuse.fsutil import staged_folder
+from collafuse.jsonio import dumps
 from collafuse.payload import Payload
 from collafuse.safeio import read_yaml, short_repr
 from collafuse.schedule import NoiseSchedule, diffusers_schedule_fields
@@ -509,8 +510,8 @@ def write_run(dep: Deployment, out: Path) -> Path:
         write_data_file(staging, dep.data, dep.splits)
         (staging / CONFIG_FILE).write_text(config_to_yaml(dep.config))
         num_classes = dep.data.num_classes if dep.config.conditional else 0
-        (staging / RUN_MARKER).write_text(json.dumps({
-            "collafuse_version": __version__, "t_c": dep.config.t_c, "T": dep.config.diffusion.T,
+        (staging / RUN_MARKER).write_text(dumps({
+            "collafuse_version": __version__, "t_hand": dep.config.t_c, "T": dep.config.diffusion.T,
             "payload_kind": dep.config.training.payload, "num_clients": dep.config.data.num_clients,
             "num_classes": num_classes, "has_server": dep.config.t_c < dep.config.diffusion.T,
             "train_seconds": None, "hooks": [], "snapshots": [],

@@ -8,7 +8,6 @@ and audit key as ``.npz`` (diffusers' step numbering), and the images as float64
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -22,8 +21,9 @@ from collafuse.config import RunConfig
 from collafuse.deployment import MANIFEST_FILE, NATIVE_CONFIG, NATIVE_WEIGHTS
 from collafuse.errors import ConfigError
 from collafuse.fsutil import staged_folder
+from collafuse.jsonio import dumps
 from collafuse.model import UNet
-from collafuse.training import CPU
+from collafuse.device import CPU
 
 
 # --- export --------------------------------------------------------------------------------------------
@@ -55,7 +55,7 @@ def _write_model(model: torch.nn.Module, folder: Path, config: RunConfig) -> dic
     assert isinstance(model, UNet)
     folder.mkdir(parents=True, exist_ok=True)
     cfg = model.config
-    (folder / NATIVE_CONFIG).write_text(json.dumps({
+    (folder / NATIVE_CONFIG).write_text(dumps({
         "backend": "native", "channels": list(cfg.channels), "blocks_per_level": cfg.blocks_per_level,
         "time_dim": cfg.time_dim, "groups": cfg.groups, "in_channels": cfg.in_channels,
         "sample_size": config.data.image_size, "num_classes": cfg.num_classes,
@@ -85,10 +85,10 @@ def export_run(run_dir: Path | str, out: Path | str) -> Path:
     if cfg.canaries.count:
         raise ConfigError(f"{run.path}: a run with canaries (the one-run audit) cannot be exported")
     data, splits = run.load_data()
-    T, t_c = run.schedule.T, run.t_c
+    T, t_c = run.schedule.T, run.t_hand
     with staged_folder(out) as staging:
         (staging / "scheduler").mkdir()
-        (staging / "scheduler" / "scheduler_config.json").write_text(json.dumps(_scheduler_config(cfg), indent=1))
+        (staging / "scheduler" / "scheduler_config.json").write_text(dumps(_scheduler_config(cfg), indent=1))
         models: dict[str, Any] = {"server": None, "clients": []}
         absent = set(run.info.get("absent_models", []))
         if run.server_model is not None and "server" not in absent:

@@ -10,18 +10,47 @@ of every method is the identity, so a run without hooks is the plain protocol.
   a mixing relay, for an id-free release). :func:`relay_round` is what the core calls.
 - :class:`TrainingHook` wraps a side's model, optimiser and data loader (DP-SGD)
   and reports per-step metrics (ε spent) for the training log.
+- :class:`Hooks` is what a run is trained with; :func:`hooks_for` builds it for a config. The
+  core cannot build defenses (it never imports them): ``collafuse.defenses`` registers its one
+  builder in :data:`HOOK_BUILDERS` when it is imported, and every caller (the API, the command
+  line, the audit, the attacker's reference trainings) asks :func:`hooks_for`.
+- :func:`model_name`: the one spelling of a model's name ("server", "client_<k>") in checkpoints,
+  the training log and hook records; :func:`canonical_model_name` reads older runs' "client<k>".
 """
 from __future__ import annotations
 
+import hashlib
+import json
+import re
 from dataclasses import dataclass
-from typing import Any, Literal, Sequence
+from typing import Any, Callable, Literal, Mapping, Sequence
 
 import torch
 from torch import nn
 
+from collafuse.errors import ConfigError
 from collafuse.payload import Payload
+from collafuse.registry import Registry
 
 Role = Literal["server", "client"]
+
+
+def model_name(role: Role, owner: int | None = None) -> str:
+    """The name of one model: ``"server"``, or ``"client_<k>"`` for client ``owner`` = k."""
+    if role == "server":
+        return "server"
+    if role != "client" or owner is None:
+        raise ValueError(f"a model is the server or client_<k>, got role {role!r}, owner {owner!r}")
+    return f"client_{int(owner)}"
+
+
+_OLD_CLIENT_NAME = re.compile(r"client(\d+)")
+
+
+def canonical_model_name(name: str) -> str:
+    """A model name as :func:`model_name` spells it; runs written before the rename said ``"client0"``."""
+    old = _OLD_CLIENT_NAME.fullmatch(name)
+    return f"client_{old.group(1)}" if old else name
 
 
 @dataclass(frozen=True)
@@ -153,14 +182,15 @@ def deliver_round(
     hooks: Sequence[ReleaseHook],
     released: Sequence[tuple[int, Payload, torch.Tensor]],
     round_index: int,
-    generator: torch.Generator,
+    generator: torch.Generator | None,
 ) -> tuple[list[tuple[Payload, torch.Tensor, int | torch.Tensor]], bool]:
     """What the server receives for one round, with the audit key's truth for each message.
 
     ``released``: (client, payload, member ids) per payload of the round, in release order.
     Returns ((payload, member ids (B,), true sender: the client, or (B,) int64 per row when
     a relay mixed the round) per message, in delivery order; whether a relay mixed the round).
-    Unmixed, the messages are ``released`` itself, unchanged.
+    Unmixed, the messages are ``released`` itself, unchanged. ``generator``: the run's relay stream
+    (None only where no hook can mix, e.g. no hooks at all).
     """
     deliveries = relay_round(hooks, [p for _, p, _ in released], round_index, generator)
     if deliveries is None:
@@ -168,3 +198,66 @@ def deliver_round(
     ids = torch.cat([ids.to(torch.int64).cpu() for _, _, ids in released])
     senders = torch.cat([torch.full((len(p),), k, dtype=torch.int64) for k, p, _ in released])
     return [(d.payload, ids[d.source], senders[d.source]) for d in deliveries], True
+
+
+@dataclass(frozen=True)
+class Hooks:
+    """What the core calls out to; empty = the plain protocol.
+
+    ``built_from`` is the :meth:`fingerprint` of the ``defenses:`` list the hooks were built
+    from (the registered builder, :func:`hooks_for`, sets it; None = hand-made hooks).
+    ``create_run`` compares it with the config's ``defenses:``, so a run folder never claims a
+    defense that did not run.
+    """
+
+    release: tuple[ReleaseHook, ...] = ()
+    training: tuple[TrainingHook, ...] = ()
+    built_from: str | None = None
+
+    @staticmethod
+    def fingerprint(defenses) -> str:
+        """sha256 of the canonical JSON of a ``defenses:`` list (a sequence of mappings)."""
+        canonical = json.dumps([dict(spec) for spec in defenses], sort_keys=True, separators=(",", ":"), default=str)
+        return hashlib.sha256(canonical.encode()).hexdigest()
+
+    def describe(self) -> list[dict]:
+        """Every hook's ``describe()``, release hooks first: what run.json records as ``hooks``."""
+        return [h.describe() for h in self.release] + [h.describe() for h in self.training]
+
+    def release_step(self, t_c: int) -> int:
+        """Where payloads released at ``t_c`` sit once every release hook is done (:meth:`ReleaseHook.release_step`)."""
+        for hook in self.release:
+            t_c = hook.release_step(t_c)
+        return t_c
+
+    def noise_multiplicity(self, role: Role) -> int:
+        """Noise draws per image per step on one side: the largest any training hook asks for (1 without one)."""
+        return max([h.noise_multiplicity(role) for h in self.training] + [1])
+
+
+HookBuilder = Callable[[Sequence[Mapping[str, Any]], Any], Hooks]
+# The one builder of hooks from a config's ``defenses:`` list, under the name "defenses":
+# ``collafuse.defenses`` registers its ``build_hooks`` here when it is imported.
+HOOK_BUILDERS: Registry[HookBuilder] = Registry("hook builder")
+BUILDER_NAME = "defenses"
+
+
+def register_hook_builder(builder: HookBuilder) -> None:
+    """Make ``builder(defenses, config) → Hooks`` the one hook builder (idempotent for the same builder)."""
+    if BUILDER_NAME in HOOK_BUILDERS:
+        if HOOK_BUILDERS.get(BUILDER_NAME) is builder:
+            return
+        raise ValueError("a hook builder is already registered; there is one (collafuse.defenses.build_hooks)")
+    HOOK_BUILDERS.register(BUILDER_NAME, builder)
+
+
+def hooks_for(config) -> Hooks:
+    """The hooks a run config is trained with: the plain protocol without ``defenses:``, else the
+    registered builder's (``collafuse.defenses``, validated there). The one way hooks are built."""
+    if not config.defenses:
+        return Hooks()
+    if BUILDER_NAME not in HOOK_BUILDERS:
+        names = ", ".join(str(d.get("name")) if isinstance(d, Mapping) else repr(d) for d in config.defenses)
+        raise ConfigError(f"the config lists defenses ({names}) but no hook builder is registered: "
+                          "import collafuse.defenses first (collafuse.api and the command line do)")
+    return HOOK_BUILDERS.get(BUILDER_NAME)(config.defenses, config)

@@ -16,12 +16,20 @@ from collafuse.payload import Payload
 from collafuse.schedule import NoiseSchedule, gather, q_sample
 
 
+def _drop_mask(y: torch.Tensor | None, p: float, generator: torch.Generator) -> torch.Tensor | None:
+    """Which labels to drop, each with probability p (None, and no draw, without labels or with p = 0)."""
+    if y is None or p <= 0:
+        return None
+    return torch.rand(y.shape, generator=generator) < p
+
+
+def _apply_drop(y: torch.Tensor | None, drop: torch.Tensor | None, null_class: int) -> torch.Tensor | None:
+    return y if drop is None else torch.where(drop.to(y.device), torch.full_like(y, null_class), y)
+
+
 def _drop_labels(y: torch.Tensor | None, null_class: int, p: float, generator: torch.Generator) -> torch.Tensor | None:
     """Replace each label by the null class with probability p (classifier-free guidance training)."""
-    if y is None or p <= 0:
-        return y
-    drop = torch.rand(y.shape, generator=generator) < p
-    return torch.where(drop.to(y.device), torch.full_like(y, null_class), y)
+    return _apply_drop(y, _drop_mask(y, p, generator), null_class)
 
 
 class Client:
@@ -41,6 +49,7 @@ class Client:
         send_labels: bool = False,
         train_t_max: int | None = None,
         noise_multiplicity: int = 1,
+        replay_draws: bool = False,
     ):
         self.client_id = client_id
         self.model = model
@@ -56,13 +65,17 @@ class Client:
         # when a release hook moves the payloads there (payload noise).
         self.train_t_max = t_c if train_t_max is None else train_t_max
         self.noise_multiplicity = noise_multiplicity
+        # A model-less client that still takes every draw of a training step (a simulation of a trained
+        # client: its payloads then come from the same point of its random stream, draw for draw).
+        self.replay_draws = replay_draws
 
     def _randn(self, shape: torch.Size, device: torch.device) -> torch.Tensor:
         return torch.randn(shape, generator=self.generator).to(device)
 
     def train_step(self, x0: torch.Tensor, y: torch.Tensor | None) -> float | None:
-        """One client step: t ~ U{1..t_c}, loss ‖ε − ε_client(x_t, t, y)‖². None if the client owns no step."""
-        if self.t_c == 0 or self.model is None:
+        """One client step: t ~ U{1..t_c}, loss ‖ε − ε_client(x_t, t, y)‖². None if the client owns no step
+        or has no model (a model-less client built with ``replay_draws`` still takes the step's draws)."""
+        if self.t_c == 0 or (self.model is None and not self.replay_draws):
             return None
         if self.noise_multiplicity > 1:
             # K noise draws per image, rows image-major; the mean loss is the mean of the
@@ -72,8 +85,11 @@ class Client:
         b = x0.shape[0]
         t = torch.randint(1, self.train_t_max + 1, (b,), generator=self.generator).to(x0.device)
         noise = self._randn(x0.shape, x0.device)
+        drop = _drop_mask(y, self.label_dropout, self.generator)
+        if self.model is None:
+            return None  # a simulated client: the draws are taken, nothing trains
         x_t = q_sample(x0, t, noise, self.schedule.alpha_bar)
-        y_in = _drop_labels(y, self.model.null_class, self.label_dropout, self.generator) if y is not None else None
+        y_in = _apply_drop(y, drop, self.model.null_class)
         loss = (self.model(x_t, t, y_in) - noise).pow(2).mean()
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -133,7 +149,7 @@ class Server:
         model: nn.Module,
         optimizer: torch.optim.Optimizer,
         schedule: NoiseSchedule,
-        t_c: int,
+        t_hand: int,
         generator: torch.Generator,
         device: torch.device,
         label_dropout: float = 0.0,
@@ -142,7 +158,7 @@ class Server:
         self.model = model
         self.optimizer = optimizer
         self.schedule = schedule
-        self.t_c = t_c
+        self.t_hand = t_hand  # the hand-off step: the server owns (t_hand, T]
         self.generator = generator
         self.device = device
         self.label_dropout = label_dropout

@@ -3,7 +3,7 @@
 Layout of RUN_DIR::
 
     config.yaml                 the resolved config (every default filled in)
-    run.json                    version, t_c, payload kind, clients, classes, wall time, every hook
+    run.json                    version, t_hand (the hand-off step), payload kind, clients, classes, wall time, every hook
                                 applied (its describe()) and the sha256 of every other file
     train_log.jsonl             one JSON line per epoch: per-side losses (+ hook metrics)
     checkpoints/server.safetensors, checkpoints/client_{k}.safetensors
@@ -48,15 +48,15 @@ from collafuse import __version__
 from collafuse.config import RunConfig, config_from_dict, config_to_yaml
 from collafuse.data import ImageSet, Splits, draw_canaries, load_source, make_splits, partition
 from collafuse.errors import ConfigError, RunError
-from collafuse.fsutil import staged_folder
+from collafuse.fsutil import file_sha256, staged_folder
 from collafuse.safeio import parse_yaml, short_repr
 from collafuse.backends import Denoiser
+from collafuse.hooks import Hooks, model_name
 from collafuse.sampling import collaborative_sample
 from collafuse.schedule import NoiseSchedule
-from collafuse.training import (
-    CPU, STREAM_CANARY, STREAM_PARTITION, STREAM_SAMPLE, STREAM_SPLIT, Hooks, TrainedSystem, build_model, generator_for,
-    denoiser_spec, resolve_device, train_system,
-)
+from collafuse.device import CPU, resolve_device
+from collafuse.streams import STREAM_CANARY, STREAM_PARTITION, STREAM_SAMPLE, STREAM_SPLIT, generator_for
+from collafuse.training import TrainedSystem, build_model, denoiser_spec, train_system
 
 RUN_MARKER = "run.json"
 CONFIG_FILE = "config.yaml"
@@ -70,14 +70,6 @@ LAZY_FILES = (DATA_FILE,)
 def snapshot_file(epoch: int, name: str) -> str:
     """The run-relative path of model ``name`` ("server", "client_<k>") as it was after ``epoch`` (training.snapshots)."""
     return f"checkpoints/snapshots/epoch_{epoch}/{name}.safetensors"
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def file_hashes(run_dir: Path) -> dict[str, str]:
@@ -98,7 +90,7 @@ def check_hooks(config: RunConfig, hooks: Hooks) -> None:
         what = "were not built from them" if hooks.built_from is None else "were built from other defenses"
         raise ConfigError(
             f"the config lists defenses ({names}) but the hooks passed {what}; train with collafuse.api.train "
-            "(or pass collafuse.defenses.build_hooks(config.defenses, config))"
+            "(or pass collafuse.hooks.hooks_for(config) with collafuse.defenses imported)"
         )
 
 
@@ -178,7 +170,7 @@ def generate(
         y = labels[start:stop] if labels is not None else None
         out.append(
             collaborative_sample(
-                system.server_model, system.client_models[client], system.schedule, system.t_c,
+                system.server_model, system.client_models[client], system.schedule, system.t_hand,
                 (stop - start, cfg.data.channels, size, size), gen, y, cfg.sampling.sampler,
                 cfg.sampling.steps, cfg.sampling.guidance if y is not None else 0.0, device, progress=progress,
             ).cpu()
@@ -203,7 +195,7 @@ def create_run(
 ) -> Path:
     """Train a system and write a complete run folder at ``out`` (atomically).
 
-    ``hooks`` must be built from ``config.defenses`` (``collafuse.defenses.build_hooks``; the
+    ``hooks`` must be built from ``config.defenses`` (:func:`collafuse.hooks.hooks_for`; the
     usual way in is ``collafuse.api.train``): a config that lists defenses with hooks that do
     not come from them is refused, since the run folder would claim a protection that never ran.
     """
@@ -222,7 +214,7 @@ def create_run(
             )
         train_seconds = time.perf_counter() - started
         (staging / "checkpoints").mkdir()
-        models = [("server", system.server_model)] + [(f"client_{k}", m) for k, m in enumerate(system.client_models)]
+        models = [("server", system.server_model)] + [(model_name("client", k), m) for k, m in enumerate(system.client_models)]
         states = {f"checkpoints/{name}.safetensors": (name, _state(model)) for name, model in models if model is not None}
         for epoch, snap in system.snapshots.items():
             states.update({snapshot_file(epoch, name): (f"{name} (epoch {epoch})", st) for name, st in snap.items()})
@@ -246,7 +238,7 @@ def create_run(
             json.dumps(
                 {
                     "collafuse_version": __version__,
-                    "t_c": system.t_c,
+                    "t_hand": system.t_hand,
                     "T": system.schedule.T,
                     "payload_kind": config.training.payload,
                     "num_clients": len(system.client_models),
@@ -364,9 +356,11 @@ def _load_model(path: Path, files: dict[str, str], rel: str, config: RunConfig, 
 
 
 def _run_metadata(path: Path, info: dict, config: RunConfig) -> tuple[int, int, int, bool]:
-    """(t_c, num_classes, num_clients, has_server) from run.json, checked against the config."""
+    """(t_hand, num_classes, num_clients, has_server) from run.json, checked against the config. The hand-off
+    step is ``t_hand`` (run folders written before it had its own name call it ``t_c``)."""
     try:
-        t_c, num_classes, n, T = int(info["t_c"]), int(info["num_classes"]), int(info["num_clients"]), int(info["T"])
+        t_hand = int(info["t_hand"] if "t_hand" in info else info["t_c"])
+        num_classes, n, T = int(info["num_classes"]), int(info["num_clients"]), int(info["T"])
         has_server = info["has_server"]
     except KeyError as exc:
         raise RunError(f"{path}: run.json lacks {exc.args[0]!r}") from None
@@ -376,15 +370,15 @@ def _run_metadata(path: Path, info: dict, config: RunConfig) -> tuple[int, int, 
         raise RunError(f"{path}: run.json has_server must be true or false, got {has_server!r}")
     if T != config.diffusion.T:
         raise RunError(f"{path}: run.json says T = {T} but config.yaml says T = {config.diffusion.T}")
-    if not 0 <= t_c <= T or (has_server and t_c == T):
-        raise RunError(f"{path}: run.json t_c = {t_c} is outside 0..{T - 1 if has_server else T}")
+    if not 0 <= t_hand <= T or (has_server and t_hand == T):
+        raise RunError(f"{path}: run.json t_hand = {t_hand} is outside 0..{T - 1 if has_server else T}")
     if n != config.data.num_clients:
         raise RunError(f"{path}: run.json says {n} clients but config.yaml says {config.data.num_clients}")
     if has_server != (config.t_c < T):
         raise RunError(f"{path}: run.json has_server = {has_server} contradicts cut_ratio {config.diffusion.cut_ratio}")
     if num_classes < 0:
         raise RunError(f"{path}: run.json num_classes must be >= 0, got {num_classes}")
-    return t_c, num_classes, n, has_server
+    return t_hand, num_classes, n, has_server
 
 
 def _absent_models(path: Path, info: dict, num_clients: int) -> frozenset[str]:
@@ -414,7 +408,7 @@ class Run:
     path: Path
     config: RunConfig
     schedule: NoiseSchedule
-    t_c: int
+    t_hand: int  # the hand-off step: where payloads sit and sampling hands off (config.t_c, later under payload noise)
     num_classes: int
     server_model: Denoiser | None
     client_models: list[Denoiser | None]
@@ -446,10 +440,10 @@ class Run:
             config = config_from_dict(parse_yaml(raw_config.decode("utf-8"), str(path / CONFIG_FILE), RunError))
         except (UnicodeDecodeError, yaml.YAMLError) as exc:
             raise RunError(f"{path}: {CONFIG_FILE} unreadable ({str(exc).splitlines()[0]})") from None
-        t_c, num_classes, n, has_server = _run_metadata(path, info, config)
+        t_hand, num_classes, n, has_server = _run_metadata(path, info, config)
         absent = _absent_models(path, info, n)  # an imported deployment may lack some models (DESIGN §9)
         ckpts = [("checkpoints/server.safetensors", "server")] if has_server and "server" not in absent else []
-        if t_c > 0:
+        if t_hand > 0:
             ckpts += [(f"checkpoints/client_{k}.safetensors", "client") for k in range(n) if f"client_{k}" not in absent]
         for epoch in _snapshot_epochs(path, info, config):  # recorded and present; hashed with the rest below
             for rel, _ in ckpts:
@@ -459,7 +453,7 @@ class Run:
         schedule = NoiseSchedule.from_config(config.diffusion)
         server = models.get("checkpoints/server.safetensors")
         clients = [models.get(f"checkpoints/client_{k}.safetensors") for k in range(n)]
-        return cls(path, config, schedule, t_c, num_classes, server, clients, info, target)
+        return cls(path, config, schedule, t_hand, num_classes, server, clients, info, target)
 
     @property
     def snapshot_epochs(self) -> tuple[int, ...]:

@@ -112,18 +112,9 @@ def split_ddim_steps(total: int, T: int, t_c: int) -> tuple[int, int]:
 
 @torch.no_grad()
 def server_handoff(
-    server_model: nn.Module,
-    schedule: NoiseSchedule,
-    t_c: int,
-    x_T: torch.Tensor,
-    generator: torch.Generator,
-    y: torch.Tensor | None = None,
-    sampler: str = "ddpm",
-    server_steps: int = 50,
-    guidance: float = 0.0,
-    payload_kind: str = "cut",
-    data_bound: float | None = 1.0,
-    progress: bool = False,
+    server_model: nn.Module, schedule: NoiseSchedule, t_c: int, x_T: torch.Tensor, generator: torch.Generator,
+    y: torch.Tensor | None = None, sampler: str = "ddpm", server_steps: int = 50, guidance: float = 0.0,
+    payload_kind: str = "cut", data_bound: float | None = 1.0, progress: bool = False,
 ) -> torch.Tensor:
     """The server's chain T → t_c from ``x_T``: the hand-off x̂_{t_c}, distributed like a payload a x0 + s ε.
 

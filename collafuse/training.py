@@ -8,6 +8,10 @@ mixes rounds: :meth:`collafuse.hooks.ReleaseHook.mix_round`), the transcript
 records each message and the server takes a step on it. Without a relay every
 payload is its own message, in release order. c = 0 (central) and c = 1
 (local-only) are the same loop with an empty client side or an empty server side.
+
+The batch schedule and the round itself are :mod:`collafuse.rounds`, the one round
+the payload simulation and the attacker's reference trainings play too; this module
+builds the models, optimisers and hooks around it and keeps the training log.
 """
 from __future__ import annotations
 
@@ -19,55 +23,21 @@ from typing import Callable, Union
 import numpy as np
 import torch
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
-from torch.utils.data import DataLoader, TensorDataset
 from tqdm import tqdm
 
 from collafuse.backends import Denoiser, DiffusersDenoiser, DiffusersSpec
 from collafuse.config import DiffusersModelConfig, ModelConfig, RunConfig
 from collafuse.data import ImageSet, Splits
+from collafuse.device import CPU, resolve_device
 from collafuse.errors import ConfigError
-from collafuse.hooks import ReleaseHook, TrainingHook, deliver_round
+from collafuse.hooks import Hooks, model_name
 from collafuse.model import UNet, UNetConfig
-from collafuse.payload import Payload
 from collafuse.protocol import Client, Server
+from collafuse.rounds import client_loaders, deliver, epoch_rounds, release_round
 from collafuse.schedule import NoiseSchedule
+from collafuse.streams import (STREAM_CLIENT, STREAM_INIT, STREAM_RELAY, STREAM_SERVER, generator_for,
+                               loader_generators, stream_seed)
 from collafuse.transcript import TranscriptWriter
-
-
-def stream_seed(seed: int, *stream: int) -> int:
-    """An independent 63-bit seed for one named random stream of a run (numpy SeedSequence)."""
-    return int(np.random.SeedSequence([seed, *stream]).generate_state(1, dtype=np.uint64)[0] >> np.uint64(1))
-
-
-def generator_for(seed: int, *stream: int) -> torch.Generator:
-    return torch.Generator().manual_seed(stream_seed(seed, *stream))
-
-
-# Stream ids: fixed numbers so adding a stream never shifts the others.
-STREAM_SPLIT, STREAM_PARTITION, STREAM_SERVER, STREAM_CLIENT, STREAM_LOADER, STREAM_INIT, STREAM_SAMPLE = range(7)
-STREAM_RELAY = 7  # the relay's shuffle of a round (an id-free release); unused without one
-STREAM_CANARY = 8  # which held-out images are canaries and which of them go in (canaries.count > 0 only)
-
-
-CPU = torch.device("cpu")  # the one CPU literal outside the config: the fallback of resolve_device and a safe default
-DEVICE_CHOICES = ("auto", "cpu", "cuda")
-
-
-def resolve_device(name: "str | torch.device | None") -> torch.device:
-    """``auto`` (or None) → CUDA when it is available, else the CPU; ``cpu``/``cuda`` as asked (DESIGN §10).
-
-    Every part resolves its device here (training, sampling, attacks, the audit), so ``auto``
-    means the same everywhere; an unavailable CUDA is a :class:`ConfigError` (one line, exit 2)."""
-    if isinstance(name, torch.device):
-        name = str(name)
-    if name is None or name == "auto":
-        return torch.device("cuda") if torch.cuda.is_available() else CPU
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"device: {name!r} requested but no CUDA device is available (use --device cpu or auto)")
-    try:
-        return torch.device(name)
-    except RuntimeError:
-        raise ConfigError(f"unknown device {name!r}; valid: {', '.join(DEVICE_CHOICES)}") from None
 
 
 def unet_config(model: ModelConfig, channels: int, num_classes: int) -> UNetConfig:
@@ -128,39 +98,11 @@ def build_model(config: ModelSpec, seed: int, *stream: int) -> "Denoiser":
         return UNet(config)
 
 
-@dataclass(frozen=True)
-class Hooks:
-    """What the core calls out to; empty = the plain protocol.
-
-    ``built_from`` is the :meth:`fingerprint` of the ``defenses:`` list the hooks were built
-    from (``collafuse.defenses.build_hooks`` sets it; None = hand-made hooks). ``create_run``
-    compares it with the config's ``defenses:``, so a run folder never claims a defense that
-    did not run.
-    """
-
-    release: tuple[ReleaseHook, ...] = ()
-    training: tuple[TrainingHook, ...] = ()
-    built_from: str | None = None
-
-    @staticmethod
-    def fingerprint(defenses) -> str:
-        """sha256 of the canonical JSON of a ``defenses:`` list (a sequence of mappings)."""
-        import hashlib
-        import json
-
-        canonical = json.dumps([dict(spec) for spec in defenses], sort_keys=True, separators=(",", ":"), default=str)
-        return hashlib.sha256(canonical.encode()).hexdigest()
-
-    def describe(self) -> list[dict]:
-        """Every hook's ``describe()``, release hooks first: what run.json records as ``hooks``."""
-        return [h.describe() for h in self.release] + [h.describe() for h in self.training]
-
-
 @dataclass
 class TrainedSystem:
     config: RunConfig
     schedule: NoiseSchedule
-    t_c: int
+    t_hand: int  # the hand-off step (config.t_c, or later when payload noise moves the payloads)
     server_model: Denoiser | None
     client_models: list[Denoiser | None]
     log: list[dict] = field(default_factory=list)
@@ -192,7 +134,7 @@ class WeightAverage:
 
 def weights_snapshot(server: WeightAverage | None, clients: list[WeightAverage | None]) -> dict[str, dict[str, torch.Tensor]]:
     """A CPU copy of every model's published (EMA) weights now, by model name: one training.snapshots entry."""
-    named = [("server", server)] + [(f"client_{k}", c) for k, c in enumerate(clients)]
+    named = [("server", server)] + [(model_name("client", k), c) for k, c in enumerate(clients)]
     return {name: {key: value.detach().to(CPU, copy=True).contiguous() for key, value in avg.weights.state_dict().items()}
             for name, avg in named if avg is not None}
 
@@ -219,12 +161,8 @@ def train_system(
     T = schedule.T
     # A release hook may move where payloads sit (payload noise: t_c → t'); the server
     # then owns (t', T] and the client 1..t', and the sampling chain hands off at t'.
-    t_hand = t_c
-    for hook in hooks.release:
-        t_hand = hook.release_step(t_hand)
-    multiplicity = {
-        role: max([h.noise_multiplicity(role) for h in hooks.training] + [1]) for role in ("server", "client")
-    }
+    t_hand = hooks.release_step(t_c)
+    multiplicity = {role: hooks.noise_multiplicity(role) for role in ("server", "client")}
     num_classes = data.num_classes if config.conditional else 0
     if config.conditional and data.labels is None:
         raise ConfigError(f"conditional: true needs labelled data; source {config.data.source!r} has no labels")
@@ -245,23 +183,16 @@ def train_system(
         )
 
     clients: list[Client] = []
-    loaders: list[DataLoader] = []
-    labels_all = data.labels if data.labels is not None else torch.zeros(len(data), dtype=torch.long)
+    # The one batch schedule (collafuse.rounds), each loader wrapped by the training hooks below.
+    loaders = client_loaders(data, splits, tr.batch_size, loader_generators(config.seed, len(splits.clients)))
     for k in range(len(splits.clients)):
-        member_idx = splits.training_set(k)  # the canary client also trains on its included canaries
-        dataset = TensorDataset(member_idx, data.images[member_idx], labels_all[member_idx])
-        loader = DataLoader(
-            dataset, batch_size=min(tr.batch_size, len(member_idx)), shuffle=True,
-            generator=generator_for(config.seed, STREAM_LOADER, k),
-        )
         c_model = c_opt = None
         if t_c > 0:
             c_model = build_model(denoiser_spec(config, "client", num_classes), config.seed, STREAM_CLIENT, k).to(device)
             c_opt = torch.optim.Adam(c_model.parameters(), lr=tr.lr)
         client_averages.append(WeightAverage(c_model, tr.ema_decay) if c_model is not None else None)
         # Wrapped even with no client model: the loader also picks what the server trains on.
-        c_model, c_opt, loader = _wrap(hooks, "client", c_model, c_opt, loader)
-        loaders.append(loader)
+        c_model, c_opt, loaders[k] = _wrap(hooks, "client", c_model, c_opt, loaders[k])
         clients.append(
             Client(
                 k, c_model, c_opt, schedule, t_c, tr.payload, generator_for(config.seed, STREAM_CLIENT, k),
@@ -282,52 +213,30 @@ def train_system(
         started = time.perf_counter()
         client_losses: list[list[float]] = [[] for _ in clients]
         server_losses: list[float] = []
-        iterators = [iter(loader) for loader in loaders]
-        active = list(range(len(clients)))
-        while active:
-            # One round. The server's side (its idle steps and payloads, in turn order) waits for the
-            # round's end, so a relay can mix the round; its numbers do not depend on when it runs.
-            released: list[tuple[int, Payload, torch.Tensor]] = []  # (client, payload, member ids)
-            turns: list[str] = []
-            for k in list(active):
-                batch = next(iterators[k], None)
-                if batch is None:
-                    active.remove(k)
-                    continue
-                ids, x0, y = batch
-                if ids.numel() == 0:
-                    # Poisson sampling (DP-SGD) can draw an empty batch; the DP step still
-                    # happens (noise only), or the accounting would not hold.
-                    clients[k].idle_step()
-                    if client_averages[k] is not None:
-                        client_averages[k].update()  # the noise-only step moved the weights too
-                    turns.append("idle")
-                    continue
-                x0, y = x0.to(device), (y.to(device) if num_classes > 0 else None)
-                loss = clients[k].train_step(x0, y)
-                if loss is not None:
-                    client_losses[k].append(loss)
-                    client_averages[k].update()
-                if server is not None:
-                    released.append((k, clients[k].release(x0, y, ids, step), ids))
-                    turns.append("payload")
-                step += 1
-            if server is None or not turns:
+        for turns in epoch_rounds(loaders):
+            # One round (collafuse.rounds): the clients' turns, then the server's side (its idle steps and
+            # payloads, in turn order) at the round's end, so a relay can mix the round.
+            released = release_round(clients, turns, step, labels=num_classes > 0, send=server is not None,
+                                     device=device)
+            step = released.step
+            for k in released.idle:
+                if client_averages[k] is not None:
+                    client_averages[k].update()  # the noise-only step moved the weights too
+            for k, loss in released.losses:
+                client_losses[k].append(loss)
+                client_averages[k].update()
+            if server is None:
                 continue
-            messages, mixed = deliver_round(hooks.release, released, round_index, relay)
-            round_index += 1
-            if mixed:  # a relay's messages no longer line up with the turns: idle steps first
-                turns = ["idle"] * turns.count("idle") + ["payload"] * len(messages)
-            pending = iter(messages)
-            for turn in turns:
-                if turn == "idle":
+            for message in deliver(hooks.release, released, round_index, relay):
+                if message is None:
                     server.idle_step()
                     server_average.update()
                     continue
-                payload, ids, sender = next(pending)
-                writer.record(payload, ids, client=sender)  # the audit key gets ids and sender; the server only the payload
-                server_losses.append(server.receive(payload))  # ← the payload crosses here
+                # The audit key gets ids and sender; the server only the payload.
+                writer.record(message.payload, message.member_ids, client=message.sender)
+                server_losses.append(server.receive(message.payload))  # ← the payload crosses here
                 server_average.update()
+            round_index += 1
         entry = {
             "epoch": epoch,
             "steps": step,
@@ -338,7 +247,7 @@ def train_system(
         for hook in hooks.training:
             for role, owner in [("server", None)] + [("client", k) for k in range(len(clients))]:
                 for key, value in hook.metrics(role, owner).items():
-                    entry[f"{hook.name}.{role}{'' if owner is None else owner}.{key}"] = value
+                    entry[f"{hook.name}.{model_name(role, owner)}.{key}"] = value
         log.append(entry)
         if epoch in tr.snapshots:
             snapshots[epoch] = weights_snapshot(server_average, client_averages)
@@ -350,7 +259,7 @@ def train_system(
     return TrainedSystem(
         config=config,
         schedule=schedule,
-        t_c=t_hand,
+        t_hand=t_hand,
         server_model=server_average.weights if server_average is not None else None,
         client_models=[a.weights if a is not None else None for a in client_averages],
         log=log,

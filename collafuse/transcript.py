@@ -11,7 +11,6 @@ which cannot reach the audit key; scorers open :class:`AuditKey` themselves.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 from dataclasses import dataclass
@@ -22,6 +21,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 
 from collafuse.errors import RunError
+from collafuse.fsutil import file_sha256
+from collafuse.jsonio import dumps
 from collafuse.safeio import parse_json, read_bytes, short_repr
 from collafuse.payload import Payload
 
@@ -39,14 +40,6 @@ def _write_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
     data = save(tensors)
     with open(path, "wb") as f:
         f.write(data)
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 class TranscriptWriter:
@@ -124,7 +117,7 @@ class TranscriptWriter:
                 "first_seq": int(merged["seq"][0]),
                 "wire_bytes": int(merged["wire_bytes"].sum()),
                 "file_bytes": path.stat().st_size,
-                "sha256": _sha256(path),
+                "sha256": file_sha256(path),
             }
         )
 
@@ -140,7 +133,7 @@ class TranscriptWriter:
             "wire_bytes": sum(s["wire_bytes"] for s in self._shards),
             "shards": self._shards,
         }
-        (self.dir / INDEX_FILE).write_text(json.dumps(index, indent=1))
+        (self.dir / INDEX_FILE).write_text(dumps(index, indent=1))
         if not write_audit_key:
             return
         empty = torch.empty(0, dtype=torch.int64)
@@ -259,7 +252,7 @@ class ServerView:
         path = self.dir / shard.file
         if not path.is_file():
             raise RunError(f"transcript shard missing: {path}")
-        if _sha256(path) != shard.sha256:
+        if file_sha256(path) != shard.sha256:
             raise RunError(f"transcript shard corrupt or truncated (hash mismatch): {path}")
         try:
             data = load_file(str(path))

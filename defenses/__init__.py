@@ -30,11 +30,11 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Mapping
 
 from collafuse.errors import ConfigError
-from collafuse.hooks import ReleaseHook
+from collafuse.hooks import Hooks, ReleaseHook, register_hook_builder
 from collafuse.registry import Registry
 
 from . import dp_sgd, minimize, payload_clip, payload_noise
-from .coverage import THREATS, coverage_map, spec_label, uncovered
+from .coverage import THREATS, coverage_map, uncovered
 from .guarantees import PayloadGuarantee
 from .setting import (
     DefenseEffects, HookRecord, PrivacyReport, SettingSummary, effects_of, guarantee_of, model_epsilon, summarize,
@@ -50,30 +50,22 @@ __all__ = [
 
 @dataclass(frozen=True)
 class DefenseKind:
-    """How one defense name is parsed from YAML and built into hooks."""
+    """How one defense name is parsed from YAML and built into hooks (what a spec does: its own methods,
+    :class:`~.validate.DefenseSpec`)."""
 
     parse: Callable[[Mapping[str, Any], str], Any]
     build: Callable[[Any, Any], Any]
-    order: int  # where its release hook runs: clip → noise draw → extra noise → labels → sender → quantise
 
 
 DEFENSES: Registry[DefenseKind] = Registry("defense")
-DEFENSES.register("payload-clip", DefenseKind(payload_clip.PayloadClipSpec.parse, payload_clip.build, 0))
-DEFENSES.register("payload-noise", DefenseKind(payload_noise.PayloadNoiseSpec.parse, payload_noise.build, 2))
-DEFENSES.register("minimize", DefenseKind(minimize.MinimizeSpec.parse, minimize.build, 1))
-DEFENSES.register("dp-sgd", DefenseKind(dp_sgd.DPSGDSpec.parse, dp_sgd.build, 9))
-
-_MINIMIZE_ORDER = {"single-release": 1, "no-labels": 3, "id-free": 4, "quantize": 5}
-
-
-def _order(spec: Any) -> int:
-    if isinstance(spec, minimize.MinimizeSpec):
-        return _MINIMIZE_ORDER[spec.key]
-    return DEFENSES.get(spec.name).order
+DEFENSES.register(payload_clip.NAME, DefenseKind(payload_clip.PayloadClipSpec.parse, payload_clip.build))
+DEFENSES.register(payload_noise.NAME, DefenseKind(payload_noise.PayloadNoiseSpec.parse, payload_noise.build))
+DEFENSES.register(minimize.NAME, DefenseKind(minimize.MinimizeSpec.parse, minimize.build))
+DEFENSES.register(dp_sgd.NAME, DefenseKind(dp_sgd.DPSGDSpec.parse, dp_sgd.build))
 
 
 def parse_specs(specs: Iterable[Mapping[str, Any]]) -> list[Any]:
-    """Validate every entry of ``defenses:`` (no run config needed) and refuse duplicates."""
+    """Validate every entry of ``defenses:`` (no run config needed) and refuse duplicates and impossible combinations."""
     parsed, seen = [], {}
     for i, raw in enumerate(specs):
         if not isinstance(raw, Mapping):
@@ -81,25 +73,20 @@ def parse_specs(specs: Iterable[Mapping[str, Any]]) -> list[Any]:
         kind = DEFENSES.get(raw.get("name"))
         where = f"defenses[{i}] ({raw['name']})"
         spec = kind.parse(raw, where)
-        key = f"{spec.name}:{spec.key}" if isinstance(spec, minimize.MinimizeSpec) else spec.name
-        if key in seen:
-            what = "a second quantiser" if key.endswith(":quantize") else f"{spec_label(spec)!r} twice"
-            raise ConfigError(f"defenses[{i}]: {what} (first at defenses[{seen[key]}])")
-        seen[key] = i
+        if spec.unique_key in seen:
+            raise ConfigError(f"defenses[{i}]: {spec.twice()} (first at defenses[{seen[spec.unique_key]}])")
+        seen[spec.unique_key] = i
         parsed.append(spec)
-    modes = {s.mode for s in parsed if isinstance(s, minimize.MinimizeSpec)}
-    if "single-release" in modes and any(isinstance(s, payload_noise.PayloadNoiseSpec) for s in parsed):
-        raise ConfigError(
-            "defenses: minimize single-release cannot be combined with payload-noise (the extra noise would be "
-            "fresh every epoch and average out); use a larger cut_ratio instead"
-        )
+    for spec in parsed:
+        spec.check_setting(parsed)
     return parsed
 
 
-def build_hooks(specs: Iterable[Mapping[str, Any]], config):
-    """The core's :class:`~collafuse.training.Hooks` for a config's ``defenses:`` (validated first)."""
-    from collafuse.training import Hooks
+def build_hooks(specs: Iterable[Mapping[str, Any]], config) -> Hooks:
+    """The core's :class:`~collafuse.hooks.Hooks` for a config's ``defenses:`` (validated first).
 
+    Registered as the core's one hook builder when this package is imported: callers ask
+    :func:`collafuse.hooks.hooks_for`, which calls this."""
     specs = tuple(specs)  # read twice: parsed here, fingerprinted below
     parsed = parse_specs(specs)
     release: list[tuple[int, ReleaseHook]] = []
@@ -109,12 +96,15 @@ def build_hooks(specs: Iterable[Mapping[str, Any]], config):
         if spec.acts_on_training:
             training.append(hook)
         else:
-            release.append((_order(spec), hook))
+            release.append((spec.order, hook))
     release.sort(key=lambda pair: pair[0])
-    report = PrivacyReport(parsed, config, next((h for h in training if isinstance(h, dp_sgd.DPSGD)), None))
+    report = PrivacyReport(parsed, config, training)
     # built_from: create_run checks that these hooks came from the config's own defenses: list.
     return Hooks(release=tuple(h for _, h in release) + (report,), training=tuple(training),
                  built_from=Hooks.fingerprint(specs))
+
+
+register_hook_builder(build_hooks)
 
 
 def uncovered_threats(specs: Iterable[Mapping[str, Any]], config=None) -> list[str]:

@@ -41,6 +41,8 @@ import numpy as np
 from scipy.optimize import brentq
 from scipy.special import log_ndtr, ndtr
 
+from collafuse.jsonio import decode_number, encode_number
+
 INF = float("inf")
 ACCOUNTANTS: tuple[str, ...] = ("prv", "rdp")
 FLOOR_SIGMA = 1000.0  # a target ε that needs more noise than this is reported unreachable
@@ -240,20 +242,19 @@ def calibrate_noise_multiplier(
 
 
 def as_json_number(value: float) -> float | str:
-    """ε for run.json: JSON has no ∞, so an unbounded ε is written as the string "inf".
+    """ε for run.json, rounded to 6 decimals (a record of an accountant, not a measurement) and encoded by
+    the project's one JSON codec (:func:`collafuse.jsonio.encode_number`: ∞ → "inf").
 
-    Read it back with :func:`from_json_number`, its inverse (the one place ∞ is decoded).
-    """
-    return "inf" if math.isinf(value) else float(np.round(value, 6))
+    Read it back with :func:`from_json_number`."""
+    return encode_number(value if math.isinf(value) else float(np.round(value, 6)))
 
 
 def from_json_number(value: float | int | str | None) -> float:
-    """ε read back from JSON, the inverse of :func:`as_json_number`: "inf" → ∞, a number → float.
-
-    ``None`` (no bound recorded) reads as ∞, the conservative reading. Anything else is refused.
-    """
-    if value is None or value == "inf":
+    """ε read back from run.json: :func:`collafuse.jsonio.decode_number`, except that ``None`` (no bound
+    recorded) reads as ∞, the conservative reading. Anything that is not a number or "inf" is refused."""
+    if value is None:
         return INF
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)) or (
+            isinstance(value, str) and decode_number(value) != INF):
         raise ValueError(f"not an epsilon as run.json writes it (a number or \"inf\"): {value!r}")
-    return float(value)
+    return decode_number(value)

@@ -1,6 +1,6 @@
 """The threat × defense coverage map (DESIGN.md §3, §5).
 
-Every defense spec declares the threats it addresses (its ``threats``). The map
+Every defense spec declares the threats it addresses (its ``threats(t_c, T)``). The map
 lists, for each threat T1–T4, the configured defenses that address it; a threat
 with none is *uncovered*, and ``collafuse train`` warns about it.
 """
@@ -10,20 +10,17 @@ from typing import Any, Iterable
 
 from collafuse.threats import THREATS
 
+from .minimize import MEASURED_CREDIT as _minimize_credit
+
 
 def spec_label(spec: Any) -> str:
-    """How a spec is named in the map: its name, plus the mode for ``minimize``."""
-    mode = getattr(spec, "mode", None)
-    return f"{spec.name}:{mode}" if mode else spec.name
+    """How a spec is named in the map (its own ``label``: the name, plus the mode for ``minimize``)."""
+    return spec.label
 
 
 def spec_threats(spec: Any, t_c: int | None = None, T: int | None = None) -> tuple[str, ...]:
-    """The threats a parsed spec addresses (DP-SGD's depend on its target and, for T4, the cut)."""
-    if spec.name == "dp-sgd":
-        from .dp_sgd import threats_for
-
-        return threats_for(spec.target, t_c, T)
-    return tuple(spec.threats)
+    """The threats a parsed spec addresses (its own ``threats``: DP-SGD's depend on its target and the cut)."""
+    return tuple(spec.threats(t_c, T))
 
 
 def coverage_map(specs: Iterable[Any], t_c: int | None = None, T: int | None = None) -> dict[str, list[str]]:
@@ -40,10 +37,9 @@ def uncovered(specs: Iterable[Any], t_c: int | None = None, T: int | None = None
     return [threat for threat, defenses in coverage_map(specs, t_c, T).items() if not defenses]
 
 
-# The defense whose T1 credit is measured, not declared (DESIGN.md §5 (d)): an id-free release
-# covers sender linkage only where a sender-identification attack that reads every field and
-# the order of arrival is at chance.
-MEASURED_CREDIT: dict[str, str] = {"minimize:id-free": "T1"}
+# The credits that are measured, not declared (DESIGN.md §5 (d)): label → threat. Each defense
+# declares its own (``minimize:id-free`` for T1: see :data:`.minimize.MEASURED_CREDIT`).
+MEASURED_CREDIT: dict[str, str] = dict(_minimize_credit)
 
 
 def credit_measured(coverage: dict[str, list[str]], sender_at_chance: bool | None) -> dict[str, list[str]]:

@@ -34,6 +34,7 @@ epoch (training log) and stored with the run (``describe()``); it equals
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import warnings
 from dataclasses import dataclass
@@ -46,11 +47,11 @@ from opacus.grad_sample import GradSampleModule
 from opacus.optimizers import DPOptimizer
 
 from collafuse.errors import ConfigError
-from collafuse.hooks import TrainingHook
-from collafuse.training import stream_seed
+from collafuse.hooks import TrainingHook, model_name
+from collafuse.streams import STREAM_DP_LOADER, STREAM_DP_NOISE, stream_seed
 
 from .accounting import ACCOUNTANTS, as_json_number, calibrate_noise_multiplier, dpsgd_epsilon
-from .validate import check_keys, choice, number
+from .validate import DefenseSpec, check_keys, choice, number
 
 # Opacus' per-sample hooks make torch warn on every backward pass when the input needs no
 # gradient (always true here: the input is data). Harmless; silenced for this message only.
@@ -60,7 +61,6 @@ NAME = "dp-sgd"
 TARGETS: tuple[str, ...] = ("server", "clients", "both")
 DEFAULT_DELTA = 1e-5
 # Random streams of their own (the core uses 0..6).
-STREAM_DP_NOISE, STREAM_DP_LOADER = 1101, 1102
 
 
 def threats_for(target: str, t_c: int | None = None, T: int | None = None) -> tuple[str, ...]:
@@ -78,8 +78,11 @@ def threats_for(target: str, t_c: int | None = None, T: int | None = None) -> tu
 
 
 @dataclass(frozen=True)
-class DPSGDSpec:
-    """``{name: dp-sgd, target: both, C: 1.0, sigma: 1.0 | epsilon: 8, delta: 1e-5, accountant: prv, multiplicity: 1}``."""
+class DPSGDSpec(DefenseSpec):
+    """``{name: dp-sgd, target: both, C: 1.0, sigma: 1.0 | epsilon: 8, delta: 1e-5, accountant: prv, multiplicity: 1}``.
+
+    Its share of the setting: the noise multiplicity per side, the models' planned ε, the threats of its
+    target (T4 by the cut), and in the payload guarantee its δ and its Poisson loader's rounds."""
 
     target: str = "both"
     clip_norm: float = 1.0
@@ -90,10 +93,20 @@ class DPSGDSpec:
     multiplicity: int = 1
     name: str = NAME
     acts_on_training = True  # not a field: DP-SGD wraps the training, it touches no payload
+    ORDER = 9  # not a release hook
 
-    @property
-    def threats(self) -> tuple[str, ...]:
-        return threats_for(self.target)
+    def threats(self, t_c: int | None = None, T: int | None = None) -> tuple[str, ...]:
+        return threats_for(self.target, t_c, T)
+
+    def payload_terms(self, terms, config):
+        """δ, and the releases its Poisson loader makes (the IID plan unless the run's own rounds are known)."""
+        rounds = terms.poisson_rounds
+        if rounds is None:
+            rounds = tuple((config.training.epochs * b, 1.0 / b) for _, b in iid_client_batches(config))
+        return dataclasses.replace(terms, delta=self.delta, poisson_rounds=rounds)
+
+    def planned_epsilon(self, config) -> dict[str, float]:
+        return planned_epsilon(self, config)
 
     def private(self, role: str) -> bool:
         """Is this side ("server" or "client") trained with DP-SGD?"""
@@ -234,7 +247,7 @@ class DPSGD(TrainingHook):
             model = private_model(model, f"client {k}")
             q = self.client_rates[k]
             dp_opt = self._optimizer(optimizer, k + 1, expected_batch_size=max(1, round(q * self.client_sizes[k])))
-            sigma = self._sigma(f"client{k}", q, self.epochs * self.client_batches[k])
+            sigma = self._sigma(model_name("client", k), q, self.epochs * self.client_batches[k])
             dp_opt.noise_multiplier = sigma
             self.clients[k] = _Side(dp_opt, q, self.spec.accountant)
         if len(self.client_batches) == self.num_clients and self._server_pending is not None:
@@ -265,17 +278,23 @@ class DPSGD(TrainingHook):
             "multiplicity": self.spec.multiplicity,
             "target_epsilon": self.spec.target_epsilon,
             "noise_multiplier": dict(self.noise_multipliers),
-            "sample_rate": {f"client{k}": q for k, q in self.client_rates.items()},
+            "sample_rate": {model_name("client", k): q for k, q in self.client_rates.items()},
             "epsilon": {},
             "history": {},
         }
         sides = ([("server", self.server)] if self.server is not None else []) + [
-            (f"client{k}", side) for k, side in sorted(self.clients.items())
+            (model_name("client", k), side) for k, side in sorted(self.clients.items())
         ]
         for key, side in sides:
             info["epsilon"][key] = as_json_number(side.accountant.get_epsilon(delta=self.spec.delta))
             info["history"][key] = [list(h) for h in side.history()]
         return info
+
+    def poisson_rounds(self) -> tuple[tuple[int, float], ...] | None:
+        """(releases, q) per client as its Poisson loader made them over the run (None before any loader)."""
+        if not self.client_batches:
+            return None
+        return tuple((self.epochs * b, 1.0 / b) for b in self.client_batches.values())
 
     # -- helpers --
     def _optimizer(self, optimizer, stream: int, expected_batch_size: int) -> MultiplicityDPOptimizer:
@@ -333,7 +352,7 @@ def iid_client_batches(config) -> list[tuple[int, int]]:
 
 
 def planned_epsilon(spec: DPSGDSpec, config) -> dict[str, float]:
-    """ε each private model will have spent after training, from the config alone ("server", "client0", …).
+    """ε each private model will have spent after training, from the config alone ("server", "client_0", …).
 
     With a target ε, that target (Opacus calibrates σ to spend at most it); with a given σ,
     Opacus' accountant on the core's loader plan for an IID partition (:func:`iid_client_batches`;
@@ -353,7 +372,7 @@ def planned_epsilon(spec: DPSGDSpec, config) -> dict[str, float]:
         out["server"] = spent(max(1.0 / b for _, b in per_client), epochs * sum(b for _, b in per_client))
     if spec.private("client") and t_c > 0:
         for k, (_, batches) in enumerate(per_client):
-            out[f"client{k}"] = spent(1.0 / batches, epochs * batches)
+            out[model_name("client", k)] = spent(1.0 / batches, epochs * batches)
     return out
 
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, fields
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 from collafuse.schedule import NoiseSchedule
 
@@ -69,6 +69,31 @@ class PayloadGuarantee:
 
 
 _UNBOUNDED = ("epsilon", "per_release_epsilon", "mu_per_release", "label_epsilon")  # may be ∞: "inf" in JSON
+
+
+@dataclass(frozen=True)
+class PayloadTerms:
+    """What a defense setting changes in the payload channel's guarantee (the keywords of
+    :func:`payload_guarantee`). Each spec folds its own share in (``spec.payload_terms``): clipping
+    its C, payload noise its σ, ``minimize`` single release and labels kept, DP-SGD its δ and its
+    Poisson loader's rounds."""
+
+    delta: float = DEFAULT_DELTA
+    clip_norm: float | None = None
+    noise_sigma: float = 0.0
+    single_release: bool = False
+    poisson_rounds: tuple[tuple[int, float], ...] | None = None  # (rounds, q) per client; None: shuffled loader
+    labels_sent: bool = False
+
+    def fold(self, specs: Iterable[Any], config) -> "PayloadTerms":
+        """These terms with every spec's share folded in, in order."""
+        terms = self
+        for spec in specs:
+            terms = spec.payload_terms(terms, config)
+        return terms
+
+    def keywords(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
 def payload_guarantee(

@@ -47,14 +47,13 @@ from collafuse.payload import Payload
 from collafuse.registry import Registry
 from collafuse.schedule import NoiseSchedule
 from collafuse.threats import check_threats
-from collafuse.training import stream_seed
+from collafuse.streams import STREAM_SINGLE_RELEASE, stream_seed
 
-from .validate import check_keys, number
+from .validate import DefenseSpec, check_keys, number
 
 NAME = "minimize"
 COVERS: tuple[str, ...] = check_threats(("T1",), NAME)  # the threats this defense addresses (coverage map)
 # A random stream of its own, far from the core's stream ids 0..6.
-STREAM_SINGLE_RELEASE = 1001
 ANONYMOUS_SENDER = -1
 
 
@@ -198,15 +197,62 @@ class IdFree(ReleaseHook):
 
 # ---------- specs ----------
 
+# Where each mode's release hook runs among the release hooks (clip 0, payload noise 2): the per-image
+# noise draw before the extra noise, then labels, sender and quantisation last.
+_ORDER = {"single-release": 1, "no-labels": 3, "id-free": 4, "quantize": 5}
+# The credit that is measured, not declared (DESIGN.md §5 (d)): an id-free release covers sender
+# linkage (T1) only where a sender-identification attack that reads every field and the order of
+# arrival is at chance (read by :func:`~.coverage.credit_measured`).
+MEASURED_CREDIT: dict[str, str] = {f"{NAME}:id-free": "T1"}
+
+
 @dataclass(frozen=True)
-class MinimizeSpec:
-    """``{name: minimize, mode: single-release | fp16 | int8 | k-bit | no-labels | id-free, bits: k}``."""
+class MinimizeSpec(DefenseSpec):
+    """``{name: minimize, mode: single-release | fp16 | int8 | k-bit | no-labels | id-free, bits: k}``.
+
+    Its share of the setting: the wire bytes (a quantiser), the labels (``no-labels``) and, in the
+    payload guarantee, one release per image (``single-release``) and no label channel."""
 
     mode: str
     bits: int | None = None
     name: str = NAME
-    threats: tuple[str, ...] = COVERS
-    acts_on_training = False  # not a field: a release-side defense (it acts on payloads)
+    COVERS = COVERS
+
+    @property
+    def label(self) -> str:
+        return f"{self.name}:{self.mode}"
+
+    @property
+    def unique_key(self) -> str:
+        return f"{self.name}:{self.key}"
+
+    def twice(self) -> str:
+        return "a second quantiser" if self.bits is not None else f"{self.label!r} twice"
+
+    @property
+    def order(self) -> int:
+        return _ORDER[self.key]
+
+    def check_setting(self, parsed) -> None:
+        noisy = next((s for s in parsed if s.adds_noise_per_release), None)
+        if self.mode == "single-release" and noisy is not None:
+            raise ConfigError(
+                f"defenses: minimize single-release cannot be combined with {noisy.label} (the extra noise would be "
+                "fresh every epoch and average out); use a larger cut_ratio instead"
+            )
+
+    def bytes_per_value(self) -> int | None:
+        return None if self.bits is None else bytes_per_value(self.bits)
+
+    def sends_labels(self, sent: bool) -> bool:
+        return False if self.mode == "no-labels" else sent
+
+    def payload_terms(self, terms, config):
+        if self.mode == "single-release":
+            return dataclasses.replace(terms, single_release=True)
+        if self.mode == "no-labels":
+            return dataclasses.replace(terms, labels_sent=False)
+        return terms
 
     @classmethod
     def parse(cls, raw: Mapping[str, Any], where: str) -> "MinimizeSpec":

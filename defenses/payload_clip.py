@@ -13,6 +13,7 @@ keeps far more of each image for the same C.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any, Mapping
 
@@ -22,7 +23,7 @@ from collafuse.errors import ConfigError
 from collafuse.hooks import ReleaseHook
 from collafuse.threats import check_threats
 
-from .validate import check_keys, number
+from .validate import DefenseSpec, check_keys, number
 
 NAME = "payload-clip"
 COVERS: tuple[str, ...] = check_threats(("T1", "T2"), NAME)  # the threats this defense addresses (coverage map)
@@ -39,14 +40,17 @@ def clip_images(x0: torch.Tensor, clip_norm: float, center: float = 0.0) -> torc
 
 
 @dataclass(frozen=True)
-class PayloadClipSpec:
-    """``{name: payload-clip, C: 4.0, center: -1.0}``."""
+class PayloadClipSpec(DefenseSpec):
+    """``{name: payload-clip, C: 4.0, center: -1.0}``. Its share of the setting: the sensitivity C."""
 
     clip_norm: float
     center: float = 0.0
     name: str = NAME
-    threats: tuple[str, ...] = COVERS
-    acts_on_training = False  # not a field: a release-side defense (it acts on payloads)
+    COVERS = COVERS
+    ORDER = 0  # before anything is noised
+
+    def payload_terms(self, terms, config):
+        return dataclasses.replace(terms, clip_norm=self.clip_norm)
 
     @classmethod
     def parse(cls, raw: Mapping[str, Any], where: str) -> "PayloadClipSpec":

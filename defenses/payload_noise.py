@@ -29,7 +29,7 @@ from collafuse.payload import Payload
 from collafuse.schedule import NoiseSchedule
 from collafuse.threats import check_threats
 
-from .validate import check_keys, number
+from .validate import DefenseSpec, check_keys, number
 
 NAME = "payload-noise"
 COVERS: tuple[str, ...] = check_threats(("T1", "T2"), NAME)  # the threats this defense addresses (coverage map)
@@ -62,13 +62,27 @@ def renoise(p: torch.Tensor, alpha_bar_t: float, alpha_bar_t_prime: float, xi: t
 
 
 @dataclass(frozen=True)
-class PayloadNoiseSpec:
-    """``{name: payload-noise, sigma: σ}``: σ ≥ 0 is the extra noise std relative to the image scale."""
+class PayloadNoiseSpec(DefenseSpec):
+    """``{name: payload-noise, sigma: σ}``: σ ≥ 0 is the extra noise std relative to the image scale.
+
+    Its share of the setting: payloads move from t to t' (:func:`noised_step`) and the guarantee's σ."""
 
     sigma: float
     name: str = NAME
-    threats: tuple[str, ...] = COVERS
-    acts_on_training = False  # not a field: a release-side defense (it acts on payloads)
+    COVERS = COVERS
+    ORDER = 2  # after the noise draw, before labels, sender and quantisation
+    adds_noise_per_release = True
+
+    def release_step(self, t: int, schedule: NoiseSchedule) -> int:
+        t_prime = noised_step(schedule.alpha_bar, t, self.sigma)
+        if t_prime >= schedule.T:
+            raise ConfigError(
+                f"{self.name} sigma={self.sigma} moves the payload past step {schedule.T - 1}; no server step is left"
+            )
+        return t_prime
+
+    def payload_terms(self, terms, config):
+        return dataclasses.replace(terms, noise_sigma=self.sigma)
 
     @classmethod
     def parse(cls, raw: Mapping[str, Any], where: str) -> "PayloadNoiseSpec":

@@ -4,11 +4,11 @@ Readers (the audit, the run's privacy report) take these values instead of re-de
 defense's behaviour from raw config keys:
 
 - :class:`DefenseEffects`: what the setting changes in the protocol, from the config alone
-  and cheap: the release step t' (the rule of the release hooks themselves,
-  :meth:`~.payload_noise.PayloadNoise.release_step`, folded over t_c as the core does),
-  the bytes of one payload row (counted by :meth:`collafuse.payload.Payload.row_wire_bytes`
-  on a one-row payload of the wire dtypes the hooks send), and the noise multiplicity
-  per role (:meth:`~.dp_sgd.DPSGDSpec.noise_multiplicity`, what the core asks the hook);
+  and cheap: the release step t' (t_c folded through every spec's ``release_step``, as the
+  core folds its release hooks), the bytes of one payload row (counted by
+  :meth:`collafuse.payload.Payload.row_wire_bytes` on a one-row payload of the wire dtypes the
+  specs' ``bytes_per_value`` give), the labels sent (``sends_labels``) and the noise
+  multiplicity per role (``noise_multiplicity``, what the core asks the hook);
 - :class:`HookRecord`: what one defense does (from its spec) or did (from its run.json
   record): name, parameters, threats covered, the formal ε its own accountant reports;
 - :class:`SettingSummary`: the effects, the payload channel's :class:`PayloadGuarantee`,
@@ -25,24 +25,19 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import torch
 
-from collafuse.errors import ConfigError
-from collafuse.hooks import ReleaseHook
+from collafuse.hooks import ReleaseHook, canonical_model_name
 from collafuse.payload import Payload
 from collafuse.schedule import NoiseSchedule
 
-from . import dp_sgd, minimize
 from .accounting import INF, as_json_number, from_json_number
-from .coverage import coverage_map, spec_label, spec_threats, uncovered
-from .dp_sgd import DPSGDSpec
-from .guarantees import DEFAULT_DELTA, PayloadGuarantee, payload_guarantee
-from .minimize import MinimizeSpec
-from .payload_clip import PayloadClipSpec
-from .payload_noise import PayloadNoise, PayloadNoiseSpec
+from .coverage import coverage_map, spec_label, uncovered
+from .guarantees import PayloadGuarantee, PayloadTerms, payload_guarantee
 
 ROLES: tuple[str, ...] = ("server", "client")
 REPORT_NAME = "privacy-report"  # the run.json record that holds the payload channel's guarantee
 # The dtype one payload value crosses in, by its wire bytes (float32; minimize fp16; int8 / unpacked k-bit codes).
 _WIRE_DTYPES = {4: torch.float32, 2: torch.float16, 1: torch.uint8}
+FLOAT32_BYTES = 4  # a payload value's wire bytes unless a spec quantises it
 # Keys of a hook's run.json record that are not its parameters.
 _RECORD_KEYS = ("name", "threats", "epsilon")
 
@@ -74,9 +69,9 @@ class DefenseEffects:
 class HookRecord:
     """What one defense does or did: its label, parameters, the threats it covers, its own formal ε.
 
-    ``epsilon``: model ("server", "client0", …) → ε that this defense's own accountant
+    ``epsilon``: model ("server", "client_0", …) → ε that this defense's own accountant
     reports (DP-SGD); empty for release-side defenses, whose effect is in the setting's
-    payload guarantee. ``parameters``: the spec's fields for a config, the rest of the
+    payload guarantee. Runs written before the rename spelled clients "client0": read as "client_0". ``parameters``: the spec's fields for a config, the rest of the
     hook's record for a trained run (its own words: ``C``, ``sigma_effective``, ``history`` …).
     """
 
@@ -102,14 +97,13 @@ class HookRecord:
             name=str(record["name"]),
             parameters={k: v for k, v in record.items() if k not in _RECORD_KEYS},
             threats=tuple(record.get("threats", ())),
-            epsilon={str(k): from_json_number(v) for k, v in eps.items()},
+            epsilon={canonical_model_name(str(k)): from_json_number(v) for k, v in eps.items()},
         )
 
     @classmethod
     def of_spec(cls, spec: Any, config, epsilon: Mapping[str, float] | None = None) -> "HookRecord":
-        params = {f.name: getattr(spec, f.name) for f in fields(spec) if f.name not in ("name", "threats")}
-        threats = tuple(spec_threats(spec, config.t_c, config.diffusion.T))
-        return cls(spec_label(spec), params, threats, dict(epsilon or {}))
+        params = {f.name: getattr(spec, f.name) for f in fields(spec) if f.name != "name"}
+        return cls(spec.label, params, tuple(spec.threats(config.t_c, config.diffusion.T)), dict(epsilon or {}))
 
 
 @dataclass(frozen=True)
@@ -138,6 +132,12 @@ class SettingSummary:
     def uncovered(self) -> list[str]:
         """Threats no defense of the setting addresses, in order T1..T4."""
         return [threat for threat, labels in self.coverage.items() if not labels]
+
+    def epsilon_by_threat(self) -> dict[str, float]:
+        """The formal ε of each model threat (DESIGN §4.3, §5): T1 the payload channel's; T2 the server model's
+        (post-processing of the payloads, or DP-SGD's where tighter); T3 the client models'."""
+        clients, server = self.model_epsilon
+        return {"T1": float(self.payload_guarantee.epsilon), "T2": float(server), "T3": float(clients)}
 
     def to_json(self) -> dict[str, Any]:
         clients, server = self.model_epsilon
@@ -168,18 +168,12 @@ def _schedule(config) -> NoiseSchedule:
 
 
 def _release_step(parsed: Sequence[Any], t_c: int, schedule: NoiseSchedule) -> int:
-    """t_c folded through the release hooks' ``release_step`` (the core's rule; only payload noise moves it)."""
-    T = schedule.T
-    if not 0 < t_c < T:
+    """t_c folded through every spec's ``release_step`` (the core's rule; only payload noise moves it)."""
+    if not 0 < t_c < schedule.T:
         return t_c  # c = 0 sends the images, c = 1 sends nothing: no hand-off to move
     t = t_c
     for spec in parsed:
-        if isinstance(spec, PayloadNoiseSpec):
-            t = PayloadNoise(spec.sigma, schedule).release_step(t)
-            if t >= T:
-                raise ConfigError(
-                    f"{spec.name} sigma={spec.sigma} moves the payload past step {T - 1}; no server step is left"
-                )
+        t = spec.release_step(t, schedule)
     return t
 
 
@@ -197,15 +191,20 @@ def _row_wire_bytes(config, bytes_per_value: int, labels_sent: bool) -> int:
     return int(row.row_wire_bytes()[0])
 
 
+def _labels_sent(parsed: Sequence[Any], config) -> bool:
+    """Labels cross in the clear: a conditional run, unless a spec keeps them on the client."""
+    sent = bool(config.conditional)
+    for spec in parsed:
+        sent = spec.sends_labels(sent)
+    return sent
+
+
 def effects_of(parsed: Sequence[Any], config) -> DefenseEffects:
     """:class:`DefenseEffects` of validated specs for a run config."""
-    minimize_specs = [s for s in parsed if isinstance(s, MinimizeSpec)]
-    bits = next((s.bits for s in minimize_specs if s.bits is not None), None)  # parse_specs allows one quantiser
-    bytes_per_value = minimize.bytes_per_value(bits)
-    labels_sent = bool(config.conditional) and not any(s.mode == "no-labels" for s in minimize_specs)
-    multiplicity = {
-        role: max([s.noise_multiplicity(role) for s in parsed if isinstance(s, DPSGDSpec)] + [1]) for role in ROLES
-    }
+    # parse_specs allows one quantiser: the first spec that sets the wire bytes sets them
+    bytes_per_value = next((b for s in parsed if (b := s.bytes_per_value()) is not None), FLOAT32_BYTES)
+    labels_sent = _labels_sent(parsed, config)
+    multiplicity = {role: max([s.noise_multiplicity(role) for s in parsed] + [1]) for role in ROLES}
     return DefenseEffects(
         release_step=_release_step(parsed, config.t_c, _schedule(config)),
         bytes_per_value=bytes_per_value,
@@ -218,25 +217,14 @@ def effects_of(parsed: Sequence[Any], config) -> DefenseEffects:
 def guarantee_of(
     parsed: Sequence[Any], config, poisson_rounds: Sequence[tuple[int, float]] | None = None
 ) -> PayloadGuarantee:
-    """The payload channel's formal ε per client image. ``poisson_rounds``: (rounds, q) per client as the
-    run's DP-SGD loaders made them; None takes the IID plan when DP-SGD is configured."""
-    schedule = _schedule(config)
+    """The payload channel's formal ε per client image: every spec folds its share into the
+    :class:`~.guarantees.PayloadTerms`. ``poisson_rounds``: (rounds, q) per client as the run's DP-SGD
+    loaders made them; None takes the IID plan when DP-SGD is configured."""
+    rounds = tuple(poisson_rounds) if poisson_rounds is not None else None
+    terms = PayloadTerms(poisson_rounds=rounds, labels_sent=bool(config.conditional)).fold(parsed, config)
     d = config.data.channels * config.data.image_size**2
-    clip = next((s for s in parsed if isinstance(s, PayloadClipSpec)), None)
-    noise = next((s for s in parsed if isinstance(s, PayloadNoiseSpec)), None)
-    dp = next((s for s in parsed if isinstance(s, DPSGDSpec)), None)
-    modes = {s.mode for s in parsed if isinstance(s, MinimizeSpec)}
-    if poisson_rounds is None and dp is not None:
-        poisson_rounds = [(config.training.epochs * b, 1.0 / b) for _, b in dp_sgd.iid_client_batches(config)]
-    return payload_guarantee(
-        schedule, config.t_c, config.training.payload, d, config.training.epochs,
-        delta=dp.delta if dp is not None else DEFAULT_DELTA,
-        clip_norm=clip.clip_norm if clip is not None else None,
-        noise_sigma=noise.sigma if noise is not None else 0.0,
-        single_release="single-release" in modes,
-        poisson_rounds=poisson_rounds,
-        labels_sent=bool(config.conditional) and "no-labels" not in modes,
-    )
+    return payload_guarantee(_schedule(config), config.t_c, config.training.payload, d, config.training.epochs,
+                             **terms.keywords())
 
 
 def model_epsilon(hooks: Iterable[HookRecord], payload_epsilon: float) -> tuple[float, float]:
@@ -262,10 +250,7 @@ def _assemble(parsed, config, effects, guarantee, hooks) -> SettingSummary:
 
 def summarize(parsed: Sequence[Any], config) -> SettingSummary:
     """The setting as configured (no training): DP-SGD's ε is its plan (:func:`~.dp_sgd.planned_epsilon`)."""
-    hooks = [
-        HookRecord.of_spec(s, config, dp_sgd.planned_epsilon(s, config) if isinstance(s, DPSGDSpec) else None)
-        for s in parsed
-    ]
+    hooks = [HookRecord.of_spec(s, config, s.planned_epsilon(config)) for s in parsed]
     return _assemble(parsed, config, effects_of(parsed, config), guarantee_of(parsed, config), hooks)
 
 
@@ -289,16 +274,14 @@ class PrivacyReport(ReleaseHook):
 
     name = REPORT_NAME
 
-    def __init__(self, parsed: list[Any], config, dp_hook: "dp_sgd.DPSGD | None" = None):
+    def __init__(self, parsed: list[Any], config, training_hooks: Sequence[Any] = ()):
         self.parsed = parsed
         self.config = config
-        self.dp_hook = dp_hook
+        self.training_hooks = tuple(training_hooks)  # built from the specs that act on training (DP-SGD)
 
     def describe(self) -> dict[str, Any]:
-        rounds = None
-        if self.dp_hook is not None and self.dp_hook.client_batches:
-            epochs = self.config.training.epochs
-            rounds = [(epochs * b, 1.0 / b) for b in self.dp_hook.client_batches.values()]
+        # The real Poisson rounds of the run's loaders, once training made them (else the plan).
+        rounds = next((r for h in self.training_hooks if (r := h.poisson_rounds()) is not None), None)
         guarantee = guarantee_of(self.parsed, self.config, rounds)
         t_c, T = self.config.t_c, self.config.diffusion.T
         return {
@@ -311,8 +294,8 @@ class PrivacyReport(ReleaseHook):
                 # The server model is trained on the payloads alone: post-processing of that channel.
                 "server": {
                     "epsilon_from_payloads": as_json_number(guarantee.epsilon),
-                    "dp_sgd": "see the dp-sgd entry" if self.dp_hook is not None else None,
+                    "dp_sgd": "see the dp-sgd entry" if self.training_hooks else None,
                 },
-                "clients": "see the dp-sgd entry" if self.dp_hook is not None else "inf (trained on raw images)",
+                "clients": "see the dp-sgd entry" if self.training_hooks else "inf (trained on raw images)",
             },
         }

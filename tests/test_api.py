@@ -43,7 +43,7 @@ def test_train_applies_the_defenses_and_records_every_hook(noised_run):
     assert names == ["payload-noise", "privacy-report"]  # today's bug: [] (defenses silently dropped)
     noise = info["hooks"][0]
     assert noise["sigma"] == 0.5
-    assert noised_run.t_c == noise["t_release"] > noised_run.config.t_c  # the noise ran: payloads moved to t' > t_c
+    assert noised_run.t_hand == noise["t_release"] > noised_run.config.t_c  # the noise ran: payloads moved to t' > t_c
     assert list(noised_run.config.defenses) == NOISED
 
 

@@ -63,6 +63,9 @@ def test_quick_audit_writes_table_report_and_verdict(quick_audit):
     assert columns <= set(rows[0])
     threats = {r["threat"] for r in rows}
     assert threats == {"T1", "T2", "T3", "T4", "utility", "cost", "formal", "sampling"}
+    from collafuse.metrics import metric  # every row speaks the one vocabulary (issue 20)
+
+    assert all(r["threat"] in metric(r["metric"]).groups for r in rows)
     # Every split system checks its server's hand-off against its payloads (issue 19) and draws a sample grid.
     handoff = [r for r in rows if r["threat"] == "sampling" and r["metric"] == "handoff_std_error"]
     assert len(handoff) == 5 and all(r["value"] < 0.1 for r in handoff)

@@ -10,7 +10,8 @@ import yaml
 from collafuse.errors import ConfigError
 
 from collafuse.benchmarks.audit.grid import load_grid
-from collafuse.benchmarks.audit.policy import check_against_grid, evaluate_cell, load_policy, parse_policy, verdict
+from collafuse.benchmarks.audit.policy import check_against_grid, load_policy, parse_policy
+from collafuse.benchmarks.audit.verdict import evaluate_cell, verdict
 
 
 def write(tmp_path, name, obj) -> str:
@@ -118,14 +119,14 @@ def test_policy_takes_the_worst_attack_and_the_statistic_it_is_told(tmp_path):
     ])
     limits = {"limits": {"T1": {"reid_pool": {"max": 0.05}}, "T2": {"auc": {"max": 0.6}}}}
     ev = evaluate_cell(parse_policy(limits), system, rows)
-    assert ev["pass"] and ev["complete"]
-    assert [(c["attack"], c["observed"]) for c in ev["checks"]] == [("oracle", 0.04), ("loss", 0.55)]
+    assert ev.passed and ev.complete
+    assert [(c.attack, c.observed) for c in ev.checks] == [("oracle", 0.04), ("loss", 0.55)]
     strict = evaluate_cell(parse_policy({**limits, "statistic": "ci_high"}), system, rows)
-    assert not strict["pass"]
-    assert [(c["attack"], c["observed"], c["pass"]) for c in strict["checks"]] == [("oracle", 0.07, False), ("loss", 0.61, False)]
+    assert not strict.passed
+    assert [(c.attack, c.observed, c.passed) for c in strict.checks] == [("oracle", 0.07, False), ("loss", 0.61, False)]
     # A payload-only cell cannot answer a T2 limit: it is incomplete, never a pass.
     payload = evaluate_cell(parse_policy(limits), cells[0], _rows(cells[0], [("T1", "payload", "rescale", "reid_pool", 0.0, None, None)]))
-    assert payload["complete"] is False and payload["pass"] is False
+    assert payload.complete is False and payload.passed is False
 
 
 @pytest.mark.parametrize("metric, values, limit, worst", [
@@ -142,10 +143,10 @@ def test_policy_limits_every_membership_metric(tmp_path, metric, values, limit, 
                           # a curve row of the same metric name family is not judged
                           ("T2", "server", "loss", f"{metric}_at_epoch", 0.99, None, None)])
     loose = evaluate_cell(parse_policy({"limits": {"T2": {metric: {"max": worst}}}}), system, rows)
-    assert loose["pass"] and loose["checks"][0]["observed"] == worst
+    assert loose.passed and loose.checks[0].observed == worst
     tight = evaluate_cell(parse_policy({"limits": {"T2": {metric: {"max": limit}}}}), system, rows)
-    assert not tight["pass"] and tight["complete"]
-    assert (tight["checks"][0]["observed"], tight["checks"][0]["attack"]) == (worst, "sima" if values[1] == worst else "loss")
+    assert not tight.passed and tight.complete
+    assert (tight.checks[0].observed, tight.checks[0].attack) == (worst, "sima" if values[1] == worst else "loss")
 
 
 def test_an_unresolved_tpr_at_01pct_fpr_cannot_pass_a_max_limit(tmp_path):
@@ -161,12 +162,12 @@ def test_an_unresolved_tpr_at_01pct_fpr_cannot_pass_a_max_limit(tmp_path):
 
     policy = parse_policy({"limits": {"T2": {"tpr_at_01pct_fpr": {"max": 0.1}}}})
     unknown = evaluate_cell(policy, system, rows(1.0, 0.05))
-    assert unknown["checks"][0]["pass"] is None and not unknown["complete"] and "unresolved" in unknown["checks"][0]["note"]
+    assert unknown.checks[0].passed is None and not unknown.complete and "unresolved" in unknown.checks[0].note
     broken = evaluate_cell(policy, system, rows(1.0, 0.3))
-    assert broken["checks"][0]["pass"] is False and broken["checks"][0]["observed"] == 0.3
+    assert broken.checks[0].passed is False and broken.checks[0].observed == 0.3
     # a min limit may rely on a lower bound
     floor = evaluate_cell(parse_policy({"limits": {"T2": {"tpr_at_01pct_fpr": {"min": 0.0}}}}), system, rows(0.0, 0.05))
-    assert floor["pass"]
+    assert floor.passed
 
 
 def test_a_systems_block_passes_snapshots_to_training(tmp_path):
@@ -192,11 +193,11 @@ def test_verdict_recommends_the_cheapest_passing_setting(tmp_path):
                     for c in cells], ignore_index=True)
     policy = parse_policy({"limits": {"T1": {"reid_pool": {"max": 0.05}}}})
     evaluations, decision = verdict(policy, cells, df)
-    assert [e["pass"] for e in evaluations] == [False, True, True]
-    assert decision["status"] == "pass"
-    assert decision["recommendation"]["cut_ratio"] == 0.5 and math.isclose(decision["recommendation"]["cost"], 0.5)
+    assert [e.passed for e in evaluations] == [False, True, True]
+    assert decision.status == "pass"
+    assert decision.recommendation.cut_ratio == 0.5 and math.isclose(decision.recommendation.cost, 0.5)
     _, none = verdict(parse_policy({"limits": {"T1": {"reid_pool": {"max": 0.001}}}}), cells, df)
-    assert none["status"] == "fail" and none["recommendation"] is None and "reid_pool" in none["text"]
+    assert none.status == "fail" and none.recommendation is None and "reid_pool" in none.text
 
 
 def test_embedded_policy_loads_and_fits_the_embedded_grids():
@@ -249,16 +250,16 @@ def test_verdict_compares_the_recommendation_with_training_alone(tmp_path):
                     for c in cells], ignore_index=True)
     policy = parse_policy({"limits": {"T1": {"reid_pool": {"max": 0.05}}}})
     _, decision = verdict(policy, cells, df)
-    assert decision["recommendation"]["cut_ratio"] == 0.5
-    cmp = decision["recommendation"]["against_local_only"]
-    assert math.isclose(cmp["saved_fraction"], 0.25) and cmp["accuracy"] == 0.6 and cmp["baseline_accuracy"] == 0.7
-    assert "saves 25% of the client compute" in decision["text"] and "sample accuracy 0.60 vs 0.70" in decision["text"]
+    assert decision.recommendation.cut_ratio == 0.5
+    cmp = decision.recommendation.against_local_only
+    assert math.isclose(cmp.saved_fraction, 0.25) and cmp.accuracy == 0.6 and cmp.baseline_accuracy == 0.7
+    assert "saves 25% of the client compute" in decision.text and "sample accuracy 0.60 vs 0.70" in decision.text
     # Without a local-only cell in the grid the verdict says there is nothing to compare with.
     _, alone = verdict(policy, cells[:2], df)
-    assert "no local-only baseline" in alone["text"]
+    assert "no local-only baseline" in alone.text
     # When only training alone passes, the verdict says so.
     _, only = verdict(parse_policy({"limits": {"T1": {"reid_pool": {"max": 0.001}}}}), cells, df)
-    assert only["recommendation"]["cut_ratio"] == 1.0 and "That is training alone" in only["text"]
+    assert only.recommendation.cut_ratio == 1.0 and "That is training alone" in only.text
 
 
 def test_default_grid_holds_both_baselines():
@@ -283,7 +284,7 @@ def test_verdict_gives_every_utility_metric_against_both_baselines_and_says_when
                           + [("utility", "pooled", "classifier-features", m, *v[index[c.cut_ratio]]) for m, v in utility.items()])
                     for c in cells], ignore_index=True)
     _, decision = verdict(parse_policy({"limits": {"T1": {"reid_pool": {"max": 0.05}}}}), cells, df)
-    text = decision["text"]
+    text = decision.text
     assert "accuracy 0.6 [0.55, 0.65], fid 2.18e+03, precision 0.013 [0, 0.04], recall 0.8 [0.77, 0.83]" in text
     assert "Local-only (accuracy 0.36 [0.3, 0.42], fid 382" in text
     assert ("the recommendation is better on accuracy; worse on fid, precision; indistinguishable on recall. "

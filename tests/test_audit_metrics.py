@@ -16,7 +16,8 @@ import pytest
 import yaml
 
 from conftest import tiny_config_dict
-from collafuse.benchmarks.audit.cells import CellOutput, client_samples, membership_rows, trained_system
+from collafuse.benchmarks.audit.cells import CellOutput
+from collafuse.benchmarks.audit.cells.system import client_samples, membership_rows, trained_system
 from collafuse.benchmarks.audit.grid import load_grid
 from collafuse.benchmarks.audit.report import write_report
 from collafuse.benchmarks.audit.results import collect, read_results, write_results
@@ -66,10 +67,10 @@ def test_system_cell_rows_hold_every_membership_metric(system):
         assert gdp["value"] >= 0
         assert all("t" not in r and "epoch" not in r for r in mine if r["metric"] in ("auc", *NEW))
     steps = _pick(rows, threat="T3", target="client_1", attack="loss", metric="auc_at_t")
-    assert len(steps) >= 2 and all(1 <= r["t"] <= run.t_c for r in steps)
+    assert len(steps) >= 2 and all(1 <= r["t"] <= run.t_hand for r in steps)
     assert [r["t"] for r in steps] == sorted(r["t"] for r in steps)
     server_steps = _pick(rows, threat="T2", target="server", metric="auc_at_t")
-    assert server_steps and all(run.t_c < r["t"] <= run.schedule.T for r in server_steps)
+    assert server_steps and all(run.t_hand < r["t"] <= run.schedule.T for r in server_steps)
     assert not _pick(rows, threat="T4", metric="auc_at_t")  # a sample target has no query steps
 
 

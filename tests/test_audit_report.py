@@ -122,7 +122,7 @@ def make_audit(root: Path, *, systems: bool = True, artifacts: bool = True) -> P
                      (("client_eval_share_train", c), ("client_eval_share_sample", c),
                       ("client_flops_share_train", c), ("client_flops_share_sample", c),
                       ("client_gflops_train_per_image_epoch", 0.8 * c), ("client_gflops_sample", 3.0 * c),
-                      ("payload_bytes_per_image_epoch", 256.0), ("train_seconds", 12.5))]
+                      ("payload_bytes_per_image_epoch", 256.0))]
             rows += [_row(cell, "formal", "clients", "accountant", "epsilon_model_clients", 8.0 if private else None),
                      _row(cell, "formal", "server", "accountant", "epsilon_model_server", 8.0 if private else float("nan"))]
             if artifacts:
@@ -311,7 +311,7 @@ def test_formatting_rule():
 
 
 def test_json_numbers_have_one_pair_of_converters():
-    from collafuse.benchmarks.audit.results import json_number, to_float
+    from collafuse.jsonio import decode_number as to_float, dumps, encode_number as json_number
 
     inf = math.inf
     assert json_number(inf) == "inf" and json_number(-inf) == "-inf" and json_number(0.5) == 0.5
@@ -320,6 +320,7 @@ def test_json_numbers_have_one_pair_of_converters():
         assert to_float(json.loads(json.dumps(json_number(x), allow_nan=False))) == x
     assert to_float("∞") == inf and to_float(" -Infinity ") == -inf and to_float("0.5") == 0.5
     assert math.isnan(to_float(None)) and math.isnan(to_float("n/a")) and math.isnan(to_float([1]))
+    assert json_number(math.nan) is None and json.loads(dumps({"a": [inf, math.nan, 1]})) == {"a": ["inf", None, 1]}
 
 
 def test_report_reads_the_table_through_the_results_reader(tmp_path):
@@ -339,7 +340,9 @@ def test_report_reads_the_table_through_the_results_reader(tmp_path):
     (tmp_path / "audit.json").write_text("{}")
     rows, meta = load_audit(tmp_path)
     pd.testing.assert_frame_equal(rows, back)
-    assert meta == {}
+    from collafuse.benchmarks.audit.meta import AuditMeta
+
+    assert meta == AuditMeta()  # an empty audit.json: every field at its default
 
 
 def test_missing_pieces_say_not_measured(tmp_path):
@@ -382,7 +385,7 @@ def test_unreadable_roc_and_bare_coverage_map(tmp_path):
     coverage = _table(text, "coverage-table")
     assert [c[0] for c in coverage["defense setting"]] == ["payload-noise", "dp-sgd"]
     assert [c[0] for c in coverage["T4"]] == ["uncovered", "uncovered"]
-    assert coverage["T1"].iloc[0][0] == "covered" and coverage["T1"].iloc[1][0] == "uncovered"
+    assert coverage["T1"].iloc[0][0] == "covered: payload-noise" and coverage["T1"].iloc[1][0] == "uncovered"
 
 
 def test_not_an_audit_raises_and_keeps_the_previous_report(tmp_path):

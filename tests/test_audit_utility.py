@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from collafuse.attacks.stats import wilson_interval
+from collafuse.attacks.stats import Interval, wilson_interval
 from collafuse.benchmarks.audit import costs as K
 from collafuse.benchmarks.audit import utility as U
 from collafuse.config import DEFAULT_CONFIG, ModelConfig, replace
@@ -103,18 +103,18 @@ def test_kid_matches_a_brute_force_double_loop():
     assert U.mmd2_unbiased(x, y[:7]) == pytest.approx(_mmd2_loop(x, y[:7]), rel=1e-10)
     # One subset of every row is the full-set estimate (MMD² is invariant to row order).
     kid = U.kernel_inception_distance(x, y, n_subsets=1, subset_size=12, seed=0)
-    assert kid["value"] == pytest.approx(_mmd2_loop(x, y), rel=1e-10)
-    assert kid["ci_low"] is None and kid["ci_high"] is None
+    assert kid.value == pytest.approx(_mmd2_loop(x, y), rel=1e-10)
+    assert kid.low is None and kid.high is None
 
 
 def test_kid_near_zero_for_one_distribution_and_positive_when_shifted():
     rng = np.random.default_rng(3)
     a, b = rng.normal(size=(400, 16)), rng.normal(size=(400, 16))
     same = U.kernel_inception_distance(a, b, n_subsets=50, seed=0)
-    assert abs(same["value"]) < 0.01
-    assert same["ci_low"] <= 0.0 <= same["ci_high"]
+    assert abs(same.value) < 0.01
+    assert same.low <= 0.0 <= same.high
     shifted = U.kernel_inception_distance(a, b + 1.0, n_subsets=50, seed=0)
-    assert shifted["value"] > 0.2 and shifted["ci_low"] > 10 * abs(same["value"])
+    assert shifted.value > 0.2 and shifted.low > 10 * abs(same.value)
     # Deterministic for a seed.
     assert U.kernel_inception_distance(a, b, n_subsets=50, seed=0) == same
     with pytest.raises(ValueError, match="subset_size"):
@@ -162,7 +162,7 @@ def test_class_accuracy_has_the_wilson_interval():
     y = np.array([0, 1, 2, 1, 1, 0, 2, 1])
     out = U.class_accuracy(pred, y)
     ref = wilson_interval(6, 8)
-    assert out == {"value": 0.75, "ci_low": ref.lo, "ci_high": ref.hi}
+    assert (out.value, out.low, out.high) == (0.75, ref.low, ref.high)
 
 
 # ---------------------------------------------------------------- cost
@@ -390,22 +390,22 @@ def test_sample_utility_on_real_digits_and_noise():
     good, good_y = data.images[700:1000], data.labels[700:1000]
     out = U.sample_utility(good, good_y, real, real_y, clf, seed=0)
     assert set(out) == {"fid", "kid", "precision", "recall", "accuracy", "accuracy_real"}
-    assert all(set(v) == {"value", "ci_low", "ci_high"} for v in out.values())
-    assert out["fid"]["ci_low"] is None
+    assert all(isinstance(v, Interval) for v in out.values())
+    assert out["fid"].low is None
     fr, ff = clf.features(real), clf.features(good)
-    assert out["fid"]["value"] == pytest.approx(U.frechet_distance(fr, ff))
-    assert (out["precision"]["value"], out["recall"]["value"]) == pytest.approx(U.precision_recall(fr, ff))
-    assert out["accuracy"]["value"] == pytest.approx(float((clf.predict(good) == good_y.numpy()).mean()))
+    assert out["fid"].value == pytest.approx(U.frechet_distance(fr, ff))
+    assert (out["precision"].value, out["recall"].value) == pytest.approx(U.precision_recall(fr, ff))
+    assert out["accuracy"].value == pytest.approx(float((clf.predict(good) == good_y.numpy()).mean()))
     for v in out.values():
-        if v["ci_low"] is not None:
-            assert v["ci_low"] <= v["value"] <= v["ci_high"]
+        if v.low is not None:
+            assert v.low <= v.value <= v.high
 
     noise = torch.rand(300, 1, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1
     bad = U.sample_utility(noise, None, real, None, clf, seed=0)
     assert set(bad) == {"fid", "kid", "precision", "recall"}
-    assert bad["fid"]["value"] > 5 * out["fid"]["value"]
-    assert bad["kid"]["ci_low"] > out["kid"]["ci_high"]
-    assert bad["precision"]["value"] < out["precision"]["value"] - 0.3
+    assert bad["fid"].value > 5 * out["fid"].value
+    assert bad["kid"].low > out["kid"].high
+    assert bad["precision"].value < out["precision"].value - 0.3
 
 
 def test_payload_noise_past_T_is_refused_like_the_defense():

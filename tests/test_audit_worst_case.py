@@ -11,9 +11,10 @@ import pandas as pd
 import pytest
 import yaml
 
-from collafuse.benchmarks.audit.cells import membership_rows, trained_system
+from collafuse.benchmarks.audit.cells.system import membership_rows, trained_system
 from collafuse.benchmarks.audit.grid import load_grid
-from collafuse.benchmarks.audit.policy import evaluate_cell, parse_policy, worst_index
+from collafuse.benchmarks.audit.policy import parse_policy
+from collafuse.benchmarks.audit.verdict import evaluate_cell, worst_index
 from collafuse.benchmarks.audit.report.analysis import worst_leakage
 from collafuse.benchmarks.audit.results import cell_columns
 from collafuse.runs import Run
@@ -67,5 +68,5 @@ def test_memorising_client_worst_t3_value_is_calibrated_and_secmi_is_flagged(tmp
     assert set(df[(df.attack == "secmi") & (df.metric == "auc")]["value"]) == {auc["secmi"]}
 
     policy = parse_policy({"limits": {"T3": {"auc": {"max": 0.6}}}})
-    check = evaluate_cell(policy, cell, df)["checks"][0]
-    assert check["pass"] is False and check["attack"] in CALIBRATED and check["observed"] == auc.max()
+    check = evaluate_cell(policy, cell, df).checks[0]
+    assert check.passed is False and check.attack in CALIBRATED and check.observed == auc.max()

@@ -505,7 +505,8 @@ def test_nan_shard_with_a_matching_hash_is_refused(tmp_path, tiny_runs):
     from safetensors.torch import load_file, save_file
 
     from collafuse.errors import RunError
-    from collafuse.transcript import ServerView, _sha256
+    from collafuse.fsutil import file_sha256 as _sha256
+    from collafuse.transcript import ServerView
 
     run = _copy_run(tiny_runs["cut"], tmp_path / "run")
     index = json.loads((run / "transcript" / "index.json").read_text())

@@ -219,7 +219,7 @@ def edit_index(change):
 
 def nan_shard(r: Path) -> None:
     """NaN values in a shard, and the index and run.json updated so that every hash matches."""
-    from collafuse.runs import file_sha256
+    from collafuse.fsutil import file_sha256
 
     path = r / "transcript" / "index.json"
     index = json.loads(path.read_text())
@@ -354,7 +354,7 @@ CASES = {
     "sample run.json garbage": (on_run("sample", write_file("run.json", GARBAGE, rehashed=False)), "run.json"),
     "sample run.json deep": (on_run("sample", write_file("run.json", DEEP_JSON, rehashed=False)), "run.json"),
     "sample run.json list": (on_run("sample", write_file("run.json", "[1, 2]", rehashed=False)), "run.json"),
-    "sample run.json t_c out of range": (on_run("sample", set_run_json(lambda i: i.update(t_c=999))), "t_c"),
+    "sample run.json t_hand out of range": (on_run("sample", set_run_json(lambda i: i.update(t_hand=999))), "t_hand"),
     "sample run.json no has_server": (on_run("sample", set_run_json(lambda i: i.pop("has_server"))), "has_server"),
     "sample config.yaml deep (hash matches)": (on_run("sample", write_file("config.yaml", DEEP_YAML)), "nested deeper"),
     "sample truncated checkpoint": (on_run("sample", truncate("checkpoints/server.safetensors", 100)), "checkpoints"),

@@ -17,7 +17,7 @@ def test_default_train_makes_recognisable_digits(tmp_path):
     out = tmp_path / "default"
     assert main(["train", "--out", str(out), "--quiet"]) == 0
     info = json.loads((out / "run.json").read_text())
-    assert info["t_c"] == 200 and info["num_clients"] == 4 and info["num_classes"] == 10
+    assert info["t_hand"] == 200 and info["num_clients"] == 4 and info["num_classes"] == 10
     quality = conditional_sample_accuracy(Run.load(out), per_class=10)
     assert quality["judge_accuracy_on_real_members"] > 0.9  # the judge itself is competent
     # Chance is 10 %; every client's samples must be recognisably their class.

@@ -108,7 +108,7 @@ def test_opacus_epsilon_equals_a_direct_accountant_call(dp_run):
     info = json.loads(json.dumps(hook.describe()))  # what run.json stores
     # The history, rebuilt without the hook: 64 images per client, batches of 32 → q = 1/2, 2 batches per epoch.
     q, batches, epochs = 0.5, 2, config.training.epochs
-    expected_steps = {"server": epochs * batches * 2, "client0": epochs * batches, "client1": epochs * batches}
+    expected_steps = {"server": epochs * batches * 2, "client_0": epochs * batches, "client_1": epochs * batches}
     for key, steps in expected_steps.items():
         sigma = info["noise_multiplier"][key]
         direct = dpsgd_epsilon([(sigma, q, steps)], 1e-5, "rdp")
@@ -119,6 +119,8 @@ def test_opacus_epsilon_equals_a_direct_accountant_call(dp_run):
     # ε is logged after every epoch and only grows.
     eps = [entry["dp-sgd.server.epsilon"] for entry in log]
     assert len(eps) == epochs and eps[0] < eps[1] == pytest.approx(info["epsilon"]["server"])
+    clients = [entry["dp-sgd.client_0.epsilon"] for entry in log]  # clients are client_<k> everywhere
+    assert clients[-1] == pytest.approx(info["epsilon"]["client_0"])
 
 
 def test_prv_accountant_of_a_side_equals_a_direct_call():

@@ -208,7 +208,7 @@ def test_id_free_release_hides_the_sender(runs):
     # order of arrival is at chance with id-free, and exact without it (or with the field blanked only).
     n_clients = 2
     hidden = score_sender_identification(identify_senders(ViewArrays.from_rows(rows), n_clients), true_client, n_clients)
-    assert hidden.at_chance and hidden.accuracy.lo <= 0.5 <= hidden.accuracy.hi
+    assert hidden.at_chance and hidden.accuracy.low <= 0.5 <= hidden.accuracy.high
     plain = ViewArrays.from_rows(_rows_and_members(runs["plain"][0])[0])
     plain_client = _rows_and_members(runs["plain"][0])[2]
     assert score_sender_identification(identify_senders(plain, n_clients), plain_client, n_clients).accuracy.value == 1.0

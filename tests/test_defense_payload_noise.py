@@ -131,7 +131,7 @@ def test_server_trained_on_noised_payloads_still_generates_digits(tmp_path):
     hooks = build_hooks(config.defenses, config)
     data, splits = prepare_data(config)
     system = train_system(config, data, splits, tmp_path, hooks, progress=False)
-    assert system.t_c == noised_step(NoiseSchedule.create("cosine", 100).alpha_bar, 20, 0.5) > 20  # hand-off at t'
+    assert system.t_hand == noised_step(NoiseSchedule.create("cosine", 100).alpha_bar, 20, 0.5) > 20  # hand-off at t'
     judge_idx = torch.cat([splits.nonmembers, splits.aux])
     judge = fit_judge(data.images[judge_idx], data.labels[judge_idx])
     samples = generate(system, 0, 200, seed=5)

@@ -96,7 +96,7 @@ def test_model_epsilon_from_a_config():
     dp = [{"name": "dp-sgd", "target": "clients", "epsilon": 8.0}]
     s = describe_setting(dp, _cfg(diffusion={"cut_ratio": 0.3}, defenses=dp))
     assert s.model_epsilon == (8.0, s.payload_guarantee.epsilon)  # the target Opacus calibrates to
-    assert s.hooks[0].epsilon == {"client0": 8.0, "client1": 8.0}
+    assert s.hooks[0].epsilon == {"client_0": 8.0, "client_1": 8.0}
     assert s.coverage["T3"] == ("dp-sgd",) and "T1" in s.uncovered
 
 
@@ -105,12 +105,13 @@ def test_setting_from_run_reads_the_hook_records():
     cfg = _cfg(diffusion={"cut_ratio": 0.3}, defenses=defenses)
     hooks = build_hooks(defenses, cfg)
     records = json.loads(json.dumps([h.describe() for h in hooks.release] + [h.describe() for h in hooks.training]))
-    records[-1]["epsilon"] = {"server": 1e9, "client0": 2.5, "client1": "inf"}  # as a trained run writes it
+    records[-1]["epsilon"] = {"server": 1e9, "client0": 2.5, "client1": "inf"}  # as a run before client_<k> wrote it
     setting = setting_from_run({"hooks": records}, cfg)
     report = next(r for r in records if r["name"] == "privacy-report")
     assert setting.payload_guarantee.to_json() == report["payload_channel"]
     assert setting.model_epsilon == (math.inf, setting.payload_guarantee.epsilon)  # server: payload ε < 1e9
     assert [h.name for h in setting.hooks] == ["payload-noise", "dp-sgd"]
+    assert setting.hooks[1].epsilon == {"server": 1e9, "client_0": 2.5, "client_1": math.inf}  # old spelling read
     noise = setting.hooks[0]
     assert noise.threats == ("T1", "T2") and noise.parameters["t_release"] == setting.release_step
     assert HookRecord.from_json(noise.to_json()) == noise

@@ -359,7 +359,7 @@ def test_the_documented_example_builds_a_deployment_that_imports(tmp_path, monke
     monkeypatch.setattr(example, "HELD_OUT", 4)
     example.build_deployment(tmp_path / "deployment", epochs=1)
     run = Run.load(import_deployment(tmp_path / "deployment" / "manifest.yaml", tmp_path / "run"), device="cpu")
-    assert run.t_c == example.CUT + 1 and run.config.data.image_size == 32 and run.config.data.channels == 3
+    assert run.t_hand == example.CUT + 1 and run.config.data.image_size == 32 and run.config.data.channels == 3
     assert len(run.client_models) == 2 and run.server_model is not None
     # Its audit grid (systems.runs: ../run, beside grid/) is a valid grid for that run.
     from collafuse.benchmarks.audit.grid import load_grid

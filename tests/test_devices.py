@@ -19,7 +19,7 @@ from torch import nn
 from collafuse.cli import main
 from collafuse.errors import ConfigError
 from collafuse.runs import Run
-from collafuse.training import CPU, resolve_device
+from collafuse.device import CPU, resolve_device
 
 ROOT = Path(__file__).resolve().parents[1]
 META = torch.device("meta")
@@ -60,7 +60,7 @@ CPU_LITERAL = re.compile(r"""["']cpu["']""")
 # The resolver, the config's allowed values and the command line's --device choices name the CPU;
 # nothing else may.
 # The CPU-against-CUDA benchmark (perf_gpu.py) names both devices: comparing them is its job.
-ALLOWED = {"collafuse/training.py", "collafuse/config.py", "collafuse/cli.py", "benchmarks/perf_gpu.py"}
+ALLOWED = {"collafuse/device.py", "collafuse/config.py", "collafuse/cli.py", "benchmarks/perf_gpu.py"}
 
 
 def test_no_module_hard_codes_the_cpu() -> None:
@@ -73,7 +73,7 @@ def test_no_module_hard_codes_the_cpu() -> None:
             for no, line in enumerate(path.read_text().splitlines(), 1):
                 if CPU_LITERAL.search(line):
                     found.append(f"{rel}:{no}: {line.strip()}")
-    assert not found, "hard-coded CPU (use collafuse.training.resolve_device / CPU):\n" + "\n".join(found)
+    assert not found, "hard-coded CPU (use collafuse.device.resolve_device / CPU):\n" + "\n".join(found)
     cli = (ROOT / "collafuse/cli.py").read_text()
     assert len(CPU_LITERAL.findall(cli)) == 1 and 'choices=("auto", "cpu", "cuda")' in cli
 
@@ -292,8 +292,8 @@ def payload_cells(tmp_path):
 
 
 def test_a_payload_cell_gives_its_device_to_the_attacker(payload_cells, tmp_path, monkeypatch) -> None:
-    import collafuse.attacks.reconstruction.engine as engine
     from collafuse.benchmarks.audit.cells import compute_cell
+    from collafuse.benchmarks.audit.cells import payload as engine  # the payload cell's own binding
 
     asked, real = [], engine.attacker_resources
 
@@ -310,8 +310,7 @@ def test_a_payload_cell_gives_its_device_to_the_attacker(payload_cells, tmp_path
 
 
 def test_system_cells_evaluate_on_the_cell_device(tiny_runs, monkeypatch, tmp_path) -> None:
-    import collafuse.benchmarks.audit.utility as utility
-    from collafuse.benchmarks.audit import cells
+    from collafuse.benchmarks.audit.cells import system
 
     asked = []
 
@@ -319,7 +318,7 @@ def test_system_cells_evaluate_on_the_cell_device(tiny_runs, monkeypatch, tmp_pa
         asked.append(device)
         raise RuntimeError("stop here")
 
-    monkeypatch.setattr(utility, "load_or_train_feature_classifier", spy)
+    monkeypatch.setattr(system, "load_or_train_feature_classifier", spy)
     run = Run.load(tiny_runs["cut"], device=META)
 
     class FakeCell:
@@ -327,7 +326,7 @@ def test_system_cells_evaluate_on_the_cell_device(tiny_runs, monkeypatch, tmp_pa
         inception_fid = False
 
     with pytest.raises(RuntimeError, match="stop here"):
-        cells.utility_rows(run, FakeCell(), tmp_path, {})
+        system.measured_utility(run, FakeCell(), tmp_path, {})
     assert asked == [META]
 
 

@@ -168,7 +168,7 @@ def test_a_diffusers_run_trains_loads_and_its_payloads_have_the_marginal_of_q(di
     rows, key = ServerView.open(diffusers_run).load(), AuditKey.open(diffusers_run)
     data, _ = run.load_data()
     member = key.member_index[torch.argsort(key.seq)]
-    t_c = run.t_c
+    t_c = run.t_hand
     assert bool((rows["t"] == t_c).all())
     noise = (rows["tensor"] - run.schedule.a(t_c) * data.images[member]) / run.schedule.s(t_c)
     assert float(noise.mean()) == pytest.approx(0.0, abs=0.02)

@@ -15,7 +15,7 @@ from collafuse.attacks.membership.nn_distance import extraction
 from collafuse.attacks.reconstruction.registry import run_attack
 from collafuse.attacks.reconstruction.scoring import EXTRACTION_DELTA, Truth, score
 from collafuse.attacks.reconstruction.view import AttackerResources, Reconstruction, ViewArrays
-from collafuse.benchmarks.audit.cells import reconstruction_rows
+from collafuse.benchmarks.audit.cells.rows import reconstruction_rows
 from collafuse.benchmarks.audit.policy import parse_policy
 from collafuse.data import load_digits16
 from collafuse.schedule import NoiseSchedule
@@ -58,7 +58,7 @@ def test_planted_near_duplicates_reid_undercounts_and_extraction_does_not(member
     assert sc.per_row["psnr"].min() > 40.0                 # every member reconstructed almost exactly
     assert sc.per_row["reid_pool"].mean() < 0.8            # but the argmax often names the near-copy
     assert sc.per_row["extraction"].mean() == 1.0          # extraction counts every one
-    summary = sc.summary()
+    summary = sc.summary_json()
     assert summary["extraction"]["value"] == 1.0 and summary["extraction"]["delta"] == EXTRACTION_DELTA
     rows = reconstruction_rows(SimpleNamespace(scores={"oracle": sc}, extra={}, payload_label_summary=lambda seed: None), 0)
     ext = [r for r in rows if r["metric"] == "extraction"]
@@ -76,7 +76,7 @@ def test_reconstruction_extraction_equals_a_brute_force_loop(members):
         brute = np.array([1.0 if _brute_l2(x_hat[i], members[i]) <= delta else 0.0 for i in range(N)])
         np.testing.assert_array_equal(sc.per_row["extraction"], brute)
         assert 0 < brute.sum() < N, delta  # the case separates extracted from not extracted
-        assert sc.summary()["extraction"]["delta"] == delta
+        assert sc.summary_json()["extraction"]["delta"] == delta
     with pytest.raises(ValueError, match="delta"):
         score(Reconstruction("test", x_hat), truth, extraction_delta=0.0)
 
@@ -89,7 +89,7 @@ def test_sample_extraction_equals_a_brute_force_loop(members):
     brute = [min(_brute_l2(x, gj) for gj in samples) for x in members]
     np.testing.assert_allclose(ext.distance, brute, rtol=1e-5, atol=1e-6)
     np.testing.assert_array_equal(ext.extracted, (np.array(brute) <= EXTRACTION_DELTA).astype(float))
-    assert ext.value == ext.extracted.mean() and ext.n == N and ext.lo <= ext.value <= ext.hi
+    assert ext.value == ext.extracted.mean() and ext.n == N and ext.rate.low <= ext.value <= ext.rate.high
     assert ext.extracted[:10].all() and not ext.extracted[10:].any()
     assert ext.to_json()["delta"] == EXTRACTION_DELTA
     with pytest.raises(ValueError, match="shape"):

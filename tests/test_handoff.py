@@ -8,8 +8,9 @@ from torch import nn
 
 from collafuse import api
 from collafuse.attacks.two_sample import classifier_two_sample_test, image_features, out_of_fold_scores, rank_auc
+from collafuse.benchmarks.audit.cells.rows import handoff_rows
 from collafuse.benchmarks.audit.handoff import (MAX_C2ST_AUC, STD_TOLERANCE, _payload_reference, check_handoff,
-                                                draw_handoffs, handoff_rows)
+                                                draw_handoffs)
 from collafuse.protocol import server_eps_scale
 from collafuse.runs import Run
 from collafuse.sampling import reverse_chain, server_handoff, split_ddim_steps
@@ -207,7 +208,7 @@ def test_a_trained_system_hands_off_payloads_for_every_sampler_and_cut(tmp_path)
             test = classifier_two_sample_test(image_features(h), image_features(payloads), 1)
             assert test.metrics.auc.value <= MAX_C2ST_AUC, (c, sampler, steps, test.metrics.auc.value)
         if c == 0.9:  # the same classifier sees the old chain's hand-offs at once (its power on this model)
-            sched, t_c = run.schedule, run.t_c
+            sched, t_c = run.schedule, run.t_hand
             x_T = torch.randn((256, 1, 8, 8), generator=torch.Generator().manual_seed(0))
             old = reverse_chain(run.server_model, sched.relative(t_c), sched.T, t_c, x_T, torch.Generator(), None,
                                 "ddim", split_ddim_steps(10, sched.T, t_c)[0],

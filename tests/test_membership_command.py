@@ -56,8 +56,8 @@ def test_report_has_every_metric_per_attack_and_target(cut_report):
     server = rep["targets"]["server"]
     assert server["threat"] == "T2" and rep["targets"]["client_0"]["threat"] == "T3"
     steps = [p["t"] for p in server["attacks"]["loss"]["per_step"]]
-    assert min(steps) > rep["t_c"] and max(steps) == rep["T"]  # the server is queried above the cut
-    assert max(p["t"] for p in rep["targets"]["client_0"]["attacks"]["loss"]["per_step"]) <= rep["t_c"]
+    assert min(steps) > rep["t_hand"] and max(steps) == rep["T"]  # the server is queried above the cut
+    assert max(p["t"] for p in rep["targets"]["client_0"]["attacks"]["loss"]["per_step"]) <= rep["t_hand"]
     assert (out.parent / server["steps_png"]).is_file()
     assert "lira/rmia on T2" not in rep["not_implemented"]  # reference server models exist (issue 13)
     assert len(rep["summary"]) == 20

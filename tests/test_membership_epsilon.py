@@ -74,14 +74,14 @@ def test_bounds_stay_below_the_true_epsilon_and_rise_with_the_signal():
         for seed in range(3):
             m, n = _simulate(sigma, 20_000, seed)
             out = empirical_epsilon(m, n, delta=DELTA, alpha=0.05)
-            assert out["delta"] == DELTA and out["confidence"] == 0.95 and out["caveat"]
+            assert out.delta == DELTA and out.confidence == 0.95 and out.to_json()["caveat"]
             # Sound (never above the truth) and not vacuous: 20,000 draws per side find the signal
             # even at σ = 4, and the Gaussian-DP form recovers most of the true ε (measured: ≥ 0.78×).
-            assert 0.0 < out["clopper_pearson"]["epsilon_lb"] <= true_eps
-            assert 0.75 * true_eps < out["gaussian_dp"]["epsilon_lb"] <= true_eps
-            assert 0.75 / sigma < out["gaussian_dp"]["mu_lb"] <= 1 / sigma
-        cp.append(out["clopper_pearson"]["epsilon_lb"])
-        gdp.append(out["gaussian_dp"]["epsilon_lb"])
+            assert 0.0 < out.clopper_pearson.epsilon_lb <= true_eps
+            assert 0.75 * true_eps < out.gaussian_dp.epsilon_lb <= true_eps
+            assert 0.75 / sigma < out.gaussian_dp.mu_lb <= 1 / sigma
+        cp.append(out.clopper_pearson.epsilon_lb)
+        gdp.append(out.gaussian_dp.epsilon_lb)
     assert all(b > a for a, b in zip(cp, cp[1:])), cp
     assert all(b > a for a, b in zip(gdp, gdp[1:])), gdp
     # With strong signal the Gaussian-DP form is informative: within a factor 2 of the truth.
@@ -92,7 +92,7 @@ def test_no_signal_gives_a_near_zero_bound_and_fixed_threshold_mode():
     rng = np.random.default_rng(0)
     m, n = rng.standard_normal(5000), rng.standard_normal(5000)
     out = empirical_epsilon(m, n, delta=DELTA)
-    assert out["clopper_pearson"]["epsilon_lb"] < 0.1
+    assert out.clopper_pearson.epsilon_lb < 0.1
     fixed = empirical_epsilon(*_simulate(0.5, 5000, 1), delta=DELTA, threshold=0.5)
-    assert fixed["threshold_selection"] == "fixed in advance" and fixed["caveat"] is None
-    assert 0 < fixed["clopper_pearson"]["epsilon_lb"] <= epsilon_from_mu(2.0, DELTA)
+    assert fixed.to_json()["threshold_selection"] == "fixed in advance" and fixed.to_json()["caveat"] is None
+    assert 0 < fixed.clopper_pearson.epsilon_lb <= epsilon_from_mu(2.0, DELTA)

@@ -138,8 +138,11 @@ def test_attack_membership_reports_the_one_run_audit_per_target_and_attack(tmp_p
     from collafuse.attacks.membership.engine import run_membership
     from collafuse.runs import Run, create_run
 
+    from collafuse.api import formal_epsilons
+
     run = Run.load(create_run(tiny_config(canaries={"count": 40}), tmp_path / "run", progress=False))
-    result = run_membership(run, ("loss", "sima", "payload-lr"), ("client", "server", "payload"))
+    result = run_membership(run, ("loss", "sima", "payload-lr"), ("client", "server", "payload"),
+                            formal=formal_epsilons(run))
     rep = result.to_json()["targets"]
     keys = {"epsilon_lb", "m", "k_plus", "k_minus", "correct", "confidence", "delta", "formal_epsilon"}
     # the canary client's model, the server (it trains on its payloads) and the payloads themselves (T1)
@@ -165,10 +168,13 @@ def test_payload_channel_one_run_bound_sits_beside_its_formal_epsilon(tmp_path):
     from collafuse.attacks.membership.engine import run_membership
     from collafuse.runs import Run, create_run
 
+    from collafuse.api import formal_epsilons
+
     plain = Run.load(create_run(tiny_config(canaries={"count": 100}), tmp_path / "plain", progress=False))
-    one = run_membership(plain, ("payload-lr",), ("payload",)).targets["payload"].attacks["payload-lr"].one_run
-    assert one["m"] == 100 and one["k_plus"] == one["k_minus"] == 10
-    assert one["epsilon_lb"] > 1.0 and one["epsilon_lb"] <= one["formal_epsilon"], one
+    one = run_membership(plain, ("payload-lr",), ("payload",), formal=formal_epsilons(plain)).targets[
+        "payload"].attacks["payload-lr"].one_run
+    assert one.m == 100 and one.k_plus == one.k_minus == 10
+    assert one.epsilon_lb > 1.0 and one.epsilon_lb <= one.formal_epsilon, one
 
     from collafuse.benchmarks.audit.cells import trained_system  # the audit's way to train a defended system
     from collafuse.benchmarks.audit.grid import Cell
@@ -176,9 +182,11 @@ def test_payload_channel_one_run_bound_sits_beside_its_formal_epsilon(tmp_path):
     cfg = tiny_config(canaries={"count": 100}, defenses=[{"name": "payload-noise", "sigma": 1.0}])
     cell = Cell("system", "digits", 0.2, "payload-noise", "cut", 1, 2, cfg)
     path, _ = trained_system(cell, tmp_path / "cache")
-    noisy = run_membership(Run.load(path), ("payload-lr",), ("payload",)).targets["payload"].attacks["payload-lr"].one_run
-    assert isinstance(noisy["formal_epsilon"], float) and math.isfinite(noisy["formal_epsilon"]), noisy
-    assert 0 <= noisy["epsilon_lb"] <= noisy["formal_epsilon"], noisy
+    noisy_run = Run.load(path)
+    noisy = run_membership(noisy_run, ("payload-lr",), ("payload",), formal=formal_epsilons(noisy_run)).targets[
+        "payload"].attacks["payload-lr"].one_run
+    assert isinstance(noisy.formal_epsilon, float) and math.isfinite(noisy.formal_epsilon), noisy
+    assert 0 <= noisy.epsilon_lb <= noisy.formal_epsilon, noisy
 
 
 def test_report_sets_the_one_run_bound_beside_the_formal_epsilon():
@@ -219,5 +227,5 @@ def test_one_run_bound_exceeds_one_on_an_undefended_memorising_client(tmp_path):
     cfg["training"]["batch_size"] = 128
     run = _train(cfg, tmp_path / "run")
     one = run_membership(run, ("loss",), ("client",)).targets["client_0"].attacks["loss"].one_run
-    assert one["m"] == 100 and one["k_plus"] == one["k_minus"] == 10
-    assert one["epsilon_lb"] > 1.0, one
+    assert one.m == 100 and one.k_plus == one.k_minus == 10
+    assert one.epsilon_lb > 1.0, one

@@ -15,7 +15,7 @@ import collafuse.attacks.reconstruction as rec
 from collafuse.attacks.reconstruction import (
     RECONSTRUCTION_ATTACKS, AttackerResources, AuditKeyLeak, ViewArrays, reconstruction_attack, run_attack,
 )
-from collafuse.attacks.reconstruction.curve import payload_curve, simulate_view, truth_for
+from collafuse.attacks.reconstruction.curve import SimulationSpec, payload_curve, simulate_view, truth_for
 from collafuse.attacks.reconstruction.denoiser import DenoiserConfig, train_denoiser
 from collafuse.attacks.reconstruction.evaluate import ALL_VIEWS, PERFECT, UPPER_BOUNDS
 import collafuse.attacks.reconstruction.multiview as multiview_module
@@ -83,7 +83,7 @@ def test_registry_order_duplicates_and_unknown_names() -> None:
 
 def test_attacks_cannot_be_given_the_audit_key(setting) -> None:
     _, data, splits, schedule = setting
-    view, _ = simulate_view(data, splits, schedule, 200, 1)
+    view, _ = simulate_view(SimulationSpec(data, splits, schedule, 200, 1))
     key = AuditKey(view.seq, torch.arange(len(view)), view.client)
     res = resources_for(data, splits, None)
     for name in ALL:
@@ -121,7 +121,7 @@ def test_attack_modules_never_reference_the_audit_key() -> None:
 @pytest.mark.parametrize("name", ALL)
 def test_attack_finds_total_leakage_in_naive_payloads(name, setting, denoiser) -> None:
     _, data, splits, schedule = setting
-    view, member = simulate_view(data, splits, schedule, 300, 1, payload_kind="naive")
+    view, member = simulate_view(SimulationSpec(data, splits, schedule, 300, 1, payload_kind="naive"))
     assert view.noise is not None
     truth = truth_for(member, view, data, splits)
     res = resources_for(data, splits, denoiser)
@@ -134,7 +134,7 @@ def test_attack_finds_total_leakage_in_naive_payloads(name, setting, denoiser) -
 @pytest.mark.parametrize("name", ALL)
 def test_attack_finds_nothing_in_pure_noise_payloads(name, setting, denoiser) -> None:
     _, data, splits, schedule = setting
-    view, member = simulate_view(data, splits, schedule, 300, 1)
+    view, member = simulate_view(SimulationSpec(data, splits, schedule, 300, 1))
     g = torch.Generator().manual_seed(9)
     noise_view = ViewArrays(torch.randn(view.tensor.shape, generator=g), view.t, view.client, view.step, view.seq)
     truth = truth_for(member, noise_view, data, splits)
@@ -145,14 +145,14 @@ def test_attack_finds_nothing_in_pure_noise_payloads(name, setting, denoiser) ->
     chance_pool = 1.0 / truth.pool.numel()
     iv_c = wilson_interval(int(sc.per_row["reid_client"].sum()), n)
     iv_p = wilson_interval(int(sc.per_row["reid_pool"].sum()), n)
-    assert iv_c.lo <= chance_client <= iv_c.hi, iv_c
-    assert iv_p.lo <= chance_pool <= iv_p.hi, iv_p
+    assert iv_c.low <= chance_client <= iv_c.high, iv_c
+    assert iv_p.low <= chance_pool <= iv_p.high, iv_p
 
 
 @pytest.mark.parametrize("name", ALL)
 def test_attack_is_deterministic_and_leaves_the_view_alone(name, setting, denoiser) -> None:
     _, data, splits, schedule = setting
-    view, _ = simulate_view(data, splits, schedule, 400, 2)
+    view, _ = simulate_view(SimulationSpec(data, splits, schedule, 400, 2))
     before = view.tensor.clone()
     res = resources_for(data, splits, denoiser, epochs=2, inversion_steps=20)
     a = run_attack(name, view, schedule, res)
@@ -164,7 +164,7 @@ def test_attack_is_deterministic_and_leaves_the_view_alone(name, setting, denois
 
 def test_attacks_refuse_missing_resources(setting) -> None:
     _, data, splits, schedule = setting
-    view, _ = simulate_view(data, splits, schedule, 100, 1)
+    view, _ = simulate_view(SimulationSpec(data, splits, schedule, 100, 1))
     for name, missing in [("tweedie", "denoiser"), ("ddim", "denoiser"), ("oracle", "candidates"), ("multiview", "epochs"), ("inversion", "aux")]:
         with pytest.raises(ConfigError, match=missing):
             run_attack(name, view, schedule, AttackerResources())
@@ -191,7 +191,7 @@ def test_tweedie_beats_rescale_in_mse_at_every_cut_step(setting, denoiser) -> No
 def test_multiview_perfect_linking_matches_the_closed_form_variance(setting) -> None:
     _, data, splits, schedule = setting
     for kind, t_c, epochs in [("cut", 500, 4), ("trajectory", 300, 5)]:
-        view, member = simulate_view(data, splits, schedule, t_c, epochs, payload_kind=kind)
+        view, member = simulate_view(SimulationSpec(data, splits, schedule, t_c, epochs, payload_kind=kind))
         fused = perfect_linking(view, schedule, member)
         # closed form, computed here from the schedule: 1/Σ_k a_k²/s_k² over each image's views
         ab = schedule.alpha_bar[view.t]
@@ -210,13 +210,13 @@ def test_multiview_psnr_grows_with_epochs_and_links_well_at_low_noise(setting) -
     _, data, splits, schedule = setting
     perfect, own = [], []
     for epochs in (1, 2, 4, 8):
-        view, member = simulate_view(data, splits, schedule, 500, epochs)
+        view, member = simulate_view(SimulationSpec(data, splits, schedule, 500, epochs))
         truth = truth_for(member, view, data, splits)
         perfect.append(score(perfect_linking(view, schedule, member), truth).per_row["psnr"].mean())
         own.append(score(run_attack("multiview", view, schedule, AttackerResources(epochs=epochs)), truth).per_row["psnr"].mean())
     assert all(b > a for a, b in zip(perfect, perfect[1:])), perfect
     assert all(o <= p + 1e-9 for o, p in zip(own, perfect)), (own, perfect)
-    view, member = simulate_view(data, splits, schedule, 200, 3)
+    view, member = simulate_view(SimulationSpec(data, splits, schedule, 200, 3))
     recon = run_attack("multiview", view, schedule, resources_for(data, splits, None, epochs=3))
 
     assert linkage_accuracy(recon.groups, member) >= 0.95
@@ -264,7 +264,7 @@ def test_oracle_all_views_is_the_posterior_given_every_view(setting) -> None:
     """Checked against a plain loop over each image's rows; with one epoch it is the oracle itself."""
     _, data, splits, schedule = setting
     cand = data.images[torch.cat([splits.members, splits.nonmembers])]
-    view, member = simulate_view(data, splits, schedule, 600, 3)
+    view, member = simulate_view(SimulationSpec(data, splits, schedule, 600, 3))
     fast = oracle_module.all_views(view, schedule, cand, member)
     assert fast.attack == ALL_VIEWS and fast.images.shape == view.tensor.shape and fast.pool_log_weights.shape == (len(view), cand.shape[0])
     for image in member.unique()[:6]:
@@ -280,7 +280,7 @@ def test_oracle_all_views_is_the_posterior_given_every_view(setting) -> None:
         for r in rows:
             torch.testing.assert_close(fast.pool_log_weights[r].double(), log_w - log_w.max(), rtol=1e-5, atol=1e-3)
             torch.testing.assert_close(fast.images[r].double(), mean, rtol=0, atol=1e-5)
-    one, _ = simulate_view(data, splits, schedule, 600, 1)
+    one, _ = simulate_view(SimulationSpec(data, splits, schedule, 600, 1))
     single = run_attack("oracle", one, schedule, AttackerResources(candidates=cand))
     every = oracle_module.all_views(one, schedule, cand, torch.arange(len(one)))
     torch.testing.assert_close(every.images, single.images, rtol=0, atol=1e-5)
@@ -348,7 +348,7 @@ def test_curve_reports_nothing_to_attack_at_c_equal_one(setting) -> None:
 def test_payload_curve_uses_the_clients_release_exactly(setting) -> None:
     """The simulated view holds exactly a_t x0 + s_t ε rows of every member once per epoch."""
     _, data, splits, schedule = setting
-    view, member = simulate_view(data, splits, schedule, 250, 3, payload_kind="naive")
+    view, member = simulate_view(SimulationSpec(data, splits, schedule, 250, 3, payload_kind="naive"))
     a = schedule.alpha_bar[view.t].sqrt().reshape(-1, 1, 1, 1)
     s = (1 - schedule.alpha_bar[view.t]).sqrt().reshape(-1, 1, 1, 1)
     torch.testing.assert_close(view.tensor.double(), a * data.images[member].double() + s * view.noise.double(), atol=1e-5, rtol=0)

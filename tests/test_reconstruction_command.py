@@ -49,7 +49,7 @@ def test_reconstruct_writes_json_and_png_per_attack_per_client(runs, tmp_path, c
     result = json.loads(out.read_text())
     view = ServerView.open(runs["cut"])
     assert result["status"] == "ok" and result["rows"] == len(view) == 2 * 64
-    assert result["t_c"] == 20 and result["threat"] == "T1" and result["labels_sent"] is True
+    assert result["t_hand"] == 20 and result["threat"] == "T1" and result["labels_sent"] is True
     assert set(result["attacks"]) == {"rescale", "multiview", "multiview-perfect-linking", "oracle", "oracle-all-views"}
     for bound in ("multiview-perfect-linking", "oracle-all-views"):  # scorer-side bounds, labelled as such
         assert result["attacks"][bound]["threat"] == "T1 (upper bound: uses the true linking from the audit key)"
@@ -60,7 +60,7 @@ def test_reconstruct_writes_json_and_png_per_attack_per_client(runs, tmp_path, c
         for scope in [entry["pooled"], entry["clients"]["0"], entry["clients"]["1"]]:
             for metric in ("mse", "psnr", "ssim", "reid_client", "reid_pool", "label"):
                 iv = scope[metric]
-                assert iv["lo"] <= iv["value"] <= iv["hi"], (name, metric, iv)
+                assert iv["low"] <= iv["value"] <= iv["high"], (name, metric, iv)
                 assert iv["method"] == "cluster-bootstrap"  # every image crossed twice (2 epochs)
     with np.load(out.with_name("cut.per_image.npz")) as per_image:
         assert per_image["seq"].shape == per_image["member_index"].shape == (result["rows"],)

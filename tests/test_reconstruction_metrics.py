@@ -73,7 +73,7 @@ def test_t_interval_covers_the_true_mean_in_simulation() -> None:
     rng = np.random.default_rng(0)
     sims, n, true_mean = 2000, 30, 1.0
     draws = rng.exponential(true_mean, size=(sims, n))  # skewed: the t interval is only approximate here
-    covered = sum(t_interval(d).lo <= true_mean <= t_interval(d).hi for d in draws)
+    covered = sum(t_interval(d).low <= true_mean <= t_interval(d).high for d in draws)
     assert 0.91 <= covered / sims <= 0.975
 
 
@@ -81,17 +81,17 @@ def test_wilson_interval_covers_the_true_proportion_in_simulation() -> None:
     rng = np.random.default_rng(1)
     for p, n in [(0.02, 100), (0.5, 40), (0.95, 60)]:
         hits = rng.binomial(n, p, size=3000)
-        covered = np.mean([wilson_interval(int(k), n).lo <= p <= wilson_interval(int(k), n).hi for k in hits])
+        covered = np.mean([wilson_interval(int(k), n).low <= p <= wilson_interval(int(k), n).high for k in hits])
         assert covered >= 0.92, (p, n, covered)
     # Closed forms (Wilson 1927): centre (k + z²/2)/(n + z²), half-width z/(n + z²)·√(k(n−k)/n + z²/4);
     # at k = 0 the interval is [0, z²/(n + z²)].
     z = 1.959963984540054  # Φ⁻¹(0.975)
     iv = wilson_interval(0, 50)
-    assert iv.lo == 0.0 and iv.hi == pytest.approx(z * z / (50 + z * z), rel=1e-9)
+    assert iv.low == 0.0 and iv.high == pytest.approx(z * z / (50 + z * z), rel=1e-9)
     k, n = 10, 40
     centre, half = (k + z * z / 2) / (n + z * z), z / (n + z * z) * np.sqrt(k * (n - k) / n + z * z / 4)
     iv = wilson_interval(k, n)
-    assert (iv.lo, iv.hi) == (pytest.approx(centre - half, rel=1e-9), pytest.approx(centre + half, rel=1e-9))
+    assert (iv.low, iv.high) == (pytest.approx(centre - half, rel=1e-9), pytest.approx(centre + half, rel=1e-9))
     assert iv.value == 0.25
 
 
@@ -105,9 +105,9 @@ def test_cluster_bootstrap_covers_the_true_mean_with_correlated_rows() -> None:
         shared = np.repeat(rng.normal(0, 1, images), views)  # rows of one image share this
         values = true_mean + shared + rng.normal(0, 0.3, images * views)
         iv = cluster_bootstrap_interval(values, clusters, rng, n_boot=400)
-        covered += iv.lo <= true_mean <= iv.hi
+        covered += iv.low <= true_mean <= iv.high
         naive = t_interval(values)
-        naive_covered += naive.lo <= true_mean <= naive.hi
+        naive_covered += naive.low <= true_mean <= naive.high
     assert 0.90 <= covered / sims <= 0.985
     assert naive_covered / sims < 0.88  # treating rows as independent would under-cover: why clusters matter
 
@@ -123,7 +123,7 @@ def test_cluster_bootstrap_does_not_depend_on_how_clusters_are_numbered() -> Non
     b = cluster_bootstrap_interval(values, relabel[clusters], np.random.default_rng(3))
     assert a == b
     c = cluster_bootstrap_interval(values, np.roll(clusters, 1), np.random.default_rng(3))
-    assert (c.lo, c.hi) != (a.lo, a.hi)
+    assert (c.low, c.high) != (a.low, a.high)
 
 
 def test_summarize_picks_the_interval_by_structure() -> None:

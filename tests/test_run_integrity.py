@@ -152,6 +152,13 @@ def test_source_data_is_checked_when_a_scorer_opens_it(run_copy):
         run.load_data()
 
 
+def test_a_run_folder_from_before_the_hand_off_step_had_its_name_still_opens(run_copy):
+    info = _info(run_copy)
+    info["t_c"] = info.pop("t_hand")  # older run.json files called the hand-off step t_c
+    (run_copy / RUN_MARKER).write_text(json.dumps(info))
+    assert Run.load(run_copy).t_hand == info["t_c"]
+
+
 def test_a_run_without_file_hashes_is_refused_as_older(run_copy, capsys, tmp_path):
     info = _info(run_copy)
     del info["files"]
@@ -162,7 +169,8 @@ def test_a_run_without_file_hashes_is_refused_as_older(run_copy, capsys, tmp_pat
 
 @pytest.mark.parametrize("edit, message", [
     (lambda info: info.pop("has_server"), "run.json lacks 'has_server'"),
-    (lambda info: info.update(t_c=999), "t_c = 999 is outside"),
+    (lambda info: info.update(t_hand=999), "t_hand = 999 is outside"),
+    (lambda info: info.update(t_c=info.pop("t_hand") + 999), "t_hand = 1009 is outside"),  # an older run folder's key
     (lambda info: info.update(num_clients=3), "run.json says 3 clients"),
     (lambda info: info["files"].update({"../outside.txt": "0" * 64}), "outside the run folder"),
     (lambda info: info["files"].pop("config.yaml"), "records no hash for config.yaml"),

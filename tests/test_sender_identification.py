@@ -8,7 +8,7 @@ import torch
 
 from collafuse.attacks.linkage import identify_senders, score_sender_identification
 from collafuse.attacks.linkage.sender import RULE_FIELD, round_robin_schedule
-from collafuse.attacks.reconstruction.curve import simulate_rounds, simulate_view
+from collafuse.attacks.reconstruction.curve import SimulationSpec, simulate_rounds, simulate_view
 from collafuse.attacks.reconstruction.engine import resolve_truth_rows
 from collafuse.attacks.reconstruction.view import AuditKeyLeak, ViewArrays
 from collafuse.defenses import build_hooks
@@ -88,7 +88,7 @@ def test_id_free_relay_puts_sender_identification_at_chance(runs):
     assert set(view.client.tolist()) == {ANONYMOUS_SENDER}
     score = _score(view, sender)
     assert score.at_chance, score
-    assert score.accuracy.lo <= 1 / N <= score.accuracy.hi
+    assert score.accuracy.low <= 1 / N <= score.accuracy.high
 
 
 def test_id_free_view_keeps_no_per_client_order_or_step(runs):
@@ -172,7 +172,8 @@ def _simulate(defenses, epochs=3, batch_size=6):
     data, splits = prepare_data(config)
     schedule = NoiseSchedule.create(config.diffusion.schedule, config.diffusion.T)
     hooks = build_hooks(config.defenses, config).release if config.defenses else ()
-    return simulate_rounds(data, splits, schedule, config.t_c, epochs, "cut", batch_size, config.seed, False, hooks)
+    return simulate_rounds(SimulationSpec(data, splits, schedule, config.t_c, epochs, "cut", batch_size, config.seed,
+                                          False, hooks))
 
 
 def test_simulated_views_default_old_and_new_id_free():
@@ -191,8 +192,8 @@ def test_simulation_without_id_free_is_unchanged():
     config = _config()
     data, splits = prepare_data(config)
     schedule = NoiseSchedule.create(config.diffusion.schedule, config.diffusion.T)
-    view, member = simulate_view(data, splits, schedule, config.t_c, 2, "cut", 6, config.seed)
-    sim = simulate_rounds(data, splits, schedule, config.t_c, 2, "cut", 6, config.seed)
+    view, member = simulate_view(SimulationSpec(data, splits, schedule, config.t_c, 2, "cut", 6, config.seed))
+    sim = simulate_rounds(SimulationSpec(data, splits, schedule, config.t_c, 2, "cut", 6, config.seed))
     assert torch.equal(view.tensor, sim.view.tensor) and torch.equal(member, sim.member)
     assert torch.equal(sim.sender, view.client) and torch.equal(view.step % N, view.client)
 
@@ -212,7 +213,7 @@ def test_scorer_uses_the_best_relabelling_and_wilson():
     relabelled = (truth + 1) % 4  # the server links every client's payloads, but not its name
     score = score_sender_identification(relabelled, truth, 4)
     assert score.accuracy.value == 1.0 and score.mapping == {0: 3, 1: 0, 2: 1, 3: 2}
-    assert score.accuracy.method == "wilson" and score.accuracy.hi == 1.0 and score.accuracy.lo < 1.0
+    assert score.accuracy.method == "wilson" and score.accuracy.high == 1.0 and score.accuracy.low < 1.0
     constant = score_sender_identification(torch.zeros_like(truth), truth, 4)
     assert constant.accuracy.value == 0.25 and constant.at_chance
     with pytest.raises(ValueError, match="0..3"):
@@ -256,9 +257,9 @@ def test_audit_credits_id_free_only_where_sender_identification_is_at_chance(tmp
                       cache=str(tmp_path / "cache"), progress=False)
     rows = json.loads((out / "results.json").read_text())
     sender = {(r["defense"], r["metric"]): r for r in rows if r["attack"] == "sender-id"}
-    assert sender[("none", "accuracy")]["value"] >= 0.99
-    assert sender[("none", "chance")]["value"] == pytest.approx(0.25)
-    idf = sender[("id-free", "accuracy")]
+    assert sender[("none", "sender_accuracy")]["value"] >= 0.99
+    assert sender[("none", "sender_chance")]["value"] == pytest.approx(0.25)
+    idf = sender[("id-free", "sender_accuracy")]
     assert idf["ci_low"] <= 0.25 <= idf["ci_high"]
     coverage = json.loads((out / "audit.json").read_text())["coverage"]
     assert coverage["id-free"]["T1"] == ["minimize:id-free"] and coverage["none"]["T1"] == []
@@ -275,9 +276,9 @@ def test_audit_coverage_drops_id_free_where_the_sender_is_found():
     from collafuse.benchmarks.audit.command import _sender_at_chance
 
     def rows(defense, cell, acc, lo, hi):
-        return [{"defense": defense, "config_hash": cell, "attack": "sender-id", "metric": "accuracy", "value": acc,
-                 "ci_low": lo, "ci_high": hi},
-                {"defense": defense, "config_hash": cell, "attack": "sender-id", "metric": "chance", "value": 0.25,
+        return [{"defense": defense, "config_hash": cell, "attack": "sender-id", "metric": "sender_accuracy",
+                 "value": acc, "ci_low": lo, "ci_high": hi},
+                {"defense": defense, "config_hash": cell, "attack": "sender-id", "metric": "sender_chance", "value": 0.25,
                  "ci_low": None, "ci_high": None}]
 
     df = pd.DataFrame(rows("a", "c1", 0.25, 0.2, 0.3) + rows("a", "c2", 0.25, 0.21, 0.29)

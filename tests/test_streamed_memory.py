@@ -13,6 +13,7 @@ import yaml
 from collafuse.attacks.chunking import MEMORY_ENV
 from collafuse.attacks.reconstruction import oracle
 from collafuse.attacks.reconstruction.curve import (
+    SimulationSpec,
     simulate_rounds,
     simulated_metadata,
     simulated_shards,
@@ -63,7 +64,7 @@ def test_streamed_cell_reports_the_numbers_of_the_whole_view(tmp_path, monkeypat
     assert size == 16 and n == 300  # 19 shards
     metrics = {(r["attack"], r["metric"]) for r in whole.rows}
     for needed in (("multiview", "linkage_accuracy"), ("multiview-perfect-linking", "psnr"), ("oracle-all-views", "reid_pool"),
-                   ("oracle", "label"), ("rescale", "ssim"), ("payload-label", "label"), ("sender-id", "accuracy")):
+                   ("oracle", "label"), ("rescale", "ssim"), ("payload-label", "label"), ("sender-id", "sender_accuracy")):
         assert needed in metrics
     assert streamed.rows == whole.rows  # every value and interval, exactly
     assert streamed.artifacts == whole.artifacts and streamed.info == whole.info
@@ -75,9 +76,9 @@ def test_shards_replay_the_whole_simulated_view() -> None:
     schedule = NoiseSchedule.create("cosine", 100)
     for kind in ("cut", "naive"):
         args = (data, splits, schedule, 30, 2, kind, 16, 0, True)
-        whole = simulate_rounds(*args)
-        shards = list(simulated_shards(*args, shard_rows=48))
-        meta = simulated_metadata(*args)
+        whole = simulate_rounds(SimulationSpec(*args))
+        shards = list(simulated_shards(SimulationSpec(*args), 48))
+        meta = simulated_metadata(SimulationSpec(*args))
         assert [start for start, _ in shards] == list(range(0, len(whole.view), 48))
         for name in FIELDS:
             value = getattr(whole.view, name)
@@ -98,7 +99,7 @@ def test_streamed_linking_equals_link_and_fuse(with_prior, shard) -> None:
     config = config_from_dict(BASE)
     data, splits = prepare_data(config)
     schedule = NoiseSchedule.create("cosine", 100)
-    view = simulate_rounds(data, splits, schedule, 40, 3, "cut", 16, 0).view
+    view = simulate_rounds(SimulationSpec(data, splits, schedule, 40, 3, "cut", 16, 0)).view
     y, var = rescaled(view, schedule)
     prior = GaussianPrior.fit(data.images[splits.aux]) if with_prior else None
     groups = link(y, var, view.client, 3, prior)
@@ -126,7 +127,7 @@ def test_all_views_sums_fed_by_shards_equal_all_views(monkeypatch) -> None:
     config = config_from_dict(BASE)
     data, splits = prepare_data(config)
     schedule = NoiseSchedule.create("cosine", 100)
-    sim = simulate_rounds(data, splits, schedule, 30, 2, "cut", 16, 0)
+    sim = simulate_rounds(SimulationSpec(data, splits, schedule, 30, 2, "cut", 16, 0))
     cand = data.images[torch.cat([splits.members, splits.nonmembers])]
     whole = oracle.all_views(sim.view, schedule, cand, sim.member)
     _, slot = torch.unique(sim.member, return_inverse=True)

@@ -48,7 +48,7 @@ def test_cut_payloads_never_contain_a_training_image(tiny_runs):
     view = ServerView.open(run_dir).load()
     data, splits = Run.load(run_dir).load_data()
     assert set(view) == {"seq", "step", "t", "tensor", "wire_bytes", "label", "client"}  # no noise, no ids
-    t_c = Run.load(run_dir).t_c
+    t_c = Run.load(run_dir).t_hand
     assert torch.all(view["t"] == t_c)
     members = data.images[splits.members].flatten(1)
     dists = torch.cdist(view["tensor"].flatten(1), members)
@@ -86,7 +86,7 @@ def test_local_only_baseline_has_empty_transcript(tiny_runs):
 
 def test_central_baseline_sends_raw_images(tiny_runs):
     run = Run.load(tiny_runs["central"])
-    assert run.t_c == 0 and all(m is None for m in run.client_models)
+    assert run.t_hand == 0 and all(m is None for m in run.client_models)
     view = ServerView.open(tiny_runs["central"]).load()
     data, _ = run.load_data()
     key = AuditKey.open(tiny_runs["central"])
@@ -97,7 +97,7 @@ def test_central_baseline_sends_raw_images(tiny_runs):
 def test_trajectory_payloads_sit_above_the_cut(tiny_runs):
     run = Run.load(tiny_runs["trajectory"])
     t = ServerView.open(tiny_runs["trajectory"]).load()["t"]
-    assert int(t.min()) > run.t_c and int(t.max()) < run.schedule.T
+    assert int(t.min()) > run.t_hand and int(t.max()) < run.schedule.T
     assert len(torch.unique(t)) > 5
 
 

@@ -92,7 +92,7 @@ class SenderIdentification:
     mapping: dict[int, int]
 
     def to_dict(self) -> dict:
-        return {"attack": NAME, "threat": THREAT, "accuracy": self.accuracy.to_dict(), "chance": self.chance,
+        return {"attack": NAME, "threat": THREAT, "accuracy": self.accuracy.to_json(), "chance": self.chance,
                 "at_chance": self.at_chance, "n_rows": self.n_rows, "num_clients": self.num_clients,
                 "mapping": {str(k): v for k, v in self.mapping.items()},
                 "scoring": "best one-to-one relabelling of predicted ids to clients (Hungarian)"}
@@ -232,7 +232,7 @@ def score_sender_identification(
     correct, mapping = best_relabelling(p, t, num_clients)
     accuracy = wilson_interval(correct, int(p.size), level)
     chance = 1.0 / num_clients
-    at_chance = bool(p.size) and accuracy.lo <= chance <= accuracy.hi
+    at_chance = bool(p.size) and accuracy.low <= chance <= accuracy.high
     return SenderIdentification(accuracy, chance, at_chance, int(p.size), num_clients, mapping)
 
 

@@ -12,9 +12,9 @@ client models at c = 0) are listed with the reason. Bad input raises
 from __future__ import annotations
 
 import glob
-import json
 import os
 from pathlib import Path
+from typing import Any, Callable, Mapping
 
 from collafuse.attacks.membership.catalog import ATTACKS, DEFAULT_ATTACKS
 from collafuse.attacks.membership.base import SignalSettings
@@ -23,6 +23,7 @@ from collafuse.attacks.membership.metrics import save_curve_png, save_roc_png
 from collafuse.attacks.membership.targets import TARGETS
 from collafuse.errors import CollafuseError
 from collafuse.fsutil import publish_no_clobber
+from collafuse.jsonio import dumps
 
 
 def _resolve_out(run_dir: Path, out: str | None) -> Path:
@@ -75,7 +76,7 @@ def write_report(result: MembershipResult, out: Path) -> list[Path]:
                 publish_no_clobber(_tmp_png(curve_path), curve_path)
                 written.append(curve_path)
                 report["targets"][key]["steps_png"] = curve_path.name
-        tmp.write_text(json.dumps(report, indent=1, allow_nan=False))
+        tmp.write_text(dumps(report, indent=1))
         publish_no_clobber(tmp, out)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -86,9 +87,11 @@ def write_report(result: MembershipResult, out: Path) -> list[Path]:
 
 
 def run_command(run_dir: Path, attacks: str | None, targets: str | None, out: str | None, progress: bool,
-                device: str | None = None, references: int | None = None) -> int:
+                device: str | None = None, references: int | None = None,
+                formal_for: Callable[[Any], Mapping[str, float]] | None = None) -> int:
     """The CLI entry point: parse names, load the run, audit, write. Returns the exit code.
-    ``references``: reference models per target for lira / rmia (None = the settings' default)."""
+    ``references``: reference models per target for lira / rmia (None = the settings' default).
+    ``formal_for``: run → threat → formal ε, set beside the one-run bounds (the caller knows the defenses)."""
     from collafuse.runs import Run
 
     attack_names = ATTACKS.parse(attacks) if attacks is not None else DEFAULT_ATTACKS  # reference attacks: only when named
@@ -100,7 +103,7 @@ def run_command(run_dir: Path, attacks: str | None, targets: str | None, out: st
     out_path = _resolve_out(run_dir, out)
     run = Run.load(run_dir, device=device)  # every model query runs on this device
     result = run_membership(run, attack_names, target_names, settings, explicit_attacks=attacks is not None,
-                            progress=progress)
+                            progress=progress, formal=formal_for(run) if formal_for is not None else None)
     write_report(result, out_path)
     if progress:
         for row in result.summary_rows():
@@ -124,8 +127,8 @@ def run_command(run_dir: Path, attacks: str | None, targets: str | None, out: st
                       f"(AUC {outcome.metrics.auc.value:.3f}, significantly below 0.5)")
             if outcome.one_run is not None:
                 o = outcome.one_run
-                print(f"{target.key:>16} {target.threat} {outcome.name:>12}  one-run eps_LB {o['epsilon_lb']} "
-                      f"({o['correct']}/{o['k_plus'] + o['k_minus']} correct of m = {o['m']} canaries)"
-                      + (f"  formal eps {o['formal_epsilon']}" if "formal_epsilon" in o else ""))
+                print(f"{target.key:>16} {target.threat} {outcome.name:>12}  one-run eps_LB {o.epsilon_lb:.3f} "
+                      f"({o.correct}/{o.k_plus + o.k_minus} correct of m = {o.m} canaries)"
+                      + (f"  formal eps {o.formal_epsilon:.3g}" if o.formal_epsilon is not None else ""))
     print(f"membership report written to {out_path}")
     return 0

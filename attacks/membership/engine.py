@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any
+from typing import Any, Mapping
 
 import numpy as np
 from sklearn.metrics import roc_auc_score
@@ -25,8 +25,8 @@ from tqdm import tqdm
 
 from collafuse.attacks.membership.base import AttackScores, MembershipAttack, SignalSettings
 from collafuse.attacks.membership.catalog import ATTACKS, NOT_IMPLEMENTED
-from collafuse.attacks.membership.epsilon import empirical_epsilon
-from collafuse.attacks.membership.one_run import one_run_audit
+from collafuse.attacks.membership.epsilon import EpsilonBounds, empirical_epsilon
+from collafuse.attacks.membership.one_run import OneRunAudit, one_run_audit
 from collafuse.attacks.membership.metrics import MembershipMetrics, ScoreError, evaluate, validate_scores
 from collafuse.attacks.membership.signals import SignalCache
 from collafuse.attacks.membership.targets import TARGETS, AuditContext, Candidates
@@ -80,23 +80,23 @@ class AttackOutcome:
     direction: str
     queries_per_image: float
     metrics: MembershipMetrics
-    epsilon: dict[str, Any]            # :func:`~collafuse.attacks.membership.epsilon.empirical_epsilon`
+    epsilon: EpsilonBounds
     steps: tuple[int, ...]
     step_aucs: tuple[float, ...]
     member_scores: np.ndarray
     nonmember_scores: np.ndarray
     # The one-run audit on the run's canaries (:func:`one_run_outcome`); None: the target saw none.
-    one_run: dict[str, Any] | None = None
+    one_run: OneRunAudit | None = None
 
     @property
     def epsilon_lb(self) -> float:
         """The Clopper–Pearson ε lower bound (maximised over thresholds, Bonferroni-corrected)."""
-        return float(self.epsilon["clopper_pearson"]["epsilon_lb"])
+        return self.epsilon.clopper_pearson.epsilon_lb
 
     @property
     def epsilon_gdp(self) -> float:
         """The Gaussian-DP form of the ε lower bound."""
-        return float(self.epsilon["gaussian_dp"]["epsilon_lb"])
+        return self.epsilon.gaussian_dp.epsilon_lb
 
     @property
     def inverted(self) -> bool:
@@ -111,9 +111,9 @@ class AttackOutcome:
             "queries_per_image": self.queries_per_image,
             "inverted": self.inverted,
             **self.metrics.to_json(),
-            "epsilon": self.epsilon,
+            "epsilon": self.epsilon.to_json(),
             "per_step": [{"t": int(t), "auc": a} for t, a in zip(self.steps, self.step_aucs)],
-            **({"one_run": self.one_run} if self.one_run is not None else {}),
+            **({"one_run": self.one_run.to_json()} if self.one_run is not None else {}),
         }
 
 
@@ -133,6 +133,7 @@ class TargetOutcome:
     note: str | None = None
     seconds: float | None = None
     model_queries: int | None = None
+    client: int | None = None                      # the client whose model or samples this is (None: server, payloads)
 
     def to_json(self) -> dict[str, Any]:
         entry: dict[str, Any] = {"kind": self.kind, "threat": self.threat, "threat_model": THREATS[self.threat],
@@ -158,7 +159,7 @@ class MembershipResult:
     """Every target of one membership audit of a run."""
 
     run: str
-    t_c: int
+    t_hand: int                 # the hand-off step: the server is queried above it, the clients at or below
     T: int
     cut_ratio: float
     payload_kind: str
@@ -203,7 +204,7 @@ class MembershipResult:
         return {
             "report": "membership",
             "run": self.run,
-            "t_c": self.t_c,
+            "t_hand": self.t_hand,
             "T": self.T,
             "cut_ratio": self.cut_ratio,
             "payload_kind": self.payload_kind,
@@ -285,28 +286,14 @@ def plan(attack_names: tuple[str, ...], target_names: tuple[str, ...], explicit_
     return [(inst, [a for a in attacks if inst.threat in a.threats]) for inst in instances]
 
 
-def formal_epsilons(run) -> dict[str, float]:
-    """The formal ε each one-run bound is set beside (§4.3, §5), per threat: T1 the payload channel's ε
-    (the release defenses'; ∞ without one), T2 the server model's (never worse than the payload channel),
-    T3 the client models' (DP-SGD's accountant; ∞ without it). Read from the run's own hook records."""
-    from collafuse.defenses import HookRecord, model_epsilon, setting_from_run
-
-    payload = float(setting_from_run(run.info, run.config).payload_guarantee.epsilon)
-    clients, server = model_epsilon([HookRecord.from_json(h) for h in run.info.get("hooks", [])], payload)
-    return {"T1": payload, "T2": float(server), "T3": float(clients)}
-
-
-def _json_epsilon(eps: float) -> float | str:
-    return eps if np.isfinite(eps) else "inf"
-
-
 def one_run_outcome(outcome: AttackOutcome, attack: MembershipAttack, cache: SignalCache, canaries: Candidates,
                     settings: MembershipSettings, formal_epsilon: float | None = None) -> AttackOutcome:
     """``outcome`` with its one-run audit (§4.3; :mod:`~collafuse.attacks.membership.one_run`): the attack
     scores the m canaries, guesses IN for its k₊ highest and OUT for its k₋ lowest (k₊ = k₋ =
     ⌊settings.one_run_fraction · m⌋, fixed in advance) and the correct guesses bound ε at confidence
     1 − α. Attacks whose signals the canaries' cache lacks (reference attacks) keep ``one_run`` None.
-    ``formal_epsilon``: the target's formal ε (:func:`formal_epsilons`), written beside the bound."""
+    ``formal_epsilon``: the target's formal ε (from the caller, which reads the run's defenses), set beside
+    the bound."""
     if not set(attack.signals) <= set(cache.available()):
         return outcome
     scores = np.asarray(attack.score(cache.require(attack.signals)).scores, dtype=np.float64)
@@ -315,10 +302,9 @@ def one_run_outcome(outcome: AttackOutcome, attack: MembershipAttack, cache: Sig
     k = max(1, int(settings.one_run_fraction * m))
     audit = one_run_audit(np.r_[s_in, s_out], np.r_[np.ones(len(s_in), bool), np.zeros(len(s_out), bool)],
                           k, k, settings.delta, settings.alpha)
-    entry = audit.to_json()
     if formal_epsilon is not None:
-        entry["formal_epsilon"] = _json_epsilon(float(formal_epsilon))
-    return replace(outcome, one_run=entry)
+        audit = replace(audit, formal_epsilon=float(formal_epsilon))
+    return replace(outcome, one_run=audit)
 
 
 def _attack_targets(work, settings: MembershipSettings, seed: int, bar,
@@ -328,10 +314,11 @@ def _attack_targets(work, settings: MembershipSettings, seed: int, bar,
     targets: dict[str, TargetOutcome] = {}
     for inst, attacks in work:
         if not inst.available:
-            targets[inst.key] = TargetOutcome(inst.key, inst.kind, inst.threat, False, reason=inst.reason)
+            targets[inst.key] = TargetOutcome(inst.key, inst.kind, inst.threat, False, reason=inst.reason,
+                                              client=inst.client)
             continue
         common = dict(info={k: v for k, v in inst.info.items() if k != "view"}, n_members=inst.candidates.n_members,
-                      n_nonmembers=int(inst.candidates.nonmembers.shape[0]))
+                      n_nonmembers=int(inst.candidates.nonmembers.shape[0]), client=inst.client)
         if not attacks:
             targets[inst.key] = TargetOutcome(inst.key, inst.kind, inst.threat, True, **common,
                                               note=f"none of the requested attacks applies to {inst.threat}")
@@ -359,14 +346,16 @@ def _attack_targets(work, settings: MembershipSettings, seed: int, bar,
 
 def run_membership(run, attack_names: tuple[str, ...], target_names: tuple[str, ...],
                    settings: MembershipSettings | None = None, *, explicit_attacks: bool = False,
-                   progress: bool = False, samples: dict | None = None) -> MembershipResult:
+                   progress: bool = False, samples: dict | None = None,
+                   formal: Mapping[str, float] | None = None) -> MembershipResult:
     """Membership inference on a loaded :class:`~collafuse.runs.Run`: every attack on every target, and on
     every ``training.snapshots`` epoch the model targets again (:attr:`MembershipResult.snapshots`).
 
     ``explicit_attacks``: the caller named the attacks, so one that fits none of the targets is an
     error (not silently skipped). ``samples``: T4 samples per client already drawn with
     :func:`~collafuse.attacks.membership.targets.attacker_samples` (same seed), so a caller that
-    also measures their quality generates them once.
+    also measures their quality generates them once. ``formal``: threat → the run's formal ε, set beside
+    each one-run bound; the caller reads it from the run's defenses (attacks never import them).
     """
     settings = settings or MembershipSettings()
     seed = run.config.seed if settings.seed is None else settings.seed
@@ -374,8 +363,6 @@ def run_membership(run, attack_names: tuple[str, ...], target_names: tuple[str, 
     work = plan(attack_names, target_names, explicit_attacks, ctx)
     bar = tqdm(total=sum(len(a) for inst, a in work if inst.available), desc="membership", unit="attack",
                disable=not progress)
-    canaries = any(inst.available and inst.canaries is not None for inst, _ in work)
-    formal = formal_epsilons(run) if canaries else None
     targets = _attack_targets(work, settings, seed, bar, formal)
     snapshots: dict[int, dict[str, TargetOutcome]] = {}
     model_targets = tuple(t for t in target_names if t in SNAPSHOT_TARGETS)
@@ -388,7 +375,7 @@ def run_membership(run, attack_names: tuple[str, ...], target_names: tuple[str, 
         snapshots[epoch] = _attack_targets(snap_work, settings, seed, bar)
     bar.close()
     return MembershipResult(
-        run=str(run.path), t_c=run.t_c, T=run.schedule.T, cut_ratio=run.config.diffusion.cut_ratio,
+        run=str(run.path), t_hand=run.t_hand, T=run.schedule.T, cut_ratio=run.config.diffusion.cut_ratio,
         payload_kind=run.config.training.payload, num_clients=len(run.client_models), settings=settings,
         seed=seed, attack_names=tuple(attack_names), targets=targets, snapshots=snapshots,
     )

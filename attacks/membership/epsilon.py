@@ -22,12 +22,14 @@ threshold" is paid for, not ignored. A threshold fixed in advance needs no corre
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 from scipy.optimize import brentq
 from scipy.stats import beta, norm
 
 from collafuse.attacks.membership.metrics import labels_and_scores
+from collafuse.jsonio import encode
 
 CAVEAT = (
     "maximised over label-free thresholds (quantiles of the pooled scores) with a Bonferroni "
@@ -95,6 +97,45 @@ def threshold_grid(scores: np.ndarray, n_thresholds: int) -> np.ndarray:
     return np.unique(q)
 
 
+@dataclass(frozen=True)
+class ThresholdBound:
+    """One form of the ε lower bound at the threshold that maximised it (``mu_lb``: the Gaussian-DP form's μ)."""
+
+    epsilon_lb: float
+    threshold: float
+    fpr_upper: float | None = None
+    fnr_upper: float | None = None
+    mu_lb: float | None = None
+
+
+@dataclass(frozen=True)
+class EpsilonBounds:
+    """The ε lower bounds of one attack's scores: Clopper–Pearson and Gaussian-DP forms, at δ and 1 − α."""
+
+    delta: float
+    confidence: float
+    clopper_pearson: ThresholdBound
+    gaussian_dp: ThresholdBound
+    thresholds: int
+    fixed_threshold: bool
+
+    def to_json(self) -> dict:
+        """The ``epsilon`` entry of the membership report (∞ through :mod:`collafuse.jsonio`)."""
+        cp, gdp = self.clopper_pearson, self.gaussian_dp
+        return encode({
+            "delta": self.delta,
+            "confidence": self.confidence,
+            "clopper_pearson": {"epsilon_lb": cp.epsilon_lb, "threshold": cp.threshold, "fpr_upper": cp.fpr_upper,
+                                "fnr_upper": cp.fnr_upper},
+            "gaussian_dp": {"mu_lb": gdp.mu_lb, "epsilon_lb": gdp.epsilon_lb, "threshold": gdp.threshold,
+                            "assumes": "a Gaussian-shaped trade-off curve (mu-GDP)"},
+            "thresholds": self.thresholds,
+            "threshold_selection": "fixed in advance" if self.fixed_threshold
+            else "max over pooled-score quantiles, Bonferroni-corrected",
+            "caveat": None if self.fixed_threshold else CAVEAT,
+        })
+
+
 def empirical_epsilon(
     member_scores: np.ndarray,
     nonmember_scores: np.ndarray,
@@ -102,13 +143,13 @@ def empirical_epsilon(
     alpha: float = 0.05,
     threshold: float | None = None,
     n_thresholds: int = 64,
-) -> dict:
+) -> EpsilonBounds:
     """ε lower bounds (Clopper–Pearson form and Gaussian-DP form) from membership scores.
 
     ``member_scores`` (Nm,), ``nonmember_scores`` (Nn,); higher = more likely member, and a
     candidate is declared a member when its score ≥ threshold. With ``threshold=None`` the
     bound is maximised over :func:`threshold_grid` with a Bonferroni correction (module
-    docstring). Returns a JSON-ready dict stating δ, the confidence and the procedure.
+    docstring).
     """
     labels, scores = labels_and_scores(member_scores, nonmember_scores)
     m, n = scores[labels == 1], scores[labels == 0]
@@ -123,22 +164,9 @@ def empirical_epsilon(
     mu = mu_from_rates(fpr_u, fnr_u)
     i, j = int(np.argmax(eps)), int(np.argmax(mu))
     mu_lb = float(mu[j])
-    return {
-        "delta": delta,
-        "confidence": 1.0 - alpha,
-        "clopper_pearson": {
-            "epsilon_lb": float(eps[i]),
-            "threshold": float(thr[i]),
-            "fpr_upper": float(fpr_u[i]),
-            "fnr_upper": float(fnr_u[i]),
-        },
-        "gaussian_dp": {
-            "mu_lb": mu_lb,
-            "epsilon_lb": epsilon_from_mu(mu_lb, delta),
-            "threshold": float(thr[j]),
-            "assumes": "a Gaussian-shaped trade-off curve (mu-GDP)",
-        },
-        "thresholds": int(thr.size),
-        "threshold_selection": "fixed in advance" if threshold is not None else "max over pooled-score quantiles, Bonferroni-corrected",
-        "caveat": None if threshold is not None else CAVEAT,
-    }
+    return EpsilonBounds(
+        delta=delta, confidence=1.0 - alpha,
+        clopper_pearson=ThresholdBound(float(eps[i]), float(thr[i]), float(fpr_u[i]), float(fnr_u[i])),
+        gaussian_dp=ThresholdBound(epsilon_from_mu(mu_lb, delta), float(thr[j]), mu_lb=mu_lb),
+        thresholds=int(thr.size), fixed_threshold=threshold is not None,
+    )

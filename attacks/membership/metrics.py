@@ -24,6 +24,7 @@ import numpy as np
 from sklearn.metrics import auc as _trapezoid_auc
 from sklearn.metrics import roc_curve
 
+from collafuse.attacks.stats import Interval
 from collafuse.errors import CollafuseError
 
 FPR_TARGETS: tuple[float, ...] = (0.01, 0.001)
@@ -139,18 +140,6 @@ def percentile_interval(values: Sequence[float], confidence: float = 0.95) -> tu
     lo = (1.0 - confidence) / 2.0
     v = np.asarray(values, dtype=np.float64)
     return float(np.quantile(v, lo)), float(np.quantile(v, 1.0 - lo))
-
-
-@dataclass(frozen=True)
-class Interval:
-    """A point value and its two-sided interval (``low``/``high`` None when no bootstrap was run)."""
-
-    value: float
-    low: float | None = None
-    high: float | None = None
-
-    def ci(self) -> list[float] | None:
-        return None if self.low is None else [self.low, self.high]
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ import torch
 
 from collafuse.attacks.membership.base import AttackScores, MembershipAttack, Signals
 from collafuse.attacks.reconstruction.scoring import EXTRACTION_DELTA, extracted, to_unit
-from collafuse.attacks.stats import wilson_interval
+from collafuse.attacks.stats import Interval, wilson_interval
 
 
 def score(signals: Signals) -> AttackScores:
@@ -30,18 +30,23 @@ def score(signals: Signals) -> AttackScores:
 @dataclass(frozen=True)
 class Extraction:
     """(ℓ2, δ)-extraction of ``n`` members: ``distance`` (n,) each member's normalised ℓ2 to its nearest
-    sample, ``extracted`` (n,) 0/1, ``value`` the fraction with its Wilson 95 % interval [lo, hi]."""
+    sample, ``extracted`` (n,) 0/1, ``rate`` the fraction with its Wilson 95 % interval."""
 
     delta: float
     distance: np.ndarray
     extracted: np.ndarray
-    value: float
-    lo: float
-    hi: float
-    n: int
+    rate: Interval
+
+    @property
+    def value(self) -> float:
+        return self.rate.value
+
+    @property
+    def n(self) -> int:
+        return int(self.extracted.size)
 
     def to_json(self) -> dict:
-        return {"value": self.value, "lo": self.lo, "hi": self.hi, "n": self.n, "delta": self.delta,
+        return {**self.rate.to_json(), "delta": self.delta,
                 "definition": "fraction of members whose nearest generated sample g has ||x - g||_2 / sqrt(d) <= delta "
                               "on the [0, 1] scale (Carlini et al. 2023)"}
 
@@ -66,8 +71,7 @@ def extraction(members: torch.Tensor, samples: torch.Tensor, delta: float = EXTR
     """(ℓ2, δ)-extraction rate of ``members`` (N,C,H,W) by generated ``samples`` (S,C,H,W), both in [-1, 1]."""
     dist = normalised_nearest_distance(members, samples)
     hit = extracted(dist, delta)
-    iv = wilson_interval(int(hit.sum()), int(hit.size))
-    return Extraction(float(delta), dist, hit, float(iv.value), float(iv.lo), float(iv.hi), int(hit.size))
+    return Extraction(float(delta), dist, hit, wilson_interval(int(hit.sum()), int(hit.size)))
 
 
 def client_extraction(run, client: int, samples: torch.Tensor, delta: float = EXTRACTION_DELTA) -> Extraction:

@@ -23,6 +23,8 @@ from dataclasses import asdict, dataclass
 import numpy as np
 from scipy.stats import binom
 
+from collafuse.jsonio import encode
+
 BISECTION_STEPS = 60
 EPS_CAP = 100.0  # beyond this every p-value underflows; a bound this large reads "no privacy"
 
@@ -88,11 +90,14 @@ class OneRunAudit:
     correct: int
     confidence: float
     delta: float
+    formal_epsilon: float | None = None  # the formal ε the bound is set beside (DESIGN §4.3), when known
 
     def to_json(self) -> dict:
+        """The ``one_run`` entry of the membership report (∞ as "inf"; no ``formal_epsilon`` when unknown)."""
         out = asdict(self)
-        out["epsilon_lb"] = self.epsilon_lb if math.isfinite(self.epsilon_lb) else "inf"
-        return out
+        if self.formal_epsilon is None:
+            del out["formal_epsilon"]
+        return encode(out)
 
 
 def one_run_audit(scores: np.ndarray, included: np.ndarray, k_plus: int, k_minus: int,

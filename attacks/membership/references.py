@@ -54,20 +54,19 @@ import numpy as np
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
-from torch.utils.data import DataLoader, TensorDataset
 
 from collafuse.attacks.membership.signals import ModelView, loss_target_scale, step_grid
 from collafuse.attacks.reconstruction.denoiser import default_cache_dir
+from collafuse.hooks import hooks_for
 from collafuse.protocol import Client, Server
+from collafuse.rounds import client_loader, deliver, epoch_rounds, release_round
 from collafuse.schedule import NoiseSchedule
-from collafuse.training import (
-    CPU, STREAM_CLIENT, STREAM_LOADER, STREAM_SERVER, ModelSpec, WeightAverage, build_model, denoiser_spec,
-    generator_for, stream_seed,
-)
+from collafuse.device import CPU
+from collafuse.streams import (STREAM_CLIENT, STREAM_FIXED_DRAWS, STREAM_LOADER, STREAM_REFERENCES, STREAM_SERVER,
+                               generator_for, stream_seed)
+from collafuse.training import ModelSpec, WeightAverage, build_model, denoiser_spec
 
 CACHE_SUBDIR = "references"
-STREAM_REFERENCES = 1_004_400  # the attacker's reference-model streams (apart from every training stream)
-STREAM_FIXED_DRAWS = 1_004_300
 MAX_POPULATION = 256
 REFERENCE_SIGNALS = ("fixed_loss", "ref_fixed_loss", "ref_in", "pop_fixed_loss", "ref_pop_fixed_loss")
 VERSION = 1
@@ -95,7 +94,7 @@ class ClientRecipe:
         return cls(
             unet=denoiser_spec(cfg, "client", run.num_classes),
             # A snapshot's models are those after epoch ``snapshot``: its references train that long.
-            schedule=cfg.diffusion.schedule, T=cfg.diffusion.T, t_max=int(run.t_c),
+            schedule=cfg.diffusion.schedule, T=cfg.diffusion.T, t_max=int(run.t_hand),
             schedule_args=(cfg.diffusion.beta_start, cfg.diffusion.beta_end, cfg.diffusion.betas),
             epochs=int(getattr(run, "snapshot", None) or tr.epochs),
             batch_size=tr.batch_size, lr=tr.lr, ema_decay=tr.ema_decay, label_dropout=tr.label_dropout,
@@ -104,26 +103,36 @@ class ClientRecipe:
 
 def train_client_model(recipe: ClientRecipe, images: torch.Tensor, labels: torch.Tensor | None, seed: int,
                        device: torch.device | str = CPU) -> torch.nn.Module:
-    """One client training (the loop of :func:`collafuse.training.train_system` for one client, no
-    server): epochs × shuffled minibatches, ``Client.train_step`` on t ∈ [1, t_max], EMA weights.
+    """One client training: the core's round (:mod:`collafuse.rounds`) with one client and no server:
+    epochs × shuffled minibatches, ``Client.train_step`` on t ∈ [1, t_max], EMA weights.
     images (n, C, H, W) in [-1, 1]; labels (n,) or None. Deterministic given ``seed``."""
     device = torch.device(device)
-    schedule = NoiseSchedule.create(recipe.schedule, recipe.T, *recipe.schedule_args)
-    conditional = recipe.unet.num_classes > 0 and labels is not None
-    model = build_model(recipe.unet, seed, STREAM_CLIENT).to(device)
-    opt = torch.optim.Adam(model.parameters(), lr=recipe.lr)
-    average = WeightAverage(model, recipe.ema_decay)
-    ys = labels if labels is not None else torch.zeros(len(images), dtype=torch.long)
-    loader = DataLoader(TensorDataset(images, ys), batch_size=min(recipe.batch_size, len(images)), shuffle=True,
-                        generator=generator_for(seed, STREAM_LOADER))
+    schedule, conditional, model, opt, average = _fresh_model(recipe, labels, seed, STREAM_CLIENT, device)
+    loader = _loader(images, labels, recipe.batch_size, seed)
     client = Client(0, model, opt, schedule, recipe.t_max, "cut", generator_for(seed, STREAM_CLIENT),
                     label_dropout=recipe.label_dropout, send_labels=conditional, train_t_max=recipe.t_max)
     model.train()
+    step = 0
     for _ in range(recipe.epochs):
-        for x0, y in loader:
-            client.train_step(x0.to(device), y.to(device) if conditional else None)
+        for turns in epoch_rounds([loader]):
+            step = release_round([client], turns, step, labels=conditional, send=False, device=device).step
             average.update()
     return average.weights.eval()
+
+
+def _fresh_model(recipe: "ClientRecipe | ServerRecipe", labels: torch.Tensor | None, seed: int, stream: int,
+                 device: torch.device):
+    """(schedule, conditional, model, Adam, its EMA) of a reference about to train, its weights from ``stream``."""
+    schedule = NoiseSchedule.create(recipe.schedule, recipe.T, *recipe.schedule_args)
+    model = build_model(recipe.unet, seed, stream).to(device)
+    opt = torch.optim.Adam(model.parameters(), lr=recipe.lr)
+    return schedule, recipe.unet.num_classes > 0 and labels is not None, model, opt, WeightAverage(model, recipe.ema_decay)
+
+
+def _loader(images: torch.Tensor, labels: torch.Tensor | None, batch_size: int, seed: int):
+    """A reference's one client loader (:func:`collafuse.rounds.client_loader`; member ids 0..n−1)."""
+    ys = labels if labels is not None else torch.zeros(len(images), dtype=torch.long)
+    return client_loader(torch.arange(len(images)), images, ys, batch_size, generator_for(seed, STREAM_LOADER))
 
 
 @dataclass(frozen=True)
@@ -154,7 +163,7 @@ class ServerRecipe:
         tr = cfg.training
         return cls(
             unet=denoiser_spec(cfg, "server", run.num_classes), schedule=cfg.diffusion.schedule, T=cfg.diffusion.T,
-            t_release=int(cfg.t_c), t_hand=int(run.t_c), payload=tr.payload,
+            t_release=int(cfg.t_c), t_hand=int(run.t_hand), payload=tr.payload,
             epochs=int(getattr(run, "snapshot", None) or tr.epochs),
             batch_size=tr.batch_size, lr=tr.lr, ema_decay=tr.ema_decay, label_dropout=tr.label_dropout,
             defenses=json.dumps([dict(d) for d in cfg.defenses], sort_keys=True),
@@ -163,39 +172,33 @@ class ServerRecipe:
 
 
 def release_hooks(config) -> tuple:
-    """The release hooks of a run config's ``defenses:`` (those acting on payloads), as training builds them."""
-    if not config.defenses:
-        return ()
-    from collafuse.defenses import build_hooks
-
-    return tuple(build_hooks(config.defenses, config).release)
+    """The release hooks of a run config's ``defenses:`` (those acting on payloads), as training builds them
+    (:func:`collafuse.hooks.hooks_for`: the one builder, registered by the defenses package)."""
+    return tuple(hooks_for(config).release)
 
 
 def train_server_model(recipe: ServerRecipe, hooks: tuple, images: torch.Tensor, labels: torch.Tensor | None,
                        seed: int, device: torch.device | str = CPU):
-    """One server training on payloads simulated from ``images`` (n, C, H, W) in [-1, 1]: per epoch,
-    shuffled minibatches, each released by a model-less sender (the run's payload kind; ``hooks``: the
-    run's release hooks) and passed to ``Server.receive`` (its relative schedule above ``t_hand``); EMA
-    weights. Deterministic given ``seed``."""
+    """One server training on payloads simulated from ``images`` (n, C, H, W) in [-1, 1]: the core's round
+    (:mod:`collafuse.rounds`) with one model-less sender (the run's payload kind; ``hooks``: the run's
+    release hooks) whose payloads pass to ``Server.receive`` (its relative schedule above ``t_hand``),
+    epochs × shuffled minibatches, EMA weights. No relay: one sender's round is never mixed. Deterministic
+    given ``seed``."""
     device = torch.device(device)
-    schedule = NoiseSchedule.create(recipe.schedule, recipe.T, *recipe.schedule_args)
-    conditional = recipe.unet.num_classes > 0 and labels is not None
-    model = build_model(recipe.unet, seed, STREAM_SERVER).to(device)
-    opt = torch.optim.Adam(model.parameters(), lr=recipe.lr)
-    average = WeightAverage(model, recipe.ema_decay)
+    schedule, conditional, model, opt, average = _fresh_model(recipe, labels, seed, STREAM_SERVER, device)
     server = Server(model, opt, schedule, recipe.t_hand, generator_for(seed, STREAM_SERVER), device, recipe.label_dropout)
     sender = Client(0, None, None, schedule, recipe.t_release, recipe.payload, generator_for(seed, STREAM_CLIENT),
                     release_hooks=hooks, send_labels=conditional)
-    ys = labels if labels is not None else torch.zeros(len(images), dtype=torch.long)
-    loader = DataLoader(TensorDataset(torch.arange(len(images)), images, ys), batch_size=min(recipe.batch_size, len(images)),
-                        shuffle=True, generator=generator_for(seed, STREAM_LOADER))
+    loader = _loader(images, labels, recipe.batch_size, seed)
     model.train()
     step = 0
     for _ in range(recipe.epochs):
-        for ids, x0, y in loader:
-            server.receive(sender.release(x0.to(device), y.to(device) if conditional else None, ids, step))
-            average.update()
-            step += 1
+        for turns in epoch_rounds([loader]):
+            released = release_round([sender], turns, step, labels=conditional, device=device)
+            step = released.step
+            for message in deliver((), released, 0, None):
+                server.receive(message.payload)
+                average.update()
     return average.weights.eval()
 
 

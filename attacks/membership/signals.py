@@ -47,7 +47,7 @@ from torch import nn
 
 from collafuse.attacks.membership.base import SignalSettings
 from collafuse.schedule import NoiseSchedule, ddim_step
-from collafuse.training import CPU, resolve_device
+from collafuse.device import CPU, resolve_device
 
 
 def step_grid(t_min: int, t_max: int, n: int) -> list[int]:

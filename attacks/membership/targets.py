@@ -27,9 +27,9 @@ from collafuse.attacks.membership.signals import (
     ModelView, SignalCache, model_signal_cache, payload_signal_cache, sample_signal_cache,
 )
 from collafuse.registry import Registry
-from collafuse.training import generator_for, resolve_device, stream_seed
+from collafuse.device import resolve_device
+from collafuse.streams import STREAM_MEMBERSHIP, generator_for, stream_seed
 
-STREAM_MEMBERSHIP = 1_004  # the attacker's own random streams (never a training stream)
 
 
 class CandidateError(ScoreError):
@@ -111,6 +111,7 @@ class TargetInstance:
     # and a factory for their signals from the same model (None: this target saw no canaries).
     canaries: Candidates | None = None
     make_canary_cache: Callable[[], SignalCache] | None = None
+    client: int | None = None  # the client whose model or samples this target is (None: server, payloads)
 
 
 def canary_candidates(ctx: "AuditContext") -> Candidates | None:
@@ -176,13 +177,13 @@ class AuditContext:
 def _server(ctx: AuditContext) -> list[TargetInstance]:
     run = ctx.run
     if run.server_model is None:
-        reason = ("c = 1 (local-only): there is no server model" if run.t_c >= run.schedule.T
+        reason = ("c = 1 (local-only): there is no server model" if run.t_hand >= run.schedule.T
                   else "the server model was not given (an imported deployment without it)")
         return [TargetInstance("server", "server", "T2", False, reason)]
     _, splits = ctx.data()
     cand = ctx.candidates(splits.members, 0)
     member_index, _ = ctx.candidate_index(splits.members, 0)
-    view = ModelView.server(run.server_model, run.schedule, run.t_c, run.num_classes > 0, ctx.device)
+    view = ModelView.server(run.server_model, run.schedule, run.t_hand, run.num_classes > 0, ctx.device)
     canaries = canary_candidates(ctx)  # they reach the server as the canary client's payloads
     return [
         TargetInstance(
@@ -202,7 +203,7 @@ def _model_cache(view: ModelView, cand: Candidates, ctx: AuditContext, stream: i
 
 def _clients(ctx: AuditContext) -> list[TargetInstance]:
     run = ctx.run
-    if run.t_c == 0:
+    if run.t_hand == 0:
         return [TargetInstance("client", "client", "T3", False, "c = 0 (central): clients own no step and have no model")]
     _, splits = ctx.data()
     canaries = canary_candidates(ctx)
@@ -210,10 +211,11 @@ def _clients(ctx: AuditContext) -> list[TargetInstance]:
     for k, model in enumerate(run.client_models):
         if model is None:
             out.append(TargetInstance(f"client_{k}", "client", "T3", False,
-                                      f"the client_{k} model was not given (an imported deployment without it)"))
+                                      f"the client_{k} model was not given (an imported deployment without it)",
+                                      client=k))
             continue
         cand = ctx.candidates(splits.clients[k], 1 + k)
-        view = ModelView.client(model, run.schedule, run.t_c, run.num_classes > 0, ctx.device)
+        view = ModelView.client(model, run.schedule, run.t_hand, run.num_classes > 0, ctx.device)
         out.append(
             TargetInstance(
                 f"client_{k}", "client", "T3", True, candidates=cand,
@@ -224,6 +226,7 @@ def _clients(ctx: AuditContext) -> list[TargetInstance]:
                 canaries=canaries if k == splits.canary_client else None,
                 make_canary_cache=None if (canaries is None or k != splits.canary_client)
                 else lambda view=view, k=k: _model_cache(view, canaries, ctx, 51 + k),
+                client=k,
             )
         )
     return out
@@ -242,12 +245,12 @@ def _samples(ctx: AuditContext) -> list[TargetInstance]:
     _, splits = ctx.data()
     out = []
     for k in range(len(run.client_models)):
-        missing = [name for name, model, needed in (("server", run.server_model, run.t_c < run.schedule.T),
-                                                    (f"client_{k}", run.client_models[k], run.t_c > 0))
+        missing = [name for name, model, needed in (("server", run.server_model, run.t_hand < run.schedule.T),
+                                                    (f"client_{k}", run.client_models[k], run.t_hand > 0))
                    if needed and model is None]
         if missing and (ctx.samples or {}).get(k) is None:
             out.append(TargetInstance(f"samples_{k}", "samples", "T4", False,
-                                      f"sampling needs the {missing[0]} model, which was not given"))
+                                      f"sampling needs the {missing[0]} model, which was not given", client=k))
             continue
         cand = ctx.candidates(splits.clients[k], 1 + k)
         n = ctx.n_samples or cand.n_members
@@ -263,6 +266,7 @@ def _samples(ctx: AuditContext) -> list[TargetInstance]:
             TargetInstance(
                 f"samples_{k}", "samples", "T4", True, candidates=cand, make_cache=make,
                 info={"generated": n, "sampler": run.config.sampling.sampler, "sampler_steps": run.config.sampling.steps},
+                client=k,
             )
         )
     return out
@@ -272,7 +276,7 @@ def _payload(ctx: AuditContext) -> list[TargetInstance]:
     from collafuse.transcript import ServerView
 
     run = ctx.run
-    if run.t_c >= run.schedule.T:
+    if run.t_hand >= run.schedule.T:
         return [
             TargetInstance(
                 "payload", "payload", "T1", False,

@@ -11,8 +11,6 @@ c = 1 (no server, no payload) gets an explicit "nothing to attack" result and ex
 """
 from __future__ import annotations
 
-import json
-import math
 import os
 from pathlib import Path
 
@@ -21,6 +19,7 @@ import torch
 
 from collafuse import __version__
 from collafuse.errors import CollafuseError
+from collafuse.jsonio import dumps
 from collafuse.runs import Run, image_grid, save_png, to_uint8
 
 from collafuse.attacks.reconstruction.curve import POOL_DESCRIPTION
@@ -33,19 +32,6 @@ from collafuse.attacks.reconstruction.view import ViewArrays
 
 GRID_COLUMNS_PER_CLIENT = 3
 GRID_MAX_COLUMNS = 12
-
-
-def _clean(value):
-    """JSON-safe: NaN/±inf → None, numpy scalars → Python numbers, recursively."""
-    if isinstance(value, dict):
-        return {str(k): _clean(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_clean(v) for v in value]
-    if isinstance(value, (np.floating, float)):
-        return float(value) if math.isfinite(float(value)) else None
-    if isinstance(value, (np.integer,)):
-        return int(value)
-    return value
 
 
 def default_output(run_dir: Path) -> Path:
@@ -87,7 +73,7 @@ def _attack_entry(name: str, ev: ViewEvaluation, seed: int) -> dict:
     return {
         "threat": threat,
         "summary": summary,
-        "pooled": sc.summary(seed=seed),
+        "pooled": sc.summary_json(seed=seed),
         "clients": sc.by_client(seed),
         **ev.extra.get(name, {}),
         "per_image": f"{name}/<metric> in the .per_image.npz beside this file",
@@ -118,7 +104,7 @@ def _write_atomic(result: dict, out: Path, grid: tuple[ViewEvaluation, Truth, Vi
     tmp_png = png.with_name(f".{png.stem}.partial-{pid}.png")
     tmp_npz = npz.with_name(f".{npz.stem}.partial-{pid}.npz")
     try:
-        tmp_json.write_text(json.dumps(_clean(result), indent=1, allow_nan=False))
+        tmp_json.write_text(dumps(result, indent=1))
         if grid is not None:
             ev, truth, view = grid
             write_grid(ev, truth, view, tmp_png)
@@ -144,7 +130,7 @@ def result_json(run: Run, names: tuple[str, ...], attacked: RunReconstruction, o
         "threat": "T1",
         "schedule": schedule.name,
         "T": schedule.T,
-        "t_c": run.t_c,
+        "t_hand": run.t_hand,
         "cut_ratio": cfg.diffusion.cut_ratio,
         "payload_kind": cfg.training.payload,
         "attacks_requested": list(names),
@@ -169,8 +155,9 @@ def result_json(run: Run, names: tuple[str, ...], attacked: RunReconstruction, o
         },
         "label_inference_payload": None if lab is None else {
             "method": "label sent with the payload" if ev.labels_sent else "classifier trained on aux images noised at the view's steps, reading p/a",
-            "pooled": lab,
-            "clients": {str(int(k)): ev.payload_label_summary(sender.numpy() == int(k), seed) for k in torch.unique(sender)},
+            "pooled": lab.to_json(),
+            "clients": {str(int(k)): ev.payload_label_summary(sender.numpy() == int(k), seed).to_json()
+                        for k in torch.unique(sender)},
         },
         "intervals": "95 %: t (means) / Wilson (proportions) over rows; cluster bootstrap over images when an image has several rows",
         "png": str(out_path.with_suffix(".png")),
@@ -213,6 +200,6 @@ def run_command(
     if progress:
         for name, sc in attacked.evaluation.scores.items():
             s = sc.summary(seed=run.config.seed)
-            print(f"  {name:28s} PSNR {s['psnr']['value']:6.2f} dB  SSIM {s['ssim']['value']:.3f}  re-id(client) {s['reid_client']['value']:.3f}")
+            print(f"  {name:28s} PSNR {s['psnr'].value:6.2f} dB  SSIM {s['ssim'].value:.3f}  re-id(client) {s['reid_client'].value:.3f}")
     print(f"reconstruction results written to {out_path}")
     return 0

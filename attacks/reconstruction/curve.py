@@ -2,15 +2,16 @@
 
 Every T1 metric for a grid of cut ratios from a dataset, a schedule and the
 defense-free protocol alone — no CollaFuse system is trained. For each cut ratio
-the payloads are simulated exactly as a client sends them, with
-:meth:`collafuse.protocol.Client.release` (the client's model plays no part in
-what it releases), for the given number of epochs: every client walks its own
-data once per epoch in a fresh random order, round-robin over clients, and each
-round's payloads reach the server through the release hooks' relay
-(:func:`collafuse.hooks.deliver_round`: an id-free release mixes them), as
-:func:`collafuse.training.train_system` does. The data splits (members, non-members,
-aux, client partition) are the ones a trained run with the same config would use
-(:func:`collafuse.runs.prepare_data`), so curve and trained runs line up.
+the payloads are simulated by the core's own round (:mod:`collafuse.rounds`), the one
+:func:`collafuse.training.train_system` plays: the clients' loaders as training builds
+them, one minibatch per client and round, each client's step (model-less clients that
+still take every draw of a training step) and payload
+(:meth:`collafuse.protocol.Client.release`), the round's payloads through the release
+hooks' relay (:func:`collafuse.hooks.deliver_round`: an id-free release mixes them).
+For the same config and hooks the simulated server view is therefore the trained run's
+transcript, row for row and value for value (``tests/test_protocol_twin.py``). The data
+splits (members, non-members, aux, client partition) are the ones a trained run with the
+same config would use (:func:`collafuse.runs.prepare_data`).
 
 The attacker's denoiser is trained once on the aux split (cached) and serves
 every cut ratio.
@@ -27,11 +28,13 @@ from tqdm import tqdm
 from collafuse.config import RunConfig
 from collafuse.data import ImageSet, Splits
 from collafuse.errors import ConfigError
-from collafuse.hooks import ReleaseHook, deliver_round
+from collafuse.hooks import Hooks, ReleaseHook
 from collafuse.protocol import Client
+from collafuse.rounds import client_loaders, deliver, epoch_rounds, release_round
 from collafuse.runs import prepare_data
 from collafuse.schedule import NoiseSchedule, cut_step
-from collafuse.training import STREAM_CLIENT, STREAM_LOADER, STREAM_RELAY, generator_for, resolve_device
+from collafuse.device import resolve_device
+from collafuse.streams import STREAM_CLIENT, STREAM_RELAY, generator_for, loader_generators
 
 from collafuse.attacks.reconstruction.denoiser import AttackerDenoiser, DenoiserConfig, load_or_train
 from collafuse.attacks.reconstruction.evaluate import ViewEvaluation, evaluate_view
@@ -53,28 +56,43 @@ class SimulatedView:
     sender: torch.Tensor
 
 
-def simulate_view(
-    data: ImageSet,
-    splits: Splits,
-    schedule: NoiseSchedule,
-    t_c: int,
-    epochs: int,
-    payload_kind: str = "cut",
-    batch_size: int = 64,
-    seed: int = 0,
-    send_labels: bool = False,
-    release_hooks: tuple[ReleaseHook, ...] = (),
-) -> tuple[ViewArrays, torch.Tensor]:
-    """The server view of ``epochs`` epochs of the protocol at cut step ``t_c``.
+@dataclass(frozen=True)
+class SimulationSpec:
+    """What a simulated server view plays (DESIGN §7): ``epochs`` epochs of the protocol at cut step ``t_c``
+    on ``data`` split by ``splits``, with the payload kind, batch size, seed and label sending of a run, its
+    release hooks (the release-side defenses, exactly as a trained run's clients apply them; none: the
+    plain protocol), its label dropout and its clients' noise multiplicity (draws a training step takes).
+    :meth:`from_config` makes the twin of the run a config trains."""
 
-    ``release_hooks`` are the release-side defenses (payload noise, clipping, minimisation)
-    exactly as a trained run's clients apply them; none gives the plain protocol.
+    data: ImageSet
+    splits: Splits
+    schedule: NoiseSchedule
+    t_c: int
+    epochs: int
+    payload_kind: str = "cut"
+    batch_size: int = 64
+    seed: int = 0
+    send_labels: bool = False
+    release_hooks: tuple[ReleaseHook, ...] = ()
+    label_dropout: float = 0.0
+    noise_multiplicity: int = 1
 
-    Returns (view with N = epochs · n_members rows in crossing order, member (N,) source index of
-    each row — the simulation's own audit key, for scoring only). :func:`simulate_rounds` also
-    returns each row's true sender (needed when a release hides it).
-    """
-    sim = simulate_rounds(data, splits, schedule, t_c, epochs, payload_kind, batch_size, seed, send_labels, release_hooks)
+    @classmethod
+    def from_config(cls, config: RunConfig, hooks: Hooks, data: ImageSet, splits: Splits,
+                    epochs: int | None = None) -> "SimulationSpec":
+        """The protocol ``config`` trains with ``hooks``, for ``epochs`` epochs (default: the config's). The
+        simulated view is then the transcript such a run writes (bar a training hook's own loader)."""
+        return cls(data, splits, NoiseSchedule.from_config(config.diffusion), config.t_c,
+                   config.training.epochs if epochs is None else epochs, config.training.payload,
+                   config.training.batch_size, config.seed, bool(config.conditional) and data.labels is not None,
+                   tuple(hooks.release), config.training.label_dropout, hooks.noise_multiplicity("client"))
+
+
+def simulate_view(spec: SimulationSpec) -> tuple[ViewArrays, torch.Tensor]:
+    """The server view of ``spec``: (view with N = epochs · n_members rows in crossing order, member (N,) source
+    index of each row — the simulation's own audit key, for scoring only). :func:`simulate_rounds` also
+    returns each row's true sender (needed when a release hides it)."""
+    sim = simulate_rounds(spec)
     return sim.view, sim.member
 
 
@@ -83,50 +101,37 @@ def _check_epochs(epochs: int) -> None:
         raise ConfigError(f"epochs must be >= 1, got {epochs}")
 
 
-def _messages(
-    data: ImageSet,
-    splits: Splits,
-    schedule: NoiseSchedule,
-    t_c: int,
-    epochs: int,
-    payload_kind: str,
-    batch_size: int,
-    seed: int,
-    send_labels: bool,
-    release_hooks: tuple[ReleaseHook, ...],
-):
+def _messages(spec: SimulationSpec):
     """Every message that reaches the server, in crossing order: (payload, member ids (B,), true
     sender (B,) int64). A generator, so a reader can stream the view (DESIGN §10); every draw comes
-    from generators seeded here, so each call replays exactly the same messages."""
-    _check_epochs(epochs)
+    from generators seeded here, so each call replays exactly the same messages.
+
+    The round is the core's own (:mod:`collafuse.rounds`): the clients' loaders as training builds them,
+    one turn per client and round, the payloads through the release hooks' relay. The clients hold no
+    model but take every draw a client's training step takes (``label_dropout``: the run's label
+    dropout; ``noise_multiplicity``: its clients' draws per image, DP-SGD's), so each payload is the one
+    the trained client released at that point of its random stream. Not simulated: a training hook's
+    loader (DP-SGD's Poisson sampling); the clients walk the shuffled loaders of the plain protocol."""
+    _check_epochs(spec.epochs)
+    hooks = Hooks(release=tuple(spec.release_hooks))
+    n = len(spec.splits.clients)
     clients = [
-        Client(k, None, None, schedule, t_c, payload_kind, generator_for(seed, STREAM_CLIENT, k),
-               release_hooks=release_hooks, send_labels=send_labels)
-        for k in range(len(splits.clients))
+        Client(k, None, None, spec.schedule, spec.t_c, spec.payload_kind, generator_for(spec.seed, STREAM_CLIENT, k),
+               release_hooks=hooks.release, label_dropout=spec.label_dropout, send_labels=spec.send_labels,
+               train_t_max=hooks.release_step(spec.t_c), noise_multiplicity=spec.noise_multiplicity, replay_draws=True)
+        for k in range(n)
     ]
-    orders = [generator_for(seed, STREAM_LOADER, k) for k in range(len(splits.clients))]
+    loaders = client_loaders(spec.data, spec.splits, spec.batch_size, loader_generators(spec.seed, n))
     step = 0
-    relay, round_index = generator_for(seed, STREAM_RELAY), 0
-    for _ in range(epochs):
-        batches = []
-        for k, idx in enumerate(splits.clients):
-            perm = idx[torch.randperm(idx.numel(), generator=orders[k])]
-            batches.append(list(torch.split(perm, batch_size)))
-        for j in range(max(len(b) for b in batches)):
-            released = []  # one round: (client, payload, member ids), in turn order
-            for k, client_batches in enumerate(batches):
-                if j >= len(client_batches):
-                    continue
-                ids = client_batches[j]
-                y = data.labels[ids] if data.labels is not None else None
-                released.append((k, clients[k].release(data.images[ids], y, ids, step), ids))  # exactly what a client sends
-                step += 1
-            messages, _ = deliver_round(release_hooks, released, round_index, relay)  # what reaches the server
+    relay, round_index = generator_for(spec.seed, STREAM_RELAY), 0
+    for _ in range(spec.epochs):
+        for turns in epoch_rounds(loaders):
+            released = release_round(clients, turns, step, labels=spec.send_labels)  # exactly what the clients send
+            step = released.step
+            for message in deliver(hooks.release, released, round_index, relay):  # what reaches the server
+                if message is not None:
+                    yield message
             round_index += 1
-            for payload, ids, sender in messages:
-                n_rows = len(payload)
-                sender = sender if isinstance(sender, torch.Tensor) else torch.full((n_rows,), sender, dtype=torch.long)
-                yield payload, ids, sender.long()
 
 
 def _message_rows(payload, with_tensors: bool) -> dict[str, torch.Tensor]:
@@ -158,49 +163,29 @@ def _view_of(parts: list[dict[str, torch.Tensor]], first_seq: int, metadata_only
                       wire_bytes=cat("wire_bytes"))
 
 
-def simulate_rounds(
-    data: ImageSet,
-    splits: Splits,
-    schedule: NoiseSchedule,
-    t_c: int,
-    epochs: int,
-    payload_kind: str = "cut",
-    batch_size: int = 64,
-    seed: int = 0,
-    send_labels: bool = False,
-    release_hooks: tuple[ReleaseHook, ...] = (),
-) -> SimulatedView:
+def simulate_rounds(spec: SimulationSpec) -> SimulatedView:
     """:func:`simulate_view` with the true sender of every row (see :class:`SimulatedView`)."""
     parts, members, senders = [], [], []
-    for payload, ids, sender in _messages(data, splits, schedule, t_c, epochs, payload_kind, batch_size, seed,
-                                          send_labels, release_hooks):
+    for payload, ids, sender in _messages(spec):
         parts.append(_message_rows(payload, True))
         members.append(ids)
         senders.append(sender)
     return SimulatedView(_view_of(parts, 0), torch.cat(members), torch.cat(senders).long())
 
 
-def simulated_metadata(
-    data: ImageSet, splits: Splits, schedule: NoiseSchedule, t_c: int, epochs: int, payload_kind: str = "cut",
-    batch_size: int = 64, seed: int = 0, send_labels: bool = False, release_hooks: tuple[ReleaseHook, ...] = (),
-) -> SimulatedView:
+def simulated_metadata(spec: SimulationSpec) -> SimulatedView:
     """:func:`simulate_rounds` without the payload values: every field but ``tensor`` and ``noise``, whose
     tensor is (N, 0, 1, 1). What a streamed evaluation needs up front (steps, senders, message order),
     in memory that grows by a few integers per row only."""
     parts, members, senders = [], [], []
-    for payload, ids, sender in _messages(data, splits, schedule, t_c, epochs, payload_kind, batch_size, seed,
-                                          send_labels, release_hooks):
+    for payload, ids, sender in _messages(spec):
         parts.append(_message_rows(payload, False))
         members.append(ids)
         senders.append(sender)
     return SimulatedView(_view_of(parts, 0, metadata_only=True), torch.cat(members), torch.cat(senders).long())
 
 
-def simulated_shards(
-    data: ImageSet, splits: Splits, schedule: NoiseSchedule, t_c: int, epochs: int, payload_kind: str = "cut",
-    batch_size: int = 64, seed: int = 0, send_labels: bool = False, release_hooks: tuple[ReleaseHook, ...] = (),
-    shard_rows: int = 4096,
-):
+def simulated_shards(spec: SimulationSpec, shard_rows: int = 4096):
     """The rows of :func:`simulate_rounds`, ``shard_rows`` at a time (the last shard may be shorter):
     (first row index, :class:`SimulatedView` of the shard). The same rows, values and ``seq`` as the
     whole simulated view, which is never held (DESIGN §10); each call replays the simulation."""
@@ -218,8 +203,7 @@ def simulated_shards(
         held -= k
         return SimulatedView(_view_of([{key: v[:k] for key, v in whole.items()}], start), mem[:k], snd[:k])
 
-    for payload, ids, sender in _messages(data, splits, schedule, t_c, epochs, payload_kind, batch_size, seed,
-                                          send_labels, release_hooks):
+    for payload, ids, sender in _messages(spec):
         parts.append(_message_rows(payload, True))
         members.append(ids)
         senders.append(sender)
@@ -268,7 +252,7 @@ def tidy_rows(ev: ViewEvaluation, cut_ratio: float, t_c: int, epochs: int, seed:
     out = []
     base = {"cut_ratio": cut_ratio, "t_c": t_c, "epochs": epochs, "seed": seed}
     for attack, sc in ev.scores.items():
-        scopes = {"pooled": sc.summary(seed=seed)}
+        scopes = {"pooled": sc.summary_json(seed=seed)}
         if per_client:
             scopes.update({f"client_{k}": v for k, v in sc.by_client(seed).items()})
         for scope, summary in scopes.items():
@@ -278,7 +262,7 @@ def tidy_rows(ev: ViewEvaluation, cut_ratio: float, t_c: int, epochs: int, seed:
             out.append({**base, "attack": attack, "scope": "pooled", "metric": key, "value": value})
     lab = ev.payload_label_summary(seed=seed)
     if lab is not None:
-        out.append({**base, "attack": "payload", "scope": "pooled", "metric": "label", **lab})
+        out.append({**base, "attack": "payload", "scope": "pooled", "metric": "label", **lab.to_json()})
     return out
 
 
@@ -331,8 +315,9 @@ def payload_curve(
             rows.append({"cut_ratio": c, "t_c": t_c, "epochs": epochs, "seed": config.seed, "attack": None,
                          "scope": "pooled", "metric": "nothing_to_attack", "value": True})
             continue
-        view, member = simulate_view(images, splits, schedule, t_c, epochs, config.training.payload,
-                                     config.training.batch_size, config.seed, send_labels)
+        view, member = simulate_view(SimulationSpec(images, splits, schedule, t_c, epochs, config.training.payload,
+                                                    config.training.batch_size, config.seed, send_labels,
+                                                    label_dropout=config.training.label_dropout))
         ev = evaluate_view(view, schedule, truth_for(member, view, images, splits), resources, attacks, images.num_classes)
         rows.extend(tidy_rows(ev, c, t_c, epochs, config.seed))
         if keep_evaluations:

@@ -34,14 +34,15 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm import tqdm
 
+from collafuse.streams import STREAM_ATTACKER_DENOISER
 from collafuse.errors import ConfigError
 from collafuse.model import UNet, UNetConfig
 from collafuse.schedule import NoiseSchedule, q_sample
-from collafuse.training import build_model, resolve_device
+from collafuse.device import resolve_device
+from collafuse.training import build_model
 
 CACHE_ENV = "COLLAFUSE_CACHE"
 CACHE_SUBDIR = "attacker-denoiser"
-STREAM_ATTACKER = 1001  # weight-init stream id, far from the core's streams
 
 
 @dataclass(frozen=True)
@@ -139,7 +140,7 @@ def train_denoiser(
     gen = torch.Generator().manual_seed(config.seed)
     mean = float(images.double().mean())
     sigma_data = float(images.double().std())
-    unet = build_model(_unet_config(config, images.shape[1]), config.seed, STREAM_ATTACKER)
+    unet = build_model(_unet_config(config, images.shape[1]), config.seed, STREAM_ATTACKER_DENOISER)
     model = AttackerDenoiser(unet, schedule.alpha_bar, mean, sigma_data).to(device)
     opt = torch.optim.Adam(model.unet.parameters(), lr=config.lr)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 1.0 - i / max(1, config.steps))

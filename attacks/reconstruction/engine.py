@@ -17,7 +17,7 @@ from collafuse.data import ImageSet
 from collafuse.errors import RunError
 from collafuse.runs import Run
 from collafuse.schedule import NoiseSchedule
-from collafuse.training import resolve_device
+from collafuse.device import resolve_device
 from collafuse.transcript import TRANSCRIPT_DIR, AuditKey, MissingAuditKey, ServerView
 
 from collafuse.attacks.reconstruction.curve import POOL_DESCRIPTION
@@ -107,15 +107,15 @@ def reconstruct_run(run: Run, names: tuple[str, ...], *, denoiser_config: Denois
     """Attack ``run``'s server view with ``names`` and score the attacks (the audit key is read only here)."""
     cfg, schedule = run.config, run.schedule
     has_transcript = (run.path / TRANSCRIPT_DIR).is_dir()
-    if run.t_c < schedule.T and not has_transcript:
+    if run.t_hand < schedule.T and not has_transcript:
         raise RunError(f"{run.path}: the run has a server but no transcript folder")
     # The transcript exists whenever the server owns steps, with or without its model (an imported
     # deployment may not hand the server model over: the T1 attacks do not need it).
-    view = ViewArrays.from_server_view(ServerView.open(run.path)) if run.t_c < schedule.T else None
+    view = ViewArrays.from_server_view(ServerView.open(run.path)) if run.t_hand < schedule.T else None
     if view is None or len(view) == 0:
         reason = (
-            f"c = {cfg.diffusion.cut_ratio} (t_c = {run.t_c} = T): every client works alone; no payload crossed to a server"
-            if run.t_c >= schedule.T else "the transcript holds no payload rows"
+            f"c = {cfg.diffusion.cut_ratio} (t_c = {run.t_hand} = T): every client works alone; no payload crossed to a server"
+            if run.t_hand >= schedule.T else "the transcript holds no payload rows"
         )
         return RunReconstruction(view, None, None, None, None, 0, reason)
     try:

@@ -24,7 +24,7 @@ from collafuse.attacks.reconstruction.scoring import (
     LabelClassifier, Scores, Truth, chance_levels, linkage_accuracy, score,
 )
 from collafuse.attacks.reconstruction.view import AttackerResources, Reconstruction, ViewArrays, rescaled
-from collafuse.attacks.stats import summarize
+from collafuse.attacks.stats import Interval, summarize
 
 PERFECT = "multiview-perfect-linking"
 ALL_VIEWS = "oracle-all-views"
@@ -51,12 +51,13 @@ class ViewEvaluation:
     extra: dict[str, dict] = field(default_factory=dict)
     reconstruction_rows: torch.Tensor | None = None
 
-    def payload_label_summary(self, mask: np.ndarray | None = None, seed: int = 0) -> dict | None:
+    def payload_label_summary(self, mask: np.ndarray | None = None, seed: int = 0) -> Interval | None:
+        """Payload-level label inference accuracy over all rows (or ``mask``), with its interval; None without it."""
         if self.payload_label is None:
             return None
         clusters = next(iter(self.scores.values())).clusters if self.scores else None
         m = np.ones(self.payload_label.shape, dtype=bool) if mask is None else mask
-        return summarize(self.payload_label[m], None if clusters is None else clusters[m], proportion=True, seed=seed).to_dict()
+        return summarize(self.payload_label[m], None if clusters is None else clusters[m], proportion=True, seed=seed)
 
 
 def evaluate_view(

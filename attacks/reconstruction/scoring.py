@@ -40,7 +40,7 @@ from collafuse.schedule import NoiseSchedule, q_sample
 
 from collafuse.attacks.chunking import row_slices, rows_per_chunk
 from collafuse.attacks.reconstruction.view import PoolLogWeights, Reconstruction
-from collafuse.attacks.stats import summarize
+from collafuse.attacks.stats import Interval, summarize
 
 PSNR_CAP_DB = 100.0
 EXTRACTION_DELTA = 0.1  # Carlini et al. 2023's δ for their normalised ℓ2 on [0, 1] images
@@ -247,19 +247,24 @@ class Scores:
     client: np.ndarray
     extraction_delta: float = EXTRACTION_DELTA  # the δ of the ``extraction`` metric
 
-    def summary(self, rows: np.ndarray | None = None, seed: int = 0) -> dict[str, dict]:
-        """{metric: interval dict} over all rows or the boolean mask ``rows``; ``extraction`` states its δ."""
+    def summary(self, rows: np.ndarray | None = None, seed: int = 0) -> dict[str, Interval]:
+        """{metric: interval} over all rows or the boolean mask ``rows``."""
         mask = np.ones_like(self.client, dtype=bool) if rows is None else rows
-        out = {
-            name: summarize(v[mask], self.clusters[mask], proportion=name in PROPORTIONS, seed=seed).to_dict()
+        return {
+            name: summarize(v[mask], self.clusters[mask], proportion=name in PROPORTIONS, seed=seed)
             for name, v in self.per_row.items()
         }
+
+    def summary_json(self, rows: np.ndarray | None = None, seed: int = 0) -> dict[str, dict]:
+        """:meth:`summary` as the reports write it; ``extraction`` states its δ."""
+        out = {name: iv.to_json() for name, iv in self.summary(rows, seed).items()}
         if "extraction" in out:
             out["extraction"]["delta"] = self.extraction_delta
         return out
 
     def by_client(self, seed: int = 0) -> dict[str, dict[str, dict]]:
-        return {str(int(k)): self.summary(self.client == k, seed) for k in np.unique(self.client)}
+        """:meth:`summary_json` per client."""
+        return {str(int(k)): self.summary_json(self.client == k, seed) for k in np.unique(self.client)}
 
 
 def _mse_and_ssim(x_hat: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

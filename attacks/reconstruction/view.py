@@ -20,7 +20,7 @@ import torch
 
 from collafuse.data import ImageSet
 from collafuse.schedule import NoiseSchedule, gather
-from collafuse.training import CPU, resolve_device
+from collafuse.device import CPU, resolve_device
 from collafuse.transcript import AuditKey, ServerView
 
 # Every key ServerView.load() may return. Anything else (e.g. "member_index") is refused.

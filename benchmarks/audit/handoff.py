@@ -23,7 +23,6 @@ Both limits and the measurements behind them are in docs/PERFORMANCE.md ("The se
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import torch
@@ -31,7 +30,7 @@ import torch
 from collafuse.runs import Run, sample_labels
 from collafuse.sampling import server_handoff, split_ddim_steps
 from collafuse.schedule import q_sample
-from collafuse.training import generator_for, stream_seed
+from collafuse.streams import STREAM_HANDOFF, generator_for, stream_seed
 
 from collafuse.attacks.reconstruction.view import ViewArrays
 from collafuse.attacks.two_sample import classifier_two_sample_test, image_features
@@ -40,7 +39,6 @@ from collafuse.transcript import ServerView
 HANDOFF_SAMPLES = 256   # hand-offs drawn and payloads compared per trained system
 MAX_C2ST_AUC = 0.6      # a classifier telling hand-offs from payloads better than this flags the system
 STD_TOLERANCE = 0.05    # |std(hand-off)/std(payload) − 1| above this flags the system
-STREAM_HANDOFF = 3001   # the check's own random streams: hand-off noise, then payload rows / noise
 
 
 @dataclass(frozen=True)
@@ -78,9 +76,9 @@ class HandoffCheck:
 def _payload_reference(run: Run, n: int, seed: int) -> tuple[torch.Tensor, str]:
     """``n`` payloads at the hand-off step: transcript rows when it holds enough, else simulated."""
     gen = generator_for(seed, STREAM_HANDOFF, 1)
-    view = ViewArrays.from_server_view(ServerView.open(run.path)) if run.t_c < run.schedule.T else None
+    view = ViewArrays.from_server_view(ServerView.open(run.path)) if run.t_hand < run.schedule.T else None
     if view is not None and len(view):
-        at_hand = torch.nonzero(view.t == run.t_c).flatten()
+        at_hand = torch.nonzero(view.t == run.t_hand).flatten()
         if at_hand.numel() >= n:
             pick = at_hand[torch.randperm(at_hand.numel(), generator=gen)[:n]]
             return view.tensor[pick].float(), "transcript"
@@ -88,7 +86,7 @@ def _payload_reference(run: Run, n: int, seed: int) -> tuple[torch.Tensor, str]:
     members = splits.members[torch.randperm(splits.members.numel(), generator=gen)[:n]]
     x0 = data.images[members]
     noise = torch.randn(x0.shape, generator=gen)
-    return q_sample(x0, torch.full((x0.shape[0],), run.t_c), noise, run.schedule.alpha_bar), "simulated"
+    return q_sample(x0, torch.full((x0.shape[0],), run.t_hand), noise, run.schedule.alpha_bar), "simulated"
 
 
 def draw_handoffs(run: Run, n: int, seed: int, sampler: str | None = None, steps: int | None = None,
@@ -101,20 +99,20 @@ def draw_handoffs(run: Run, n: int, seed: int, sampler: str | None = None, steps
     cfg = run.config
     sampler = sampler or cfg.sampling.sampler
     steps = cfg.sampling.steps if steps is None else steps
-    server_steps = split_ddim_steps(steps, run.schedule.T, run.t_c)[0]
+    server_steps = split_ddim_steps(steps, run.schedule.T, run.t_hand)[0]
     gen = generator_for(seed, STREAM_HANDOFF, 0)
     y = sample_labels(n, run.num_classes)
     guidance = guidance if y is not None else 0.0
     device = run.device
     x_T = torch.randn((n, cfg.data.channels, cfg.data.image_size, cfg.data.image_size), generator=gen).to(device)
-    out = server_handoff(run.server_model, run.schedule, run.t_c, x_T, gen, y.to(device) if y is not None else None,
+    out = server_handoff(run.server_model, run.schedule, run.t_hand, x_T, gen, y.to(device) if y is not None else None,
                          sampler, server_steps, guidance, cfg.training.payload)
     return out.cpu()
 
 
 def check_handoff(run: Run, n: int = HANDOFF_SAMPLES, seed: int | None = None) -> HandoffCheck | None:
     """The hand-off check of a trained run; None when there is no hand-off (c = 0 or 1, or no server model)."""
-    if run.server_model is None or not 0 < run.t_c < run.schedule.T:
+    if run.server_model is None or not 0 < run.t_hand < run.schedule.T:
         return None
     seed = run.config.seed if seed is None else seed
     handoffs = draw_handoffs(run, n, seed)
@@ -123,30 +121,10 @@ def check_handoff(run: Run, n: int = HANDOFF_SAMPLES, seed: int | None = None) -
     auc = test.metrics.auc
     cfg = run.config
     return HandoffCheck(
-        n=int(handoffs.shape[0]), t_hand=run.t_c, sampler=cfg.sampling.sampler,
-        server_steps=split_ddim_steps(cfg.sampling.steps, run.schedule.T, run.t_c)[0] if cfg.sampling.sampler == "ddim"
-        else run.schedule.T - run.t_c,
+        n=int(handoffs.shape[0]), t_hand=run.t_hand, sampler=cfg.sampling.sampler,
+        server_steps=split_ddim_steps(cfg.sampling.steps, run.schedule.T, run.t_hand)[0] if cfg.sampling.sampler == "ddim"
+        else run.schedule.T - run.t_hand,
         reference=reference, mean=float(handoffs.mean()), payload_mean=float(payloads.mean()),
         std=float(handoffs.std()), payload_std=float(payloads.std()),
         c2st_auc=float(auc.value), c2st_low=auc.low, c2st_high=auc.high, c2st_p_value=test.p_value,
     )
-
-
-def handoff_rows(check: HandoffCheck | None) -> list[dict[str, Any]]:
-    """The check as results-table rows (threat ``sampling``, target ``handoff``)."""
-    if check is None:
-        return []
-    def row(attack: str, metric: str, value: float, lo=None, hi=None) -> dict[str, Any]:
-        return {"threat": "sampling", "target": "handoff", "attack": attack, "metric": metric,
-                "value": float(value), "ci_low": lo, "ci_high": hi}
-
-    return [
-        row("c2st", "handoff_auc", check.c2st_auc, check.c2st_low, check.c2st_high),
-        row("c2st", "handoff_p_value", check.c2st_p_value),
-        row("moments", "handoff_mean", check.mean), row("moments", "payload_mean", check.payload_mean),
-        row("moments", "handoff_std", check.std), row("moments", "payload_std", check.payload_std),
-        row("moments", "handoff_std_ratio", check.std_ratio),
-        row("moments", "handoff_std_error", check.std_error),
-        row("check", "handoff_off_distribution", float(check.off_distribution)),
-        row("check", "handoff_server_steps", float(check.server_steps)),
-    ]

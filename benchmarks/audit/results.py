@@ -6,16 +6,12 @@ the seed and the config hash, in grid order. Two optional columns place the rows
 ``epoch``, the training epoch of a ``*_at_epoch`` row (a ``training.snapshots`` model); both are
 empty on every other row, so every other metric name means one measurement of the final models.
 Written as CSV and JSON (atomically: temporary file, then rename), read back by
-:func:`read_results` (the report's reader).
-
-JSON has no infinity: a float ±inf (ε = ∞, no bound) is written as the string "inf" /
-"-inf" by :func:`json_number` and read back by :func:`to_float`, the audit's one pair of
-converters (cell files, ``results.json`` and ``audit.json`` all use them).
+:func:`read_results` (the report's reader). Numbers go through the project's one JSON codec
+(:mod:`collafuse.jsonio`): ±∞ (ε with no bound) is "inf" / "-inf", NaN is null.
 """
 from __future__ import annotations
 
 import json
-import math
 import os
 from pathlib import Path
 from typing import Any
@@ -24,6 +20,7 @@ import numpy as np
 import pandas as pd
 
 from collafuse.errors import RunError
+from collafuse.jsonio import decode_number, encode_number, write_json_atomic
 
 from collafuse.benchmarks.audit.grid import Cell
 
@@ -39,35 +36,6 @@ OPTIONAL_COLUMNS = {"config_hash": "", "dataset": "", "t_c": np.nan, "payload_ki
                     "seed": np.nan, "ci_low": np.nan, "ci_high": np.nan, "t": np.nan, "epoch": np.nan}
 FLOAT_COLUMNS = ("value", "ci_low", "ci_high", "cut_ratio", "seed", "t", "epoch")
 TEXT_COLUMNS = ("cell", "kind", "defense", "threat", "target", "attack", "metric", "dataset", "payload_kind")
-_INF = {"inf": math.inf, "+inf": math.inf, "infinity": math.inf, "+infinity": math.inf, "∞": math.inf,
-        "-inf": -math.inf, "-infinity": -math.inf, "-∞": -math.inf}
-
-
-# ----------------------------------------------------------------------------- JSON numbers
-
-def json_number(x: Any) -> Any:
-    """``x`` ready for ``json.dumps(..., allow_nan=False)``: a float ±inf becomes "inf" / "-inf".
-
-    Anything else is returned unchanged (NaN included: a table's NaN is written as null by
-    :func:`to_records`; elsewhere it is an error that ``json.dumps`` reports)."""
-    if isinstance(x, float) and math.isinf(x):
-        return "inf" if x > 0 else "-inf"
-    return x
-
-
-def to_float(x: Any) -> float:
-    """A number as JSON holds it, back as a float: null → NaN, "inf" / "-inf" (also "∞") → ±inf,
-    anything that is not a number → NaN."""
-    if x is None:
-        return math.nan
-    if isinstance(x, str):
-        inf = _INF.get(x.strip().lower())
-        if inf is not None:
-            return inf
-    try:
-        return float(x)
-    except (TypeError, ValueError):
-        return math.nan
 
 
 # ----------------------------------------------------------------------------- writing
@@ -80,7 +48,8 @@ def cell_columns(cell: Cell) -> dict[str, Any]:
 
 def collect(cells: list[Cell], audit_dir: Path) -> tuple[pd.DataFrame, dict[str, dict]]:
     """The table for exactly these cells (every one must be finished) and each cell's record."""
-    from collafuse.benchmarks.audit.runner import read_cell  # the runner encodes its rows with json_number
+    # The runner owns the cell files (and loads the attack engines): imported here, not for a report's reads.
+    from collafuse.benchmarks.audit.runner import read_cell
 
     rows, records = [], {}
     for cell in cells:
@@ -101,30 +70,24 @@ def collect(cells: list[Cell], audit_dir: Path) -> tuple[pd.DataFrame, dict[str,
 
 
 def _floats(column: pd.Series) -> pd.Series:
-    return column.map(to_float).astype(float)
+    return column.map(decode_number).astype(float)
 
 
 def to_records(df: pd.DataFrame) -> list[dict[str, Any]]:
     """The table's rows as JSON objects: NaN → null, ±inf → "inf" / "-inf"."""
-    return [{k: json_number(v) for k, v in row.items()} for row in df.astype(object).where(df.notna(), None).to_dict("records")]
+    return [{k: encode_number(v) for k, v in row.items()} for row in df.astype(object).where(df.notna(), None).to_dict("records")]
 
 
 def write_results(df: pd.DataFrame, audit_dir: Path) -> tuple[Path, Path]:
     """results.csv and results.json, each via a temporary file and a rename."""
-    pid = os.getpid()
-    paths = []
-    for name, render in ((RESULTS_CSV, lambda: df.to_csv(index=False)),
-                         (RESULTS_JSON, lambda: json.dumps(to_records(df), indent=0, allow_nan=False))):
-        path = audit_dir / name
-        tmp = audit_dir / f".{name}.partial-{pid}"
-        try:
-            tmp.write_text(render())
-            os.replace(tmp, path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
-        paths.append(path)
-    return paths[0], paths[1]
+    csv = audit_dir / RESULTS_CSV
+    tmp = audit_dir / f".{RESULTS_CSV}.partial-{os.getpid()}"
+    try:
+        tmp.write_text(df.to_csv(index=False))
+        os.replace(tmp, csv)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return csv, write_json_atomic(audit_dir / RESULTS_JSON, to_records(df), indent=0)
 
 
 # ----------------------------------------------------------------------------- reading

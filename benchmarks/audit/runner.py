@@ -39,10 +39,10 @@ from tqdm import tqdm
 
 from collafuse.errors import ConfigError, RunError
 from collafuse.fsutil import sweep_stale_partials
+from collafuse.jsonio import dumps, encode_number
 
 from collafuse.benchmarks.audit.cells import CellOutput, build_shared, cell_device, compute_cell, shared_resources
 from collafuse.benchmarks.audit.grid import Cell, canonical_hash
-from collafuse.benchmarks.audit.results import json_number
 
 CELLS_DIR = "cells"
 ARTIFACTS_DIR = "artifacts"
@@ -191,12 +191,12 @@ def write_cell(audit_dir: Path, cell: Cell, out: CellOutput) -> None:
                                                     for name, data in out.artifacts.items()},
               "info": out.info}
     record[CONTENT_HASH] = content_hash(record)
-    _atomic_write(cell_path(audit_dir, h), json.dumps(record, indent=1, allow_nan=False).encode())
+    _atomic_write(cell_path(audit_dir, h), dumps(record, indent=1).encode())
 
 
 def _encode(row: dict[str, Any]) -> dict[str, Any]:
     """JSON has no infinity: ε = ∞ (no bound) is stored as the string "inf"."""
-    return {k: json_number(v) for k, v in row.items()}
+    return {k: encode_number(v) for k, v in row.items()}
 
 
 def _unique(cells: Iterable[Cell]) -> list[Cell]:

@@ -40,9 +40,10 @@ from sklearn.neighbors import NearestNeighbors
 from torch import nn
 from torch.nn import functional as F
 
-from collafuse.attacks.stats import wilson_interval
+from collafuse.attacks.stats import Interval, wilson_interval
 from collafuse.errors import ConfigError
-from collafuse.training import CPU, resolve_device, stream_seed
+from collafuse.device import CPU, resolve_device
+from collafuse.streams import STREAM_CLS_INIT, STREAM_CLS_SHUFFLE, stream_seed
 
 __all__ = [
     "ClassifierRecipe", "DEFAULT_RECIPE", "FeatureClassifier", "train_feature_classifier",
@@ -53,7 +54,6 @@ __all__ = [
 ]
 
 # Random streams of the classifier, far from the core's stream ids (0..6) and the defenses' (1001+).
-STREAM_CLS_INIT, STREAM_CLS_SHUFFLE = 2001, 2002
 
 
 # ---------------------------------------------------------------- the feature classifier
@@ -381,16 +381,16 @@ def kernel_inception_distance(
     subset_size: int | None = None,
     seed: int = 0,
     level: float = 0.95,
-) -> dict[str, float | None]:
+) -> Interval:
     """KID: the mean over ``n_subsets`` random subsets of the unbiased MMD² (Bińkowski et al. 2018).
 
     Each subset draws ``subset_size`` rows from each set without replacement
-    (default min(1000, half the smaller set), so that subsets differ). Returns
-    ``{"value", "ci_low", "ci_high"}``: the interval is the central ``level`` range
+    (default min(1000, half the smaller set), so that subsets differ). Returns an
+    :class:`~collafuse.attacks.stats.Interval`: the central ``level`` range
     (percentiles) of the per-subset estimates — where a KID from ``subset_size``
     samples falls; conservative for the mean. (A t-interval of the mean over subsets
     would be misleadingly narrow: the subsets share one pool of samples.) With one
-    subset there is no interval (None).
+    subset there is no interval (low / high None).
     """
     real, fake = _features(real_feats, "real_feats"), _features(fake_feats, "fake_feats")
     _same_dim(real, fake)
@@ -410,9 +410,9 @@ def kernel_inception_distance(
         for _ in range(n_subsets)
     ])
     if n_subsets == 1:
-        return {"value": float(values[0]), "ci_low": None, "ci_high": None}
+        return Interval(float(values[0]), method="kid-subsets", level=level)
     lo, hi = np.quantile(values, [0.5 - level / 2, 0.5 + level / 2])
-    return {"value": float(values.mean()), "ci_low": float(lo), "ci_high": float(hi)}
+    return Interval(float(values.mean()), float(lo), float(hi), n_subsets, "kid-subsets", level)
 
 
 def knn_radii(feats: np.ndarray, k: int) -> np.ndarray:
@@ -461,16 +461,11 @@ def precision_recall(real_feats: np.ndarray, fake_feats: np.ndarray, k: int = 3)
     return float(fake_in_real.mean()), float(real_in_fake.mean())
 
 
-def _interval_dict(value: float, lo: float | None, hi: float | None) -> dict[str, float | None]:
-    return {"value": float(value), "ci_low": lo, "ci_high": hi}
+def _wilson(hits: np.ndarray, level: float = 0.95) -> Interval:
+    return wilson_interval(int(hits.sum()), int(hits.size), level)
 
 
-def _wilson(hits: np.ndarray, level: float = 0.95) -> dict[str, float | None]:
-    iv = wilson_interval(int(hits.sum()), int(hits.size), level)
-    return _interval_dict(iv.value, iv.lo, iv.hi)
-
-
-def class_accuracy(predicted: np.ndarray, labels: np.ndarray, level: float = 0.95) -> dict[str, float | None]:
+def class_accuracy(predicted: np.ndarray, labels: np.ndarray, level: float = 0.95) -> Interval:
     """Accuracy of (N,) predictions against (N,) labels with the Wilson score interval."""
     pred, y = np.asarray(predicted).ravel(), np.asarray(labels).ravel()
     if pred.shape != y.shape or pred.size == 0:
@@ -498,12 +493,12 @@ def sample_utility(
     classifier: FeatureClassifier,
     seed: int,
     k: int = 3,
-) -> dict[str, dict[str, Any]]:
+) -> dict[str, Interval]:
     """Quality of generated images ``fake`` against reference images ``real``, both (N,C,H,W) in [-1, 1].
 
-    Metric → {"value", "ci_low", "ci_high"} (95 %):
+    Metric → :class:`~collafuse.attacks.stats.Interval` (95 %):
 
-    - ``fid``: no interval (None, None);
+    - ``fid``: no interval;
     - ``kid``: percentile range over subsets (:func:`kernel_inception_distance`, seeded by ``seed``);
     - ``precision``, ``recall``: Wilson intervals over the judged rows, conditional on
       the reference manifold (the other set is held fixed);
@@ -520,8 +515,8 @@ def sample_utility(
     _check_labels(real_labels, len(real), "real_labels")
     real_f, fake_f = classifier.features(real), classifier.features(fake)
     fake_in_real, real_in_fake = _pr_hits(real_f, fake_f, k)
-    out: dict[str, dict[str, Any]] = {
-        "fid": _interval_dict(frechet_distance(real_f, fake_f), None, None),
+    out: dict[str, Interval] = {
+        "fid": Interval(frechet_distance(real_f, fake_f), method="plug-in"),
         "kid": kernel_inception_distance(real_f, fake_f, seed=seed),
         "precision": _wilson(fake_in_real),
         "recall": _wilson(real_in_fake),

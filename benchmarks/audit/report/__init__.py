@@ -48,17 +48,18 @@ from __future__ import annotations
 import os
 import shutil
 from pathlib import Path
-from typing import Any
 
 import pandas as pd
 
 from collafuse.errors import RunError
 
+from collafuse.benchmarks.audit.meta import AUDIT_JSON, AuditMeta
 from collafuse.benchmarks.audit.results import read_audit_file, read_results
 
 from .analysis import (FORMAL_FOR_THREAT, HEADLINE, NOT_MEASURED, best_per_cell, coverage_matrix, format_value,
                        formal_table, frontier_table, worst_leakage)
-from .document import Artifact, Cell, Figure, Gallery, Para, Pre, Section, Table, Verdict, num, txt, verdict_cell
+from .document import (Artifact, Figure, Gallery, Para, Pre, Section, Table, TableCell, VerdictBox, num, txt,
+                       verdict_cell)
 from .html_renderer import render_html
 from .markdown_renderer import render_markdown
 from .sections import MAX_RECONSTRUCTIONS, build_sections
@@ -67,21 +68,21 @@ __all__ = [
     "AUDIT_JSON", "load_audit", "write_report", "build_sections", "render_html", "render_markdown",
     "format_value", "worst_leakage", "best_per_cell", "frontier_table", "formal_table", "coverage_matrix",
     "HEADLINE", "FORMAL_FOR_THREAT", "NOT_MEASURED", "MAX_RECONSTRUCTIONS",
-    "Cell", "Table", "Para", "Figure", "Artifact", "Gallery", "Pre", "Verdict", "Section", "num", "txt", "verdict_cell",
+    "TableCell", "Table", "Para", "Figure", "Artifact", "Gallery", "Pre", "VerdictBox", "Section", "num", "txt",
+    "verdict_cell",
 ]
 
-AUDIT_JSON = "audit.json"
 
-
-def load_audit(audit_dir: Path) -> tuple[pd.DataFrame, dict[str, Any]]:
+def load_audit(audit_dir: Path) -> tuple[pd.DataFrame, AuditMeta]:
     """The tidy rows (:func:`~collafuse.benchmarks.audit.results.read_results`) and the metadata
-    (``audit.json``) of an audit folder; :class:`RunError` (one line) if it is not one."""
+    (``audit.json``, validated once into :class:`~..meta.AuditMeta`) of an audit folder; :class:`RunError`
+    (one line) if it is not one."""
     audit_dir = Path(audit_dir)
     frame = read_results(audit_dir)
-    meta = read_audit_file(audit_dir, AUDIT_JSON)
-    if not isinstance(meta, dict):
+    raw = read_audit_file(audit_dir, AUDIT_JSON)
+    if not isinstance(raw, dict):
         raise RunError(f"{audit_dir / AUDIT_JSON} is corrupt: expected a JSON object")
-    return frame, meta
+    return frame, AuditMeta.from_json(raw)
 
 
 def write_report(audit_dir: Path) -> tuple[Path, Path]:

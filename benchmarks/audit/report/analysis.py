@@ -2,22 +2,20 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import pandas as pd
 
+from collafuse.jsonio import decode_number as to_float
+from collafuse.metrics import formal_metrics, headline_metrics
 from collafuse.threats import THREAT_IDS
 
-from collafuse.benchmarks.audit.policy import worst_index
-from collafuse.benchmarks.audit.results import to_float
+from collafuse.benchmarks.audit.verdict import worst_index
 
-HEADLINE: dict[str, tuple[str, ...]] = {"T1": ("reid_pool", "auc"), "T2": ("auc",), "T3": ("auc",), "T4": ("auc",)}
-FORMAL_FOR_THREAT: dict[str, tuple[str, ...]] = {
-    "T1": ("epsilon_payload",),
-    "T2": ("epsilon_model_server",),
-    "T3": ("epsilon_model_clients",),
-    "T4": ("epsilon_model_server", "epsilon_model_clients"),  # samples come from both models: they compose
-}
+# From the one metric vocabulary: each threat's headline metrics (T1: reid_pool, then auc) and the formal ε
+# that bounds it (T4 composes the server's and the clients' bounds: both are listed).
+HEADLINE: dict[str, tuple[str, ...]] = {t: headline_metrics(t) for t in THREAT_IDS}
+FORMAL_FOR_THREAT: dict[str, tuple[str, ...]] = {t: formal_metrics(t) for t in THREAT_IDS}
 NOT_MEASURED = "not measured"
 
 
@@ -43,8 +41,9 @@ def measured(frame: pd.DataFrame) -> pd.DataFrame:
     return frame[frame["value"].notna()]
 
 
-def cell_order(rows: pd.DataFrame, meta: dict) -> list[str]:
-    order = [c.get("cell") for c in meta.get("cells") or [] if isinstance(c, dict) and c.get("cell")]
+def cell_order(rows: pd.DataFrame, meta) -> list[str]:
+    """Cell ids in the audit's order (``meta``: the :class:`~..meta.AuditMeta`), then any only the rows name."""
+    order = [c.cell for c in meta.cells if c.cell]
     seen = set(order)
     for cell in rows["cell"]:
         if cell not in seen:
@@ -148,7 +147,7 @@ def frontier_table(rows: pd.DataFrame, worst: pd.DataFrame, evaluations: dict[st
             "worst_reid": float(reid["value"].max()) if not reid.empty else math.nan,
             "accuracy": acc["value"] if acc is not None else math.nan,
             "fid": fid["value"] if fid is not None else math.nan,
-            "passed": evaluation.get("pass") if isinstance(evaluation, dict) else None,
+            "passed": evaluation.passed if evaluation is not None else None,
         })
     columns = ["cell", "defense", "cut_ratio", "gflops_train", "gflops_sample", "gflops", "payload_bytes",
                "worst_auc", "worst_reid", "accuracy", "fid", "passed"]
@@ -205,36 +204,11 @@ def formal_table(rows: pd.DataFrame, cells: Sequence[str]) -> pd.DataFrame:
     return pd.DataFrame(out, columns=columns)
 
 
-def coverage_matrix(coverage: Any) -> tuple[list[str], list[str], dict[tuple[str, str], tuple[bool | None, str]]]:
-    """Normalise ``audit.json``'s coverage into (defenses, threats, {(defense, threat): (covered, how)}).
-
-    Accepts defense → threat → (list of covering defense labels | reasons | bool | str), or the
-    bare :func:`collafuse.defenses.coverage.coverage_map` shape threat → [defense labels].
-    """
-    if not isinstance(coverage, dict) or not coverage:
-        return [], [], {}
-    cells: dict[tuple[str, str], tuple[bool | None, str]] = {}
-    if all(str(k) in THREAT_IDS for k in coverage) and all(isinstance(v, (list, tuple)) for v in coverage.values()):
-        defenses = ordered(str(label) for labels in coverage.values() for label in labels)
-        for threat, labels in coverage.items():
-            for d in defenses:
-                cells[(d, str(threat))] = (d in [str(x) for x in labels], "")
-        return defenses, ordered(map(str, coverage), THREAT_IDS), cells
-    defenses = [str(d) for d in coverage]
-    threats = ordered((str(t) for m in coverage.values() if isinstance(m, dict) for t in m), THREAT_IDS)
-    for d, mapping in coverage.items():
-        if not isinstance(mapping, dict):
-            continue
-        for t, v in mapping.items():
-            if isinstance(v, bool):
-                cells[(str(d), str(t))] = (v, "")
-            elif isinstance(v, (list, tuple)):
-                how = ", ".join(str(x) for x in v if str(x))
-                cells[(str(d), str(t))] = (bool(how), how)
-            elif isinstance(v, str):
-                cells[(str(d), str(t))] = (bool(v.strip()), v.strip())
-            elif v is None:
-                cells[(str(d), str(t))] = (False, "")
-            else:
-                cells[(str(d), str(t))] = (None, str(v))
+def coverage_matrix(coverage: Mapping[str, Mapping[str, Sequence[str]]]) -> tuple[
+        list[str], list[str], dict[tuple[str, str], tuple[bool, str]]]:
+    """audit.json's coverage (defense setting → threat → labels of the defenses that address it) as
+    (defenses, threats in order, {(defense, threat): (covered, how)})."""
+    defenses = list(coverage)
+    threats = ordered((t for m in coverage.values() for t in m), THREAT_IDS)
+    cells = {(d, t): (bool(labels), ", ".join(labels)) for d, m in coverage.items() for t, labels in m.items()}
     return defenses, threats, cells

@@ -3,15 +3,20 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
-from collafuse.benchmarks.audit.results import to_float
+from collafuse.jsonio import decode_number as to_float
+
+from collafuse.benchmarks.audit.verdict import Recommendation
 
 from .analysis import NOT_MEASURED, format_value
 
 
 @dataclass
-class Cell:
+class TableCell:
+    """One cell of a report table (not an audit cell): its text, the unrounded number, a CSS class."""
+
     text: str
     value: float | None = None   # unrounded number, written as data-value in HTML
     cls: str = ""
@@ -20,7 +25,7 @@ class Cell:
 @dataclass
 class Table:
     columns: list[str]
-    rows: list[list[Cell]]
+    rows: list[list[TableCell]]
     id: str | None = None
     caption: str = ""
 
@@ -59,12 +64,12 @@ class Pre:
 
 
 @dataclass
-class Verdict:
+class VerdictBox:
     status: str          # "pass" | "fail" | "unknown"
     text: str
     passing: list[str]
     total: int
-    recommendation: dict | None
+    recommendation: Recommendation | None
 
 
 @dataclass
@@ -74,20 +79,35 @@ class Section:
     blocks: list = field(default_factory=list)
 
 
-def num(x: Any, *, formal: bool = False) -> Cell:
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def read_png(audit_dir: Path, rel: str | None) -> bytes | None:
+    """The PNG artifact at ``rel`` (relative to the audit folder), or None when there is none, it cannot be
+    read or it is not a PNG (a report never fails on a damaged picture: it shows what it can)."""
+    if not rel:
+        return None
+    try:
+        png = (Path(audit_dir) / rel).read_bytes()
+    except OSError:
+        return None
+    return png if png.startswith(PNG_MAGIC) else None
+
+
+def num(x: Any, *, formal: bool = False) -> TableCell:
     v = to_float(x)
     text = format_value(v, formal=formal)
     cls = "nm" if text == NOT_MEASURED else "num"
-    return Cell(text, None if math.isnan(v) else v, cls)
+    return TableCell(text, None if math.isnan(v) else v, cls)
 
 
-def txt(x: Any, cls: str = "") -> Cell:
-    return Cell("" if x is None else str(x), None, cls)
+def txt(x: Any, cls: str = "") -> TableCell:
+    return TableCell("" if x is None else str(x), None, cls)
 
 
-def verdict_cell(passed: Any) -> Cell:
+def verdict_cell(passed: Any) -> TableCell:
     if passed is True:
-        return Cell("pass", None, "pass")
+        return TableCell("pass", None, "pass")
     if passed is False:
-        return Cell("fail", None, "fail")
-    return Cell(NOT_MEASURED, None, "nm")
+        return TableCell("fail", None, "fail")
+    return TableCell(NOT_MEASURED, None, "nm")

@@ -7,7 +7,9 @@ import math
 from typing import Any
 
 from .analysis import format_value
-from .document import Artifact, Figure, Gallery, Para, Pre, Section, Table, Verdict
+from collafuse.benchmarks.audit.meta import AuditMeta
+
+from .document import Artifact, Figure, Gallery, Para, Pre, Section, Table, VerdictBox
 from .sections import TITLE, subtitle
 
 CSS = """
@@ -68,18 +70,18 @@ def _html_table(t: Table) -> str:
     return f'<div class="scroll"><table{tid}>{cap}<thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody></table></div>'
 
 
-def _html_verdict(v: Verdict) -> str:
+def _html_verdict(v: VerdictBox) -> str:
     label = {"pass": "PASS", "fail": "FAIL"}.get(v.status, "NO VERDICT")
     count = f"{len(v.passing)} of {v.total} cells pass the policy." if v.total else "No cells were measured."
     out = [f'<div id="verdict" class="{v.status}"><div class="status">{label}</div>'
            f'<div class="text">{_esc(v.text)}</div><div class="count">{_esc(count)}</div></div>']
     r = v.recommendation
     if r:
-        items = [("setting", r.get("defense")), ("cut ratio", format_value(r.get("cut_ratio"))),
-                 ("client GFLOPs", format_value(r.get("client_gflops"))), ("cell", r.get("cell")), ("why", r.get("why"))]
+        items = [("setting", r.defense), ("cut ratio", format_value(r.cut_ratio)),
+                 ("client GFLOPs", format_value(r.client_gflops)), ("cell", r.cell), ("why", r.why)]
         dl = "".join(f"<dt>{_esc(k)}</dt><dd>{_esc(val)}</dd>" for k, val in items)
-        out.append(f'<div id="recommendation"><h3>Recommendation: {_esc(r.get("defense"))} at cut ratio '
-                   f'{_esc(format_value(r.get("cut_ratio")))}</h3><dl>{dl}</dl></div>')
+        out.append(f'<div id="recommendation"><h3>Recommendation: {_esc(r.defense)} at cut ratio '
+                   f'{_esc(format_value(r.cut_ratio))}</h3><dl>{dl}</dl></div>')
     else:
         out.append('<div id="recommendation" class="none"><h3>Recommendation: none</h3>'
                    '<p>No setting in the grid passes the policy; there is nothing to recommend.</p></div>')
@@ -92,13 +94,13 @@ def _artifact(a: Artifact) -> str:
             f"<figcaption>{_esc(a.caption)}</figcaption></figure>")
 
 
-def render_html(sections: list[Section], meta: dict) -> str:
+def render_html(sections: list[Section], meta: AuditMeta) -> str:
     """The whole page: title, the subtitle from ``meta``, a navigation bar and every section."""
     parts = []
     for s in sections:
         body = []
         for b in s.blocks:
-            if isinstance(b, Verdict):
+            if isinstance(b, VerdictBox):
                 body.append(_html_verdict(b))
             elif isinstance(b, Para):
                 body.append(f'<p class="{b.cls}">{_esc(b.text)}</p>' if b.cls else f"<p>{_esc(b.text)}</p>")

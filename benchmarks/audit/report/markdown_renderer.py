@@ -4,7 +4,9 @@ from __future__ import annotations
 from typing import Any
 
 from .analysis import format_value
-from .document import Artifact, Figure, Gallery, Para, Pre, Section, Table, Verdict
+from collafuse.benchmarks.audit.meta import AuditMeta
+
+from .document import Artifact, Figure, Gallery, Para, Pre, Section, Table, VerdictBox
 from .sections import TITLE, subtitle
 
 
@@ -19,21 +21,21 @@ def _md_table(t: Table) -> str:
     return "\n".join(lines)
 
 
-def render_markdown(sections: list[Section], meta: dict) -> str:
+def render_markdown(sections: list[Section], meta: AuditMeta) -> str:
     """The whole document: title, the subtitle from ``meta`` and every section."""
     out = [f"# {TITLE}", "", subtitle(meta), ""]
     for s in sections:
         out += [f"## {s.title}", ""]
         for b in s.blocks:
-            if isinstance(b, Verdict):
+            if isinstance(b, VerdictBox):
                 label = {"pass": "PASS", "fail": "FAIL"}.get(b.status, "NO VERDICT")
                 out += [f"### Verdict: **{label}**", "", b.text, "",
                         f"{len(b.passing)} of {b.total} cells pass the policy." if b.total else "No cells were measured.", ""]
                 r = b.recommendation
                 if r:
-                    out += [f"**Recommendation:** {r.get('defense')} at cut ratio {format_value(r.get('cut_ratio'))}", "",
-                            f"- cell: `{r.get('cell')}`", f"- client GFLOPs: {format_value(r.get('client_gflops'))}",
-                            f"- why: {r.get('why')}", ""]
+                    out += [f"**Recommendation:** {r.defense} at cut ratio {format_value(r.cut_ratio)}", "",
+                            f"- cell: `{r.cell}`", f"- client GFLOPs: {format_value(r.client_gflops)}",
+                            f"- why: {r.why}", ""]
                 else:
                     out += ["**Recommendation:** none: no setting in the grid passes the policy.", ""]
             elif isinstance(b, Para):

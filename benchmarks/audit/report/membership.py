@@ -15,18 +15,20 @@ from __future__ import annotations
 
 import pandas as pd
 
+from collafuse.metrics import at_epoch, metric, names
+from collafuse.threats import THREAT_IDS
+
 from collafuse.benchmarks.audit import plots
 
 from .analysis import NOT_MEASURED, measured
 from .document import Figure, Para, Section, Table, txt, num
 
-MEMBERSHIP_THREATS = ("T1", "T2", "T3", "T4")
-DETAIL_METRICS = {"tpr_at_01pct_fpr": "TPR at 0.1 % FPR", "balanced_accuracy": "balanced accuracy",
-                  "epsilon_gdp": "ε_GDP lower bound"}
-RESOLVED = "tpr_at_01pct_fpr_resolved"
+MEMBERSHIP_THREATS = THREAT_IDS
+# Names, labels and the resolved flag from the one metric vocabulary (collafuse.metrics).
+DETAIL_METRICS = {name: metric(name).label for name in ("tpr_at_01pct_fpr", "balanced_accuracy", "epsilon_gdp")}
+RESOLVED = metric("tpr_at_01pct_fpr").resolved_by
 SNAPSHOT_THREATS = ("T2", "T3")          # the model targets attacked on every snapshot
-EPOCH_METRICS = ("auc", "tpr_at_1pct_fpr")
-AT_EPOCH = "_at_epoch"                   # collafuse.benchmarks.audit.cells.AT_EPOCH
+EPOCH_METRICS = names("auc", "tpr_at_1pct_fpr")
 
 
 def _worst(frame: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
@@ -79,12 +81,12 @@ def epochs_frame(rows: pd.DataFrame) -> pd.DataFrame:
     """Per (cell, threat T2/T3, epoch, metric auc / tpr_at_1pct_fpr): the worst value over targets and attacks
     and the one that reached it, at every snapshot epoch and at the final epoch (the cell's ``epochs``), for
     cells with snapshot rows. A snapshot at the final epoch is the final model: it is shown once."""
-    names = {m + AT_EPOCH: m for m in EPOCH_METRICS}
-    snap = rows[rows["metric"].isin(list(names)) & rows["threat"].isin(SNAPSHOT_THREATS)].copy()
+    snapshot_names = {at_epoch(m): m for m in EPOCH_METRICS}
+    snap = rows[rows["metric"].isin(list(snapshot_names)) & rows["threat"].isin(SNAPSHOT_THREATS)].copy()
     columns = ["cell", "defense", "cut_ratio", "threat", "epoch", "metric", "value", "attack", "target"]
     if snap.empty:
         return pd.DataFrame(columns=columns)
-    snap["metric"] = snap["metric"].map(names)
+    snap["metric"] = snap["metric"].map(snapshot_names)
     final = rows[rows["cell"].isin(set(snap["cell"])) & rows["metric"].isin(EPOCH_METRICS)
                  & rows["threat"].isin(SNAPSHOT_THREATS)].copy()
     final["epoch"] = pd.to_numeric(final["epochs"], errors="coerce")

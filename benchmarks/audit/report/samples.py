@@ -11,11 +11,13 @@ from pathlib import Path
 
 import pandas as pd
 
+from collafuse.jsonio import decode_number as to_float
+
 from collafuse.benchmarks.audit.handoff import MAX_C2ST_AUC, STD_TOLERANCE
-from collafuse.benchmarks.audit.results import to_float
+from collafuse.benchmarks.audit.meta import CellEntry
 
 from .analysis import NOT_MEASURED, format_value, measured
-from .document import Artifact, Cell, Gallery, Para, Section, Table, num, txt
+from .document import Artifact, Gallery, Para, Section, Table, TableCell, num, read_png, txt
 
 UTILITY_SHOWN = ("accuracy", "fid", "kid", "precision", "recall")
 
@@ -46,34 +48,29 @@ def _handoff_words(rows: pd.DataFrame, cell: str) -> tuple[str, bool | None]:
     return f"hand-off OFF-DISTRIBUTION ({facts}): {'; '.join(causes)}", True
 
 
-def _caption(rows: pd.DataFrame, cell: str, info: dict) -> str:
+def _caption(rows: pd.DataFrame, cell: str, info: CellEntry) -> str:
     utility = []
     for metric in UTILITY_SHOWN:
         v = _value(rows, cell, "utility", "pooled", metric)
         if v is not None:
             utility.append(f"{metric} {format_value(v['value'])}")
-    baseline = f" [{info['baseline']} baseline]" if info.get("baseline") else ""
+    baseline = f" [{info.baseline} baseline]" if info.baseline else ""
     words, _ = _handoff_words(rows, cell)
     return (f"{cell}{baseline} — one row per client. Pooled: {', '.join(utility) if utility else NOT_MEASURED}. "
             f"{words[0].upper()}{words[1:]}.")
 
 
-def samples_section(audit_dir: Path, rows: pd.DataFrame, meta_cells: dict, cells: list[str]) -> Section:
+def samples_section(audit_dir: Path, rows: pd.DataFrame, meta_cells: dict[str, CellEntry], cells: list[str]) -> Section:
     s = Section("samples", "1a. Samples of every trained system, and the server's hand-off")
     gallery = Gallery([], "Collaborative samples (labels cycle through the classes, so columns line up by class), "
                           "finished by each client from the server's hand-off.")
     flagged = []
     for cell in cells:
         info = meta_cells.get(cell)
-        rel = ((info.get("artifacts") or {}).get("samples") if isinstance(info, dict) else None)
-        if not rel:
+        png = read_png(audit_dir, info.artifacts.samples if info is not None else None)
+        if png is None:
             continue
-        try:
-            png = (audit_dir / rel).read_bytes()
-        except OSError:
-            continue
-        if png.startswith(b"\x89PNG\r\n\x1a\n"):
-            gallery.items.append(Artifact(str(rel), png, _caption(rows, cell, info), wide=True))
+        gallery.items.append(Artifact(str(info.artifacts.samples), png, _caption(rows, cell, info), wide=True))
         if _handoff_words(rows, cell)[1]:
             flagged.append(cell)
     if gallery.items:
@@ -116,8 +113,8 @@ def _handoff_table(rows: pd.DataFrame, cells: list[str]) -> Table | None:
                     if auc is not None and pd.notna(auc.get("ci_low")) else "")
         out.append([txt(cell), num(val("handoff_server_steps")), num(val("handoff_mean")), num(val("payload_mean")),
                     num(val("handoff_std")), num(val("payload_std")),
-                    Cell(format_value(val("handoff_auc")) + interval, to_float(val("handoff_auc")), "num"),
+                    TableCell(format_value(val("handoff_auc")) + interval, to_float(val("handoff_auc")), "num"),
                     num(val("handoff_p_value")),
-                    Cell("off-distribution" if flagged else "payload-like", None, "fail" if flagged else "pass")])
+                    TableCell("off-distribution" if flagged else "payload-like", None, "fail" if flagged else "pass")])
     return Table(["cell", "server steps", "hand-off mean", "payload mean", "hand-off std", "payload std",
                   "classifier AUC [95 %]", "permutation p", "verdict"], out, id="handoff-table")

@@ -10,12 +10,16 @@ import pandas as pd
 
 from collafuse.threats import THREAT_IDS
 
+from collafuse.jsonio import decode_number as to_float
+
 from collafuse.benchmarks.audit import plots
-from collafuse.benchmarks.audit.results import to_float
+from collafuse.benchmarks.audit.meta import AuditMeta, CellEntry
+from collafuse.benchmarks.audit.verdict import Recommendation
 
 from .analysis import (FORMAL_FOR_THREAT, HEADLINE, NOT_MEASURED, best_per_cell, cell_order, coverage_matrix,
                        format_value, formal_table, frontier_table, measured, ordered, worst_leakage)
-from .document import Artifact, Cell, Figure, Gallery, Para, Pre, Section, Table, Verdict, num, txt, verdict_cell
+from .document import (Artifact, Figure, Gallery, Para, Pre, Section, Table, TableCell, VerdictBox, num, read_png,
+                       txt, verdict_cell)
 from .membership import membership_detail_section, training_length_section
 from .samples import samples_section
 
@@ -23,14 +27,11 @@ MAX_RECONSTRUCTIONS = 8
 TITLE = "collafuse audit report"
 
 
-def _verdict_section(meta: dict, total: int) -> Section:
-    v = meta.get("verdict") if isinstance(meta.get("verdict"), dict) else {}
-    status = str(v.get("status", "unknown")).lower()
-    rec = v.get("recommendation") if isinstance(v.get("recommendation"), dict) else None
-    passing = [str(c) for c in v.get("passing_cells") or []]
-    blocks: list = [Verdict(status if status in ("pass", "fail") else "unknown",
-                            str(v.get("text") or "The audit recorded no verdict."), passing, total, rec)]
-    if meta.get("quick"):
+def _verdict_section(meta: AuditMeta, total: int) -> Section:
+    v = meta.verdict
+    blocks: list = [VerdictBox(v.status, v.text or "The audit recorded no verdict.", list(v.passing_cells), total,
+                               v.recommendation)]
+    if meta.quick:
         blocks.append(Para("Quick audit: a tiny recipe for CI and a first look; its numbers are not the default grid's.", "warn"))
     return Section("summary", "1. Verdict", blocks)
 
@@ -103,19 +104,20 @@ def _heatmap_section(worst: pd.DataFrame, defenses: list[str], rows_all: pd.Data
         s.blocks.append(Table(["cell", "kind", "defense", "cut ratio", "threat", "metric", "worst value", "interval",
                                "attack", "target"], rows, id="leakage-table"))
     else:
-        s.blocks.append(Table(["cell", "threat", "worst value"], [[txt("—"), txt("—"), Cell(NOT_MEASURED, None, "nm")]],
+        s.blocks.append(Table(["cell", "threat", "worst value"], [[txt("—"), txt("—"), TableCell(NOT_MEASURED, None, "nm")]],
                               id="leakage-table"))
     if rows_all is not None:
         s.blocks.extend(Para(line) for line in _inverted_lines(rows_all))
     return s
 
 
-def _roc_section(audit_dir: Path, rows: pd.DataFrame, worst: pd.DataFrame, meta_cells: dict, cells: list[str]) -> Section:
+def _roc_section(audit_dir: Path, rows: pd.DataFrame, worst: pd.DataFrame, meta_cells: dict[str, CellEntry],
+                 cells: list[str]) -> Section:
     s = Section("roc", "4. Membership ROC curves")
     candidates, unreadable = [], []
     for cell in cells:
-        info = meta_cells.get(cell, {})
-        rel = ((info.get("artifacts") or {}).get("roc")) if isinstance(info, dict) else None
+        info = meta_cells.get(cell)
+        rel = info.artifacts.roc if info is not None else None
         if not rel:
             continue
         try:
@@ -143,7 +145,7 @@ def _roc_section(audit_dir: Path, rows: pd.DataFrame, worst: pd.DataFrame, meta_
         if curves:
             curves.sort(key=lambda c: c[3])
             w = measured(worst[worst["cell"] == cell])
-            candidates.append({"cell": cell, "defense": info.get("defense", ""), "score": float(w["value"].max()) if not w.empty else 0.0,
+            candidates.append({"cell": cell, "defense": info.defense, "score": float(w["value"].max()) if not w.empty else 0.0,
                                "title": cell, "curves": [c[:3] for c in curves]})
     if unreadable:
         s.blocks.append(Para(f"ROC data could not be read for: {', '.join(unreadable)}.", "warn"))
@@ -171,18 +173,13 @@ def _roc_section(audit_dir: Path, rows: pd.DataFrame, worst: pd.DataFrame, meta_
     return s
 
 
-def _cost_metric(meta: dict) -> str:
-    policy = meta.get("policy") if isinstance(meta.get("policy"), dict) else {}
-    return str(policy.get("minimize") or "client_gflops_sample")
-
-
-def _frontier_section(front: pd.DataFrame, rec: dict | None, cost_metric: str = "client_gflops_sample",
-                      meta_cells: dict | None = None) -> Section:
+def _frontier_section(front: pd.DataFrame, rec: Recommendation | None, cost_metric: str = "client_gflops_sample",
+                      meta_cells: dict[str, CellEntry] | None = None) -> Section:
     s = Section("frontier", "5. Privacy–utility–compute frontier")
     if front.empty:
         s.blocks.append(Para(f"Frontier: {NOT_MEASURED} (no trained system cells)."))
         return s
-    png = plots.frontier(front, rec.get("cell") if rec else None, xlabel=f"client cost: {cost_metric} (what the recommendation minimises)")
+    png = plots.frontier(front, rec.cell if rec else None, xlabel=f"client cost: {cost_metric} (what the recommendation minimises)")
     if png is not None:
         s.blocks.append(Figure("frontier.png", png,
                                "Each trained system: client compute (x) against its worst leakage (y); colour is the "
@@ -190,7 +187,7 @@ def _frontier_section(front: pd.DataFrame, rec: dict | None, cost_metric: str = 
                                "the recommended setting is ringed in red."))
     else:
         s.blocks.append(Para(f"Frontier plot: {NOT_MEASURED} (no cell has both a client cost and a leakage value)."))
-    baselines = {cell: (info or {}).get("baseline") or "" for cell, info in (meta_cells or {}).items()}
+    baselines = {cell: info.baseline or "" for cell, info in (meta_cells or {}).items()}
     rows = [[txt(r["cell"]), txt(r["defense"]), num(r["cut_ratio"]), txt(baselines.get(r["cell"], "")),
              num(r["gflops_train"]), num(r["gflops_sample"]),
              num(r["payload_bytes"]), num(r["worst_auc"]), num(r["worst_reid"]), num(r["accuracy"]), num(r["fid"]),
@@ -238,10 +235,10 @@ def _formal_section(formal: pd.DataFrame) -> Section:
         one_run = (f"{format_value(r['one_run'])} ({r['one_run_target']}/{r['one_run_attack']})"
                    if not math.isnan(r["one_run"]) else "—")
         rows.append([txt(r["cell"]), txt(r["defense"]), num(r["cut_ratio"]), txt(r["threat"]),
-                     Cell(formal_text, r["formal_values"][0] if len(r["formal_values"]) == 1 else None,
+                     TableCell(formal_text, r["formal_values"][0] if len(r["formal_values"]) == 1 else None,
                           "nm" if formal_text == NOT_MEASURED else ""),
                      num(r["empirical"]), txt(r["attack"] or "—"), txt(r["target"] or "—"),
-                     Cell(one_run, None if math.isnan(r["one_run"]) else float(r["one_run"]), ""),
+                     TableCell(one_run, None if math.isnan(r["one_run"]) else float(r["one_run"]), ""),
                      txt(check, "fail" if check.startswith("VIOLATED") else "")])
     s.blocks.append(Table(["cell", "defense", "cut ratio", "threat", "formal ε (upper bound)", "largest empirical ε_LB",
                            "attack", "target", "one-run ε_LB (target/attack)", "check"], rows, id="epsilon-table"))
@@ -253,32 +250,24 @@ def _formal_section(formal: pd.DataFrame) -> Section:
     return s
 
 
-def _reconstruction_section(audit_dir: Path, rows: pd.DataFrame, meta_cells: dict, cells: list[str], defenses: list[str]) -> Section:
+def _reconstruction_section(audit_dir: Path, rows: pd.DataFrame, meta_cells: dict[str, CellEntry], cells: list[str],
+                            defenses: list[str]) -> Section:
     s = Section("reconstructions", "7. Example reconstructions beside the originals")
     candidates = []
     for cell in cells:
         info = meta_cells.get(cell)
-        arts = (info.get("artifacts") or {}) if isinstance(info, dict) else {}
-        rel = arts.get("reconstructions")
-        if not rel:
-            continue
-        path = audit_dir / rel
-        try:
-            png = path.read_bytes()
-        except OSError:
-            continue
-        if not png.startswith(b"\x89PNG\r\n\x1a\n"):
-            continue
-        candidates.append((cell, info, str(rel), png, [str(r) for r in arts.get("reconstruction_rows") or []]))
+        png = read_png(audit_dir, info.artifacts.reconstructions if info is not None else None)
+        if png is not None:
+            candidates.append((cell, info, info.artifacts.reconstructions, png, list(info.artifacts.reconstruction_rows)))
     if not candidates:
         s.blocks.append(Para(f"Reconstructions: {NOT_MEASURED} (no reconstruction artifacts)."))
         return s
     chosen = []
     by_defense: dict[str, list] = {}
     for c in candidates:
-        by_defense.setdefault(str(c[1].get("defense", "")), []).append(c)
+        by_defense.setdefault(c[1].defense, []).append(c)
     for d in ordered(by_defense, defenses):   # per defense: the leakiest (lowest cut) and the safest cell
-        group = sorted(by_defense[d], key=lambda c: (to_float(c[1].get("cut_ratio")), str(c[1].get("kind"))))
+        group = sorted(by_defense[d], key=lambda c: (c[1].cut_ratio, c[1].kind))
         for c in (group[0], group[-1]):
             if c not in chosen:
                 chosen.append(c)
@@ -299,7 +288,7 @@ def _reconstruction_section(audit_dir: Path, rows: pd.DataFrame, meta_cells: dic
     return s
 
 
-SENDER_ID = "sender-id"  # collafuse.attacks.linkage.sender.NAME
+SENDER_ID = "sender-id"  # collafuse.attacks.linkage.sender.NAME (the report reads rows, not the attack)
 
 
 def _sender_lines(rows: pd.DataFrame) -> list[str]:
@@ -308,11 +297,11 @@ def _sender_lines(rows: pd.DataFrame) -> list[str]:
     lines = []
     for defense in ordered(str(d) for d in sub["defense"]):
         mine = sub[sub["defense"].astype(str) == defense]
-        acc = measured(mine[mine["metric"] == "accuracy"])
+        acc = measured(mine[mine["metric"] == "sender_accuracy"])
         if acc.empty:
             continue
         worst = acc.loc[acc["value"].idxmax()]
-        chance = mine[(mine["metric"] == "chance") & (mine["cell"] == worst["cell"])]["value"]
+        chance = mine[(mine["metric"] == "sender_chance") & (mine["cell"] == worst["cell"])]["value"]
         if chance.empty:
             continue
         p, lo, hi, c = (float(worst["value"]), to_float(worst["ci_low"]), to_float(worst["ci_high"]),
@@ -334,9 +323,9 @@ def _sender_lines(rows: pd.DataFrame) -> list[str]:
     return lines
 
 
-def _coverage_section(meta: dict, results: pd.DataFrame | None = None) -> Section:
+def _coverage_section(meta: AuditMeta, results: pd.DataFrame | None = None) -> Section:
     s = Section("coverage", "8. Threat × defense coverage")
-    defenses, threats, cells = coverage_matrix(meta.get("coverage"))
+    defenses, threats, cells = coverage_matrix(meta.coverage)
     if not defenses:
         s.blocks.append(Para(f"Coverage map: {NOT_MEASURED} (audit.json has none)."))
     else:
@@ -345,12 +334,10 @@ def _coverage_section(meta: dict, results: pd.DataFrame | None = None) -> Sectio
             row = [txt(d)]
             for t in threats:
                 covered, how = cells.get((d, t), (False, ""))
-                if covered is True:
-                    row.append(Cell("covered" + (f": {how}" if how else ""), None, "pass"))
-                elif covered is False:
-                    row.append(Cell("uncovered", None, "fail"))
+                if covered:
+                    row.append(TableCell("covered" + (f": {how}" if how else ""), None, "pass"))
                 else:
-                    row.append(Cell(how or "?", None, ""))
+                    row.append(TableCell("uncovered", None, "fail"))
             rows.append(row)
         s.blocks.append(Table(["defense setting", *threats], rows, id="coverage-table"))
     notes = ["T1: curious server reading the payloads; T2: white-box server model; T3: white-box client model; "
@@ -365,27 +352,25 @@ def _coverage_section(meta: dict, results: pd.DataFrame | None = None) -> Sectio
     return s
 
 
-def _checks_section(meta: dict) -> Section:
+def _checks_section(meta: AuditMeta) -> Section:
     s = Section("checks", "9. Policy checks per cell")
-    evaluations = [e for e in meta.get("evaluations") or [] if isinstance(e, dict)]
-    if not evaluations:
+    if not meta.evaluations:
         s.blocks.append(Para(f"Policy checks: {NOT_MEASURED} (audit.json has no evaluations)."))
         return s
     summary, detail = [], []
-    for e in evaluations:
-        checks = [c for c in e.get("checks") or [] if isinstance(c, dict)]
-        failed = sum(1 for c in checks if c.get("pass") is False)
-        unmeasured = sum(1 for c in checks if c.get("pass") is None)
-        summary.append([txt(e.get("cell")), verdict_cell(e.get("pass")),
-                        txt("yes" if e.get("complete") else "no", "" if e.get("complete") else "warn"),
-                        Cell(str(len(checks)), float(len(checks)), "num"), Cell(str(failed), float(failed), "num"),
-                        Cell(str(unmeasured), float(unmeasured), "num")])
-        for c in checks:
-            op = {"max": "≤", "min": "≥"}.get(str(c.get("op")), str(c.get("op")))
-            detail.append([txt(e.get("cell")), txt(c.get("threat")), txt(c.get("metric")),
-                           Cell(f"{op} {format_value(c.get('limit'))}", to_float(c.get("limit")), "num"),
-                           num(c.get("observed")), txt(c.get("attack") or "—"), txt(c.get("target") or "—"),
-                           verdict_cell(c.get("pass"))])
+    for e in meta.evaluations:
+        failed = sum(1 for c in e.checks if c.passed is False)
+        unmeasured = sum(1 for c in e.checks if c.passed is None)
+        summary.append([txt(e.cell), verdict_cell(e.passed),
+                        txt("yes" if e.complete else "no", "" if e.complete else "warn"),
+                        TableCell(str(len(e.checks)), float(len(e.checks)), "num"),
+                        TableCell(str(failed), float(failed), "num"),
+                        TableCell(str(unmeasured), float(unmeasured), "num")])
+        for c in e.checks:
+            op = {"max": "≤", "min": "≥"}.get(c.op, c.op)
+            detail.append([txt(e.cell), txt(c.threat), txt(c.metric),
+                           TableCell(f"{op} {format_value(c.limit)}", c.limit, "num"),
+                           num(c.observed), txt(c.attack or "—"), txt(c.target or "—"), verdict_cell(c.passed)])
     s.blocks.append(Table(["cell", "pass", "complete", "checks", "failed", "not measured"], summary, id="cells-table"))
     if detail:
         s.blocks.append(Table(["cell", "threat", "metric", "limit", "observed (worst)", "attack", "target", "pass"],
@@ -393,52 +378,46 @@ def _checks_section(meta: dict) -> Section:
     return s
 
 
-def sweep_text(meta: dict) -> str:
-    sweep = meta.get("sweep") if isinstance(meta.get("sweep"), dict) else {}
-    if "computed" not in sweep:
+def sweep_text(meta: AuditMeta) -> str:
+    if meta.sweep.computed is None:
         return "cells: not recorded"
-    return f"{sweep.get('computed')} cells computed, {sweep.get('reused')} reused from an earlier sweep"
+    return f"{meta.sweep.computed} cells computed, {meta.sweep.reused} reused from an earlier sweep"
 
 
-def _config_section(meta: dict) -> Section:
+def _config_section(meta: AuditMeta) -> Section:
     s = Section("configuration", "10. Exact configuration")
     facts = [
-        ["collafuse version", txt(meta.get("collafuse_version", "—"))],
-        ["started", txt(meta.get("started", "—"))],
-        ["wall time of this invocation (s)", num(meta.get("wall_seconds"))],
-        ["cell compute time, summed over cells (s)", num(meta.get("compute_seconds"))],
+        ["collafuse version", txt(meta.collafuse_version)],
+        ["started", txt(meta.started)],
+        ["wall time of this invocation (s)", num(meta.wall_seconds)],
+        ["cell compute time, summed over cells (s)", num(meta.compute_seconds)],
         ["cells computed / reused", txt(sweep_text(meta))],
-        ["quick", txt({True: "yes", False: "no"}.get(meta.get("quick"), "—"))],
+        ["quick", txt("yes" if meta.quick else "no")],
     ]
     s.blocks.append(Table(["", "value"], [[txt(k), v] for k, v in facts], id="run-table"))
-    versions = meta.get("versions") if isinstance(meta.get("versions"), dict) else {}
-    if versions:
-        s.blocks.append(Table(["package", "version"], [[txt(k), txt(v)] for k, v in sorted(versions.items())],
+    if meta.versions:
+        s.blocks.append(Table(["package", "version"], [[txt(k), txt(v)] for k, v in sorted(meta.versions.items())],
                               id="versions-table"))
-    cells = [c for c in meta.get("cells") or [] if isinstance(c, dict)]
-    if cells:
-        rows = [[txt(c.get("cell")), txt(c.get("config_hash")), txt(c.get("kind")), txt(c.get("dataset")),
-                 num(c.get("cut_ratio")), txt(c.get("t_c")), txt(c.get("defense")), txt(c.get("payload_kind")),
-                 txt(c.get("epochs")), txt(c.get("seed")), num(c.get("seconds"))] for c in cells]
+    if meta.cells:
+        rows = [[txt(c.cell), txt(c.config_hash), txt(c.kind), txt(c.dataset), num(c.cut_ratio), txt(c.t_c),
+                 txt(c.defense), txt(c.payload_kind), txt(c.epochs), txt(c.seed), num(c.seconds)] for c in meta.cells]
         s.blocks.append(Table(["cell", "config hash", "kind", "dataset", "cut ratio", "t_c", "defense", "payload kind",
                                "epochs", "seed", "seconds"], rows, id="cells-config-table"))
     s.blocks.append(Para("Grid (grid_yaml):"))
-    s.blocks.append(Pre(str(meta.get("grid_yaml") or "(not recorded)"), "yaml"))
+    s.blocks.append(Pre(meta.grid_yaml or "(not recorded)", "yaml"))
     s.blocks.append(Para("Policy (policy_yaml):"))
-    s.blocks.append(Pre(str(meta.get("policy_yaml") or "(not recorded)"), "yaml"))
+    s.blocks.append(Pre(meta.policy_yaml or "(not recorded)", "yaml"))
     return s
 
 
-def build_sections(audit_dir: Path, rows: pd.DataFrame, meta: dict) -> list[Section]:
+def build_sections(audit_dir: Path, rows: pd.DataFrame, meta: AuditMeta) -> list[Section]:
     """The report's content, in order, independent of the output format."""
     cells = cell_order(rows, meta)
-    meta_cells = {c["cell"]: c for c in meta.get("cells") or [] if isinstance(c, dict) and c.get("cell")}
-    defenses = ordered([*(c.get("defense") for c in meta_cells.values()), *rows["defense"]])
-    defenses = [str(d) for d in defenses]
+    meta_cells = {c.cell: c for c in meta.cells if c.cell}
+    defenses = [str(d) for d in ordered([*(c.defense for c in meta_cells.values()), *rows["defense"]])]
     worst = worst_leakage(rows, cells)
-    evaluations = {e.get("cell"): e for e in meta.get("evaluations") or [] if isinstance(e, dict)}
-    verdict = meta.get("verdict") if isinstance(meta.get("verdict"), dict) else {}
-    rec = verdict.get("recommendation") if isinstance(verdict.get("recommendation"), dict) else None
+    evaluations = {e.cell: e for e in meta.evaluations}
+    rec = meta.verdict.recommendation
     return [
         _verdict_section(meta, len(cells)),
         samples_section(audit_dir, rows, meta_cells, cells),
@@ -447,7 +426,7 @@ def build_sections(audit_dir: Path, rows: pd.DataFrame, meta: dict) -> list[Sect
         _roc_section(audit_dir, rows, worst, meta_cells, cells),
         membership_detail_section(rows, cells, defenses),
         training_length_section(rows),
-        _frontier_section(frontier_table(rows, worst, evaluations, cells, _cost_metric(meta)), rec, _cost_metric(meta),
+        _frontier_section(frontier_table(rows, worst, evaluations, cells, meta.cost_metric), rec, meta.cost_metric,
                           meta_cells),
         _formal_section(formal_table(rows, cells)),
         _reconstruction_section(audit_dir, rows, meta_cells, cells, defenses),
@@ -457,7 +436,7 @@ def build_sections(audit_dir: Path, rows: pd.DataFrame, meta: dict) -> list[Sect
     ]
 
 
-def subtitle(meta: dict) -> str:
+def subtitle(meta: AuditMeta) -> str:
     """The line under the page title: version, start, wall time, cells computed/reused, quick."""
-    return (f"collafuse {meta.get('collafuse_version', '?')} · started {meta.get('started', '?')} · "
-            f"wall time {format_value(meta.get('wall_seconds'))} s ({sweep_text(meta)})" + (" · quick" if meta.get("quick") else ""))
+    return (f"collafuse {meta.collafuse_version} · started {meta.started} · "
+            f"wall time {format_value(meta.wall_seconds)} s ({sweep_text(meta)})" + (" · quick" if meta.quick else ""))
