@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -29,6 +30,7 @@ import torch
 from torch import nn
 
 from collafuse.errors import ConfigError
+from collafuse.safeio import short_repr
 
 DIFFUSERS_CONFIG = "config.json"
 DIFFUSERS_WEIGHTS = "diffusion_pytorch_model.safetensors"
@@ -62,7 +64,8 @@ def _signature_keys() -> tuple[str, ...]:
 
 
 def check_unet_kwargs(kwargs: dict[str, Any]) -> None:
-    """Refuse keyword arguments UNet2DModel does not take (ValueError: the config validator's one line)."""
+    """Refuse keyword arguments UNet2DModel does not take, or sizes past the bounds (ValueError: the config
+    validator's one line)."""
     try:
         known = _signature_keys()
     except ConfigError as exc:
@@ -70,6 +73,75 @@ def check_unet_kwargs(kwargs: dict[str, Any]) -> None:
     unknown = sorted(set(kwargs) - set(known))
     if unknown:
         raise ValueError(f"UNet2DModel takes no argument {unknown[0]!r}; valid: {', '.join(known)}")
+    check_unet_bounds(kwargs)
+
+
+# Parameters of one model, for every backend (collafuse.config checks a run's models against it, counted on the
+# meta device): training holds ~5 float32 copies of each (weights, gradients, two Adam moments, EMA), 20 bytes,
+# so 300 M is 6 GiB of a 24 GiB machine. diffusers' default UNet2DModel has 274 M.
+MAX_MODEL_PARAMS = 300_000_000
+
+# Size bounds of a UNet2DModel's arguments (a config.json is user input), checked before anything is built.
+# The model as a whole is bounded by its parameter count (MAX_MODEL_PARAMS above, counted on the
+# meta device); these bound each argument first, so the count itself stays cheap.
+MAX_UNET_LEVELS = 8
+MAX_UNET_WIDTH = 4096           # diffusers' default UNet2DModel tops out at 896, Stable Diffusion's at 1280
+MAX_UNET_LAYERS = 16
+MAX_UNET_SCALAR = 1 << 16       # attention_head_dim, norm_num_groups, time_embedding_dim, num_train_timesteps
+
+
+def unet_default(name: str) -> Any:
+    """The default of one UNet2DModel argument (needs the diffusers extra)."""
+    return inspect.signature(_unet2d().__init__).parameters[name].default
+
+
+def _whole(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def check_unet_bounds(kwargs: dict[str, Any]) -> None:
+    """Refuse (ValueError, with the bound) UNet2DModel arguments whose sizes are past the bounds above."""
+    widths = kwargs.get("block_out_channels")
+    if widths is not None:
+        if not isinstance(widths, (list, tuple)) or not 1 <= len(widths) <= MAX_UNET_LEVELS:
+            raise ValueError(f"block_out_channels must list 1..{MAX_UNET_LEVELS} widths, got {short_repr(widths, 80)}")
+        if not all(_whole(w) and 1 <= w <= MAX_UNET_WIDTH for w in widths):
+            raise ValueError(f"block_out_channels must be integers in 1..{MAX_UNET_WIDTH}, got {short_repr(widths, 80)}")
+    for key in ("down_block_types", "up_block_types"):
+        value = kwargs.get(key)
+        if value is not None and (not isinstance(value, (list, tuple)) or len(value) > MAX_UNET_LEVELS):
+            raise ValueError(f"{key} must list at most {MAX_UNET_LEVELS} block types")
+    layers = kwargs.get("layers_per_block")
+    if layers is not None:
+        items = layers if isinstance(layers, (list, tuple)) else [layers]
+        if not all(_whole(v) and 1 <= v <= MAX_UNET_LAYERS for v in items):
+            raise ValueError(f"layers_per_block must be an integer in 1..{MAX_UNET_LAYERS}, got {short_repr(layers, 80)}")
+    for key in ("attention_head_dim", "norm_num_groups", "attn_norm_num_groups", "time_embedding_dim",
+                "num_train_timesteps", "sample_size", "in_channels", "out_channels", "num_class_embeds"):
+        value = kwargs.get(key)
+        items = value if isinstance(value, (list, tuple)) else [value]
+        if value is not None and not all(_whole(v) and 1 <= v <= MAX_UNET_SCALAR for v in items):
+            raise ValueError(f"{key} must be an integer in 1..{MAX_UNET_SCALAR}, got {short_repr(value, 80)}")
+
+
+def check_unet_size(arguments: dict[str, Any], where: str) -> None:
+    """Refuse (:class:`ConfigError`) a UNet2DModel whose arguments (a config.json's, derived keys included)
+    are past the bounds, or whose parameter count, counted on the meta device, is past
+    :data:`MAX_MODEL_PARAMS`: before its weights are read or anything is allocated."""
+    try:
+        check_unet_bounds(arguments)
+    except ValueError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+    cls = _unet2d()
+    try:
+        with torch.random.fork_rng(devices=[]), torch.device("meta"):
+            unet = cls(**arguments)
+    except (ValueError, TypeError, KeyError, AttributeError, RuntimeError, AssertionError) as exc:
+        raise ConfigError(f"{where}: UNet2DModel refused the config ({str(exc).splitlines()[0]})") from None
+    count = sum(p.numel() for p in unet.parameters())
+    if count > MAX_MODEL_PARAMS:
+        raise ConfigError(f"{where}: the model has {count / 1e6:.1f} M parameters; at most "
+                          f"{MAX_MODEL_PARAMS // 10**6} M per model (training keeps about 20 bytes per parameter)")
 
 
 def unet_levels(kwargs: dict[str, Any]) -> int:
@@ -178,6 +250,10 @@ def read_unet_folder(folder: Path) -> tuple[dict[str, Any], dict[str, torch.Tens
     if config.get("_class_name", "UNet2DModel") != "UNet2DModel":
         raise ConfigError(f"{folder}: {DIFFUSERS_CONFIG} describes a {config.get('_class_name')!r}; only UNet2DModel "
                           "is supported")
+    split_unet_config(config, str(folder / DIFFUSERS_CONFIG))  # unknown keys, before anything is built
+    check_unet_size({k: tuple(v) if isinstance(v, list) else v for k, v in config.items() if not k.startswith("_")},
+                    str(folder / DIFFUSERS_CONFIG))  # the bounds, before the weights are read
+    check_weights_size(weights)
     try:
         state = load_file(str(weights))
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
@@ -185,8 +261,23 @@ def read_unet_folder(folder: Path) -> tuple[dict[str, Any], dict[str, torch.Tens
     return config, state
 
 
+def check_weights_size(path: Path) -> None:
+    """Refuse a safetensors weights file larger than the largest model allowed (float32, with header room)
+    before reading it: the whole file is read into memory."""
+    limit = MAX_MODEL_PARAMS * 4 + (64 << 20)
+    try:
+        size = path.stat().st_size
+    except OSError as exc:
+        raise ConfigError(f"{path}: unreadable ({exc.strerror or exc})") from None
+    if size > limit:
+        raise ConfigError(f"{path}: {size / 2**30:.3g} GiB of weights; at most {limit / 2**30:.3g} GiB "
+                          f"({MAX_MODEL_PARAMS // 10**6} M float32 parameters)")
+
+
 def read_json_object(path: Path, what: str) -> dict[str, Any]:
     """A JSON object from a small file (size-capped), or one ConfigError line."""
+    if os.path.lexists(path) and not path.is_file():  # a folder or a named pipe: never opened
+        raise ConfigError(f"{what} {path} is not a regular file")
     if not path.is_file():
         raise ConfigError(f"{what} not found: {path}")
     if path.stat().st_size > MAX_CONFIG_BYTES:

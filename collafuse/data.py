@@ -10,17 +10,24 @@ import warnings
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
 from torch.nn import functional as F
 
 from collafuse.errors import DataError
+from collafuse.safeio import open_regular
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
 MAX_IMAGE_PIXELS = 1 << 25        # one image file: 33.5 M pixels (e.g. 5792 x 5792); larger ones are refused unread
 MAX_ARRAY_BYTES = 4 << 30         # one array of a .npz: 4 GiB
+# Images are kept as float32 in model space; turning a float64 array into them exactly (2x − 1 in float64)
+# peaks near 28 bytes per value: 2^28 values (1 GiB as float32, e.g. 65,536 images of 64×64) peak near 7 GiB
+# on a 24 GiB machine. Checked on the .npz header, before anything is loaded.
+MAX_IMAGE_VALUES = 1 << 28
 MAX_CLASSES = 10_000
+MAX_FOLDER_IMAGES = 1_000_000     # files read one by one from an image folder (each resized to at most 256²)
 SOURCES: tuple[str, ...] = ("digits", "mnist5k", "lfw", "folder", "npz")
 PARTITIONS: tuple[str, ...] = ("iid", "label", "dirichlet")
 
@@ -139,8 +146,9 @@ def load_lfw_faces(channels: int, size: int) -> ImageSet:
     return _finish(np.asarray(images, dtype=np.float64).clip(0, 1), None, channels, size, "lfw")
 
 
-def _npz_headers(path: Path) -> dict[str, tuple[tuple[int, ...], np.dtype, int]]:
-    """``name → (shape, dtype, stored bytes)`` of each array of a ``.npz``, read from the headers alone.
+def _npz_headers(path) -> dict[str, tuple[tuple[int, ...], np.dtype, int]]:
+    """``name → (shape, dtype, stored bytes)`` of each array of a ``.npz`` (a path or an open file), read from
+    the headers alone.
 
     Checked before anything is loaded: numpy allocates what a header claims before it reads
     the data, so a header claiming 10^13 entries would otherwise be a MemoryError.
@@ -164,7 +172,11 @@ def _check_npz_array(path: Path, name: str, shape: tuple[int, ...], dtype: np.dt
     if dtype.hasobject:
         raise DataError(f"{path}: array {name!r} holds pickled Python objects, which are never loaded; "
                         "save plain numeric arrays (uint8 or float32)")
-    nbytes = int(np.prod(shape, dtype=object)) * dtype.itemsize
+    values = int(np.prod(shape, dtype=object))
+    nbytes = values * dtype.itemsize
+    if name in ("images", "tensor", "noise") and values > MAX_IMAGE_VALUES:
+        raise DataError(f"{path}: array {name!r} of shape {shape} holds {values} values; at most {MAX_IMAGE_VALUES} "
+                        f"({MAX_IMAGE_VALUES * 4 >> 30} GiB as float32): use fewer or smaller images")
     if nbytes > MAX_ARRAY_BYTES:
         raise DataError(f"{path}: array {name!r} of shape {shape} would take {nbytes / 2**30:.3g} GiB; "
                         f"at most {MAX_ARRAY_BYTES >> 30} GiB per array")
@@ -180,26 +192,33 @@ def _unreadable_npz(path: Path, exc: BaseException) -> DataError:
     return DataError(f"{path}: not a readable .npz file ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})")
 
 
-def read_npz(path: Path, required: tuple[str, ...], optional: tuple[str, ...] = ()) -> dict[str, np.ndarray]:
-    """The named arrays of a ``.npz`` (never unpickled), every header checked before anything is loaded."""
+def read_npz(path: Path, required: tuple[str, ...], optional: tuple[str, ...] = (),
+             check: Callable[[str, tuple[int, ...]], None] | None = None) -> dict[str, np.ndarray]:
+    """The named arrays of a ``.npz`` (never unpickled), every header checked before anything is loaded.
+
+    Only a regular file is opened (a named pipe is refused, never waited on). ``check(name, shape)``: the
+    caller's own bounds on a shape (it raises :class:`DataError`), also before anything is loaded."""
     path = Path(path)
-    if not path.is_file():
-        raise DataError(f"npz file not found: {path}")
-    try:
-        headers = _npz_headers(path)
-    except NPZ_ERRORS as exc:
-        raise _unreadable_npz(path, exc) from None
-    missing = [name for name in required if name not in headers]
-    if missing:
-        raise DataError(f"{path}: the .npz has no {missing[0]!r} array (found: {', '.join(sorted(headers)) or 'nothing'})")
-    wanted = [name for name in (*required, *optional) if name in headers]
-    for name in wanted:
-        _check_npz_array(path, name, *headers[name])
-    try:
-        with np.load(path, allow_pickle=False) as npz:
-            return {name: npz[name] for name in wanted}
-    except NPZ_ERRORS as exc:
-        raise _unreadable_npz(path, exc) from None
+    with open_regular(path, "npz file", DataError) as f:
+        try:
+            headers = _npz_headers(f)
+        except NPZ_ERRORS as exc:
+            raise _unreadable_npz(path, exc) from None
+        missing = [name for name in required if name not in headers]
+        if missing:
+            raise DataError(f"{path}: the .npz has no {missing[0]!r} array "
+                            f"(found: {', '.join(sorted(headers)) or 'nothing'})")
+        wanted = [name for name in (*required, *optional) if name in headers]
+        for name in wanted:
+            _check_npz_array(path, name, *headers[name])
+            if check is not None:
+                check(name, headers[name][0])
+        try:
+            f.seek(0)
+            with np.load(f, allow_pickle=False) as npz:
+                return {name: npz[name] for name in wanted}
+        except NPZ_ERRORS as exc:
+            raise _unreadable_npz(path, exc) from None
 
 
 def load_npz(path: Path, channels: int, size: int) -> ImageSet:
@@ -220,14 +239,19 @@ def load_folder(path: Path, channels: int, size: int) -> ImageSet:
     groups = [(i, d) for i, d in enumerate(class_dirs)] if class_dirs else [(None, path)]
     images, labels = [], []
     mode = "L" if channels == 1 else "RGB"
+    limit = min(MAX_FOLDER_IMAGES, MAX_IMAGE_VALUES // (channels * size * size))
     for label, folder in groups:
         for file in sorted(folder.iterdir()):
             if file.suffix.lower() not in IMAGE_SUFFIXES:
                 continue
+            if len(images) >= limit:
+                raise DataError(f"image folder {path} holds more than {limit} images of {channels}×{size}×{size}; at "
+                                f"most {MAX_IMAGE_VALUES} values in all ({MAX_IMAGE_VALUES * 4 >> 30} GiB as float32)")
             try:
                 with warnings.catch_warnings():
                     warnings.simplefilter("error", Image.DecompressionBombWarning)  # an exception, not a stderr line
-                    with Image.open(file) as img:  # reads the header only
+                    # only a regular file is opened: a FIFO named a.png is refused, never waited on
+                    with open_regular(file, "image", DataError) as raw, Image.open(raw) as img:  # the header only
                         if img.width * img.height > MAX_IMAGE_PIXELS:
                             raise DataError(f"{file}: {img.width}x{img.height} pixels is too large to load "
                                             f"(at most {MAX_IMAGE_PIXELS} pixels); resize it first")

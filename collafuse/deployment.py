@@ -38,9 +38,11 @@ from safetensors.torch import save_file
 
 from collafuse import __version__
 from collafuse.backends import (
-    DIFFUSERS_CONFIG, DiffusersDenoiser, read_json_object, read_unet_folder, split_unet_config,
+    DIFFUSERS_CONFIG, DiffusersDenoiser, check_weights_size, read_json_object, read_unet_folder, split_unet_config,
 )
-from collafuse.config import RunConfig, config_from_dict, config_to_yaml
+from collafuse.config import (
+    MAX_CHANNELS, MAX_CLIENTS, MAX_IMAGE_SIZE, MAX_T, ModelConfig, RunConfig, config_from_dict, config_to_yaml,
+)
 from collafuse.data import ImageSet, Splits, images_to_model_space, read_npz
 from collafuse.errors import ConfigError, DataError
 from collafuse.fsutil import staged_folder
@@ -63,7 +65,7 @@ class _Strict(BaseModel):
 
 class ScheduleEntry(_Strict):
     diffusers_config: str | None = None
-    T: Int | None = None
+    T: Int | None = Field(None, ge=2, le=MAX_T)  # the schedule's tables are allocated from it
     schedule: Literal["linear", "cosine", "scaled_linear"] | None = None
     beta_start: float | None = None
     beta_end: float | None = None
@@ -96,7 +98,7 @@ class ModelEntry(_Strict):
 
 class ModelsEntry(_Strict):
     server: ModelEntry | None
-    clients: list[ModelEntry | None] = Field(min_length=1, max_length=10_000)
+    clients: list[ModelEntry | None] = Field(min_length=1, max_length=MAX_CLIENTS)
 
 
 class DataEntry(_Strict):
@@ -109,7 +111,7 @@ class DataEntry(_Strict):
 class Manifest(_Strict):
     schedule: ScheduleEntry
     timestep_convention: Literal["diffusers", "collafuse"] | None = None
-    cut_step: Int
+    cut_step: Int = Field(ge=-1, le=MAX_T)
     models: ModelsEntry
     transcript: str
     audit_key: str | None = None
@@ -194,6 +196,15 @@ def _read_model(entry: ModelEntry, base: Path, name: str, prediction: str, times
         from safetensors import SafetensorError
         from safetensors.torch import load_file
 
+        native = {k: v for k, v in cfg.items() if k not in ("in_channels", "sample_size", "num_classes", "backend")}
+        try:  # the section's bounds (channels, levels), before the weights are read
+            ModelConfig.model_validate(native)
+        except ValidationError as exc:
+            err = exc.errors()[0]
+            where = ".".join(str(p) for p in err["loc"]) or "config"
+            raise ConfigError(f"{folder / NATIVE_CONFIG}: {where}: {err['msg'].removeprefix('Value error, ')} "
+                              f"(got {short_repr(err.get('input'), 60)})") from None
+        check_weights_size(weights)
         try:
             state = load_file(str(weights))
         except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
@@ -217,9 +228,25 @@ def _read_model(entry: ModelEntry, base: Path, name: str, prediction: str, times
     return section, state, facts
 
 
+def _image_shape(path: Path):
+    """A :func:`read_npz` check: an image array's header within the run config's bounds (image size, channels),
+    before the array is loaded."""
+    def check(name: str, shape: tuple[int, ...]) -> None:
+        if name not in ("images", "tensor", "noise"):
+            return
+        if len(shape) not in ((3, 4) if name == "images" else (4,)):
+            raise DataError(f"{path}: {name} has shape {shape}; expected (N, H, W), (N, H, W, C) or (N, C, H, W)")
+        dims = shape[1:]
+        channels = min(dims) if len(dims) == 3 else 1
+        if max(dims) > MAX_IMAGE_SIZE or channels > MAX_CHANNELS:
+            raise DataError(f"{path}: {name} of shape {shape}: images are at most {MAX_IMAGE_SIZE}×{MAX_IMAGE_SIZE} "
+                            f"pixels with at most {MAX_CHANNELS} channels")
+    return check
+
+
 def _images(path: Path, role: str, need_client: bool) -> dict[str, Any]:
     arrays = read_npz(path, ("images", "client") if need_client else ("images",),
-                      ("labels", "client", "client_position"))
+                      ("labels", "client", "client_position"), check=_image_shape(path))
     images = images_to_model_space(arrays["images"], None, str(path))
     n = images.shape[0]
     out: dict[str, Any] = {"images": images}
@@ -280,7 +307,7 @@ def _messages(rows: dict[str, torch.Tensor], member: torch.Tensor, sender: torch
 def _transcript(path: Path, m: Manifest, T: int, t_c: int, shape: tuple[int, int, int], num_clients: int,
                 member_client: torch.Tensor, key_path: Path | None, num_classes: int) -> tuple[list, bool]:
     optional = ("label", "noise")
-    arrays = read_npz(path, ("tensor", "t", "client", "step"), optional)
+    arrays = read_npz(path, ("tensor", "t", "client", "step"), optional, check=_image_shape(path))
     tensor = arrays["tensor"]
     if tensor.ndim != 4 or tuple(tensor.shape[1:]) != shape:
         raise DataError(f"{path}: tensor must be (N, {', '.join(map(str, shape))}) like the images, got {tuple(tensor.shape)}")
@@ -497,8 +524,7 @@ def write_run(dep: Deployment, out: Path) -> Path:
     """Write ``dep`` as a run folder at ``out``, atomically (a hidden staging folder renamed into place)."""
     from collafuse.runs import CONFIG_FILE, RUN_MARKER, check_output_dir, file_hashes, write_data_file
 
-    out = Path(out)
-    check_output_dir(out)
+    out = check_output_dir(Path(out))
     with staged_folder(out) as staging:
         writer = TranscriptWriter(staging, dep.config.training.payload, dep.config.training.shard_rows)
         for payload, member, sender in dep.messages:
@@ -524,10 +550,9 @@ def write_run(dep: Deployment, out: Path) -> Path:
 
 def import_deployment(manifest: Path | str, out: Path | str) -> Path:
     """``collafuse import``: validate the manifest and everything it names, then write a run folder."""
-    out = Path(out)
     from collafuse.runs import check_output_dir
 
-    check_output_dir(out)  # before the (possibly long) reading: an existing folder is never touched
+    out = check_output_dir(Path(out))  # before the (possibly long) reading: an existing folder is never touched
     return write_run(read_manifest(manifest), out)
 
 

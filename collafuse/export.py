@@ -74,8 +74,7 @@ def export_run(run_dir: Path | str, out: Path | str) -> Path:
     from collafuse.runs import Run, check_output_dir
     from collafuse.transcript import AUDIT_KEY_FILE, AuditKey, ServerView
 
-    out = Path(out)
-    check_output_dir(out)
+    out = check_output_dir(Path(out))  # before any work: free or empty, a folder above it, writable
     run = Run.load(run_dir, device=CPU)  # only written to files: the CPU is where that happens
     cfg = run.config
     if run.info.get("hooks"):

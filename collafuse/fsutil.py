@@ -8,9 +8,13 @@
   ``O_CREAT | O_EXCL``, holding ``"<pid> <host> <process start>"``). A lock whose process
   is dead (or whose pid now belongs to a later process) is stale and taken over with a
   warning; a live one is refused with one line.
-- :func:`probe_writable`: create and remove a temporary file in a folder (creating the
-  folder's missing parents and removing them again), so that a read-only output or
-  cache folder is refused before any work starts.
+- :func:`probe_writable`: create a temporary file in a folder, write a byte and remove it
+  (creating the folder's missing parents and removing them again), so that a read-only
+  or full output or cache folder is refused before any work starts.
+- :func:`check_output`: every check of an output path (``--out``, a cache, a report file)
+  before any work: an ancestor that is a file, a symbolic link (a folder's is followed
+  deliberately, a file's refused), a folder where a file belongs, an existing file, and
+  then :func:`probe_writable` on the folder it will be written in.
 - :func:`sigterm_raises`: SIGTERM becomes a :class:`Terminated` exception, so that the
   ``except BaseException`` clean-ups of atomic writers run (the default action of
   SIGTERM kills the process without them).
@@ -30,6 +34,7 @@ import re
 import shutil
 import signal
 import socket
+import stat
 import sys
 import threading
 from collections.abc import Iterator
@@ -181,21 +186,54 @@ def _missing_parents(folder: Path) -> list[Path]:
     return list(reversed(missing))
 
 
+def _blocking_ancestor(folder: Path) -> Path | None:
+    """The nearest existing ancestor of ``folder`` (itself included) when it is not a folder (a file, a
+    dangling link, a special file): nothing can be created below it. None when it is a folder."""
+    for p in (folder, *folder.parents):
+        if os.path.lexists(p):
+            return None if os.path.isdir(p) else p
+    return None
+
+
+def _kind(path: Path) -> str:
+    """What stands at ``path``, in words, for a message ("a folder", "a file", "a symbolic link", ...)."""
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return "nothing"
+    if stat.S_ISLNK(st.st_mode):
+        return "a symbolic link" if os.path.exists(path) else "a dangling symbolic link"
+    if stat.S_ISDIR(st.st_mode):
+        return "a folder"
+    if stat.S_ISREG(st.st_mode):
+        return "a file"
+    if stat.S_ISFIFO(st.st_mode):
+        return "a named pipe"
+    return "a special file"
+
+
 def probe_writable(folder: Path | str, what: str) -> None:
     """Refuse (:class:`ConfigError`, one line) a folder this process cannot create files in.
 
-    Creates the missing folders, creates and removes a temporary file, and removes the
-    folders it created again: the probe leaves nothing behind."""
+    Creates the missing folders, creates a temporary file, writes one byte to it (a full disk refuses
+    even that) and removes it, and removes the folders it created again: the probe leaves nothing behind."""
     folder = Path(folder)
     if os.path.lexists(folder) and not folder.is_dir():
-        raise ConfigError(f"{what} {folder} exists and is not a folder")
+        raise ConfigError(f"{what} {folder} exists and is not a folder ({_kind(folder)})")
+    blocker = _blocking_ancestor(folder)
+    if blocker is not None:
+        raise ConfigError(f"{what} {folder} is not writable: {blocker} is {_kind(blocker)}, not a folder; "
+                          "choose another folder")
     created = _missing_parents(folder)
     probe = folder / f".collafuse-write-probe-{os.getpid()}"
     try:
         for p in created:
             os.mkdir(p)
         fd = os.open(probe, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
-        os.close(fd)
+        try:
+            os.write(fd, b"\0")
+        finally:
+            os.close(fd)
         os.unlink(probe)
     except OSError as exc:
         reason = exc.strerror or os.strerror(exc.errno or errno.EIO)
@@ -206,6 +244,45 @@ def probe_writable(folder: Path | str, what: str) -> None:
         for p in reversed(created):
             with contextlib.suppress(OSError):
                 os.rmdir(p)
+
+
+def check_output(path: Path | str, what: str = "--out", *, folder: bool = False) -> Path:
+    """Check an output path before any work; return the path to write (one :class:`ConfigError` line
+    otherwise). Nothing is left behind.
+
+    ``folder`` False (a file to create): the name must be free (a file, a folder or a symbolic link
+    there, dangling or not, is refused: a file is never overwritten and a link never written through).
+    ``folder`` True (a folder to create, or an empty one to fill): a symbolic link is followed
+    deliberately: the returned path is its target (which must be an empty folder or free); a link
+    that loops is refused; an existing non-empty folder, or a file, is refused. In both cases the
+    nearest existing ancestor must be a folder (not a file), and the folder the output is written in
+    must take a file (:func:`probe_writable`: read-only, full or forbidden is refused)."""
+    path = Path(path)
+    if folder and os.path.islink(path):
+        try:
+            os.stat(path)
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise ConfigError(f"{what} {path} is a symbolic link that loops; name a folder") from None
+        path = Path(os.path.realpath(path))  # dangling: the folder it names is created
+    if os.path.lexists(path):
+        kind = _kind(path)
+        if not folder:
+            raise ConfigError(f"{what} {path} already exists ({kind}); choose a new file")
+        if kind != "a folder":
+            raise ConfigError(f"{what} {path} exists and is not a folder ({kind}); choose a new folder")
+        try:
+            with os.scandir(path) as entries:
+                occupied = any(True for _ in entries)
+        except OSError as exc:
+            raise ConfigError(f"{what} {path} cannot be read ({exc.strerror or exc}); choose another folder") from None
+        if occupied:
+            raise ConfigError(f"{what} {path} already exists and is not empty; choose a new folder")
+    blocker = _blocking_ancestor(path.parent)
+    if blocker is not None:
+        raise ConfigError(f"{what} {path}: {blocker} is {_kind(blocker)}, not a folder; choose another place")
+    probe_writable(path.parent, what)
+    return path
 
 
 # ----------------------------------------------------------------------------- the folder lock

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path, PurePosixPath
@@ -46,11 +47,11 @@ from safetensors.torch import save_file
 
 from collafuse import __version__
 from collafuse.config import RunConfig, config_from_dict, config_to_yaml
-from collafuse.data import ImageSet, Splits, draw_canaries, load_source, make_splits, partition
+from collafuse.data import MAX_CLASSES, MAX_IMAGE_VALUES, ImageSet, Splits, draw_canaries, load_source, make_splits, partition
 from collafuse.errors import ConfigError, RunError
-from collafuse.fsutil import file_sha256, staged_folder
-from collafuse.safeio import parse_yaml, short_repr
-from collafuse.backends import Denoiser
+from collafuse.fsutil import check_output, file_sha256, staged_folder
+from collafuse.safeio import parse_yaml, read_bytes, short_repr
+from collafuse.backends import MAX_MODEL_PARAMS, Denoiser
 from collafuse.hooks import Hooks, model_name
 from collafuse.sampling import collaborative_sample
 from collafuse.schedule import NoiseSchedule
@@ -65,6 +66,12 @@ TRANSCRIPT_INDEX = "transcript/index.json"
 # Files Run.load does not hash itself: shards (ServerView checks them against the index) and the
 # source data (Run.load_data checks it when a scorer opens it).
 LAZY_FILES = (DATA_FILE,)
+MAX_RUN_JSON_BYTES = 64 << 20  # run.json lists every file's hash: 64 MiB is a million shards
+# Files read whole into memory: a checkpoint holds at most MAX_MODEL_PARAMS float32 values, the data at most
+# MAX_IMAGE_VALUES float32 pixels and as much again of labels and indices (what can be trained or imported).
+MAX_CHECKPOINT_BYTES = MAX_MODEL_PARAMS * 4 + (64 << 20)
+MAX_DATA_BYTES = MAX_IMAGE_VALUES * 8 + (64 << 20)
+MAX_RUN_FILE_BYTES = 64 << 20  # config.yaml, transcript/index.json
 
 
 def snapshot_file(epoch: int, name: str) -> str:
@@ -94,10 +101,16 @@ def check_hooks(config: RunConfig, hooks: Hooks) -> None:
         )
 
 
-def check_output_dir(out: Path) -> None:
-    """Refuse to write into a folder that already holds something (never destroy results)."""
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise RunError(f"output folder {out} already exists and is not empty; choose a new one")
+def check_output_dir(out: Path, what: str = "output folder") -> Path:
+    """Refuse to write into a folder that already holds something (never destroy results), or where nothing
+    can be written (below a file, read-only, full); a symbolic link is followed. Returns the folder to write
+    (:func:`collafuse.fsutil.check_output`). Checked before any work, so finished work is never thrown away
+    because of where it was to be written. A :class:`RunError` (as before: a concurrent writer of the same
+    cached system tells it from other errors)."""
+    try:
+        return check_output(out, what, folder=True)
+    except ConfigError as exc:
+        raise RunError(str(exc)) from None
 
 
 def prepare_data(config: RunConfig) -> tuple[ImageSet, Splits]:
@@ -203,7 +216,7 @@ def create_run(
     check_hooks(config, hooks)
     if config.defenses and not (hooks.release or hooks.training):
         raise ConfigError("the config lists defenses but no hook was built from them")
-    check_output_dir(out)
+    out = check_output_dir(out)
     data, splits = prepare_data(config)  # every data error is raised before anything is written
     with staged_folder(out) as staging:  # stale staging folders of runs killed by SIGKILL are swept first
         started = time.perf_counter()
@@ -278,9 +291,32 @@ def _check_manifest(path: Path, info: dict) -> dict[str, str]:
     return files
 
 
+def verify_run_folder(path: Path | str) -> tuple[bytes, dict[str, str]]:
+    """(run.json's bytes, its ``files``: relative path → sha256) of the run folder at ``path``, after hashing
+    every file it lists now (not lazily, as :meth:`Run.load` does for shards and data): a missing or changed
+    file is one :class:`RunError` line. What an audit keys a named run folder by (its whole content)."""
+    path = Path(path)
+    marker = path / RUN_MARKER
+    if not path.is_dir() or not marker.is_file():
+        raise RunError(f"{path} is not a collafuse run folder (no {RUN_MARKER})")
+    raw = read_bytes(marker, RUN_MARKER, RunError, MAX_RUN_JSON_BYTES)
+    try:
+        info = json.loads(raw)
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise RunError(f"{path}: {RUN_MARKER} unreadable ({str(exc).splitlines()[0]})") from None
+    if not isinstance(info, dict):
+        raise RunError(f"{path}: {RUN_MARKER} must hold a JSON object")
+    files = _check_manifest(path, info)
+    for rel in sorted(files):
+        _verify_file(path, files, rel)
+    return raw, files
+
+
 def _missing_or_unlisted(path: Path, files: dict[str, str], rel: str) -> None:
     if rel not in files:
         raise RunError(f"{path}: run.json records no hash for {rel}; the run folder was changed after it was written")
+    if os.path.lexists(path / rel) and not (path / rel).is_file():  # a folder or a named pipe: never opened
+        raise RunError(f"{path}: {rel} is not a regular file; the run folder was changed after it was written")
     if not (path / rel).is_file():
         raise RunError(f"{path}: {rel} is missing; the run folder was changed after it was written")
 
@@ -290,10 +326,15 @@ def _changed(path: Path, rel: str) -> RunError:
                     "restore it or re-train")
 
 
-def _read_verified(path: Path, files: dict[str, str], rel: str) -> bytes:
-    """The bytes of ``rel``, refused unless their sha256 is the one run.json recorded (read once: no race)."""
+def _read_verified(path: Path, files: dict[str, str], rel: str, max_bytes: int = MAX_RUN_FILE_BYTES) -> bytes:
+    """The bytes of ``rel``, refused unless their sha256 is the one run.json recorded (read once: no race).
+    The file is read whole, so one larger than ``max_bytes`` is refused before it is read."""
     _missing_or_unlisted(path, files, rel)
     try:
+        size = (path / rel).stat().st_size
+        if size > max_bytes:
+            raise RunError(f"{path}: {rel} is {size / 2**30:.3g} GiB; at most {max_bytes / 2**30:.3g} GiB: "
+                           "it is not what collafuse wrote")
         data = (path / rel).read_bytes()
     except OSError as exc:
         raise RunError(f"{path}: {rel} unreadable ({exc.strerror or exc})") from None
@@ -340,7 +381,7 @@ def _verify_run_files(path: Path, files: dict[str, str], already: set[str]) -> N
 def _load_model(path: Path, files: dict[str, str], rel: str, config: RunConfig, side: str, num_classes: int,
                 device: torch.device) -> Denoiser:
     model = build_model(denoiser_spec(config, side, num_classes), config.seed)
-    raw = _read_verified(path, files, rel)
+    raw = _read_verified(path, files, rel, MAX_CHECKPOINT_BYTES)
     try:
         state = load_bytes(raw)  # safetensors: tensors only, nothing is unpickled
     except (SafetensorError, OSError, RuntimeError, ValueError) as exc:
@@ -428,9 +469,10 @@ class Run:
         marker = path / RUN_MARKER
         if not path.is_dir() or not marker.is_file():
             raise RunError(f"{path} is not a collafuse run folder (no {RUN_MARKER})")
+        raw_info = read_bytes(marker, RUN_MARKER, RunError, MAX_RUN_JSON_BYTES)  # bounded: a huge file is refused
         try:
-            info = json.loads(marker.read_text())
-        except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
+            info = json.loads(raw_info)
+        except (UnicodeDecodeError, ValueError, RecursionError) as exc:
             raise RunError(f"{path}: {RUN_MARKER} unreadable ({str(exc).splitlines()[0]})") from None
         if not isinstance(info, dict):
             raise RunError(f"{path}: {RUN_MARKER} must hold a JSON object")
@@ -482,16 +524,106 @@ class Run:
 
         Hash-checked against run.json here (not in :meth:`load`: the source can be large)."""
         files = _check_manifest(self.path, self.info)
-        raw = _read_verified(self.path, files, DATA_FILE)
+        raw = _read_verified(self.path, files, DATA_FILE, MAX_DATA_BYTES)
         path = self.path / DATA_FILE
         try:
             stored = load_bytes(raw)
             num_classes = int(_safetensors_metadata(raw)["num_classes"])
         except (SafetensorError, OSError, KeyError, TypeError, ValueError) as exc:
             raise RunError(f"run data unreadable: {path} ({exc})") from None
-        data = ImageSet(stored["images"], stored.get("labels"), num_classes)
-        splits = Splits.from_dict({k.removeprefix("split."): v for k, v in stored.items() if k.startswith("split.")})
+        data, splits = _checked_data(path, stored, num_classes, self)  # the hash says who wrote it, not that it is sane
+        _check_audit_key(self.path, len(data), len(self.client_models))
         return data, splits
+
+
+def _checked_data(path: Path, stored: dict[str, torch.Tensor], num_classes: int, run: "Run") -> tuple[ImageSet, Splits]:
+    """The run's source data and splits from ``data.safetensors``, refused (one :class:`RunError` line) unless
+    every value is what training wrote: finite images in [-1, 1] of the config's shape, labels in range, split
+    indices in range with the config's sizes, the clients' parts covering the members. Checked after the hash
+    check: a folder whose hashes were rewritten over edited data is refused here, not by a traceback later."""
+    d = run.config.data
+
+    def bad(what: str) -> RunError:
+        return RunError(f"run data {path}: {what}; the run folder was edited, re-train or re-import it")
+
+    images = stored.get("images")
+    if images is None:
+        raise bad("no 'images' tensor")
+    shape = (d.channels, d.image_size, d.image_size)
+    if images.dtype != torch.float32 or images.ndim != 4 or tuple(images.shape[1:]) != shape:
+        raise bad(f"images must be float32 (N, {', '.join(map(str, shape))}), got {images.dtype} {tuple(images.shape)}")
+    n = images.shape[0]
+    if not bool(torch.isfinite(images).all()):
+        raise bad("images hold NaN or infinite values")
+    if n and float(images.abs().max()) > 1.0 + 1e-5:
+        raise bad(f"images lie outside [-1, 1] (largest magnitude {float(images.abs().max()):.4g})")
+    if not 0 <= num_classes <= MAX_CLASSES:
+        raise bad(f"num_classes must be in 0..{MAX_CLASSES}, got {num_classes}")
+    labels = stored.get("labels")
+    if labels is not None:
+        if labels.dtype != torch.int64 or tuple(labels.shape) != (n,):
+            raise bad(f"labels must be int64 ({n},), got {labels.dtype} {tuple(labels.shape)}")
+        if n and (int(labels.min()) < 0 or (num_classes and int(labels.max()) >= num_classes)):
+            raise bad(f"labels must lie in 0..{max(num_classes, 1) - 1}")
+    elif run.num_classes > 0:
+        raise bad(f"the run is class-conditional ({run.num_classes} classes) but the data has no labels")
+    sizes = {"members": d.n_members, "nonmembers": d.n_nonmembers, "aux": d.n_aux}
+    names = [*sizes, *(f"client_{k}" for k in range(d.num_clients))]
+    parts: dict[str, torch.Tensor] = {}
+    for name in [*names, *(k.removeprefix("split.") for k in stored if k.startswith("split.canar"))]:
+        idx = stored.get(f"split.{name}")
+        if idx is None:
+            raise bad(f"no split.{name}")
+        if name == "canaries_in":
+            if idx.dtype not in (torch.bool, torch.uint8, torch.int64) or idx.ndim != 1:
+                raise bad(f"split.{name} must be a 1-D flag tensor")
+        elif idx.dtype != torch.int64 or idx.ndim != 1:
+            raise bad(f"split.{name} must be 1-D int64 indices, got {idx.dtype} {tuple(idx.shape)}")
+        elif name != "canary_client" and idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= n):
+            raise bad(f"split.{name} indexes outside the {n} images")
+        if name in sizes and idx.numel() != sizes[name]:
+            raise bad(f"split.{name} holds {idx.numel()} indices but config.yaml says {sizes[name]}")
+        parts[name] = idx
+    extra = sorted(k for k in stored if k.startswith("split.client_") and k.removeprefix("split.") not in parts)
+    if extra:
+        raise bad(f"{extra[0]} names a client the config does not have ({d.num_clients} clients)")
+    clients = torch.cat([parts[f"client_{k}"] for k in range(d.num_clients)])
+    if not torch.equal(clients.sort().values, parts["members"].sort().values):
+        raise bad("the clients' splits do not partition the members")
+    if "canaries" in parts:
+        flags, client = parts.get("canaries_in"), parts.get("canary_client")
+        if flags is None or client is None or flags.numel() != parts["canaries"].numel() or client.numel() != 1 \
+                or not 0 <= int(client[0]) < d.num_clients:
+            raise bad("split.canaries_in / split.canary_client do not match split.canaries")
+    splits = Splits.from_dict(parts)
+    return ImageSet(images, labels, num_classes), splits
+
+
+def _check_audit_key(run_dir: Path, n_images: int, n_clients: int) -> None:
+    """The audit key's values (scorer side): one member image and one client per row, each in range, and
+    sequence numbers that occur once. Absent (an import without one): nothing to check."""
+    from collafuse.transcript import AUDIT_KEY_FILE
+
+    path = run_dir / AUDIT_KEY_FILE
+    if not path.is_file():
+        return
+    try:
+        from safetensors.torch import load_file
+
+        key = load_file(str(path))
+    except (SafetensorError, OSError) as exc:
+        raise RunError(f"audit key unreadable: {path} ({str(exc).splitlines()[0]})") from None
+    seq, member, client = key.get("seq"), key.get("member_index"), key.get("client")
+    if seq is None or member is None or client is None:
+        raise RunError(f"audit key {path}: needs seq, member_index and client")
+    rows = seq.numel()
+    for name, value in (("seq", seq), ("member_index", member), ("client", client)):
+        if value.dtype != torch.int64 or tuple(value.shape) != (rows,):
+            raise RunError(f"audit key {path}: {name} must be int64 ({rows},), got {value.dtype} {tuple(value.shape)}")
+    if rows and (int(member.min()) < 0 or int(member.max()) >= n_images or int(client.min()) < 0
+                 or int(client.max()) >= n_clients or torch.unique(seq).numel() != rows):
+        raise RunError(f"audit key {path}: member_index, client or seq out of range (the run has {n_images} "
+                       f"images and {n_clients} clients; seq must not repeat)")
 
 
 def _safetensors_metadata(raw: bytes) -> dict[str, str]:
