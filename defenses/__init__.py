@@ -108,7 +108,7 @@ register_hook_builder(build_hooks)
 
 
 def uncovered_threats(specs: Iterable[Mapping[str, Any]], config=None) -> list[str]:
-    """Threats (T1..T4) that no configured defense addresses; ``config`` refines DP-SGD's T4 by the cut."""
+    """Threats (T1..T5) that no configured defense addresses; ``config`` refines DP-SGD's T4 by the cut."""
     parsed = parse_specs(specs)
     if config is None:
         return uncovered(parsed)

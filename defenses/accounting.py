@@ -33,8 +33,10 @@ Everything here is a function of numbers: no model, no config, no state.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
+import warnings
 from typing import Iterable, Sequence
 
 import numpy as np
@@ -209,7 +211,19 @@ def dpsgd_epsilon(history: Sequence[tuple[float, float, int]], delta: float, acc
         return 0.0
     acc = create_accountant(mechanism=accountant)
     acc.history = [(float(z), float(q), int(n)) for z, q, n in history]
-    return float(acc.get_epsilon(delta=delta))
+    with quiet_accountant():
+        return float(acc.get_epsilon(delta=delta))
+
+
+@contextlib.contextmanager
+def quiet_accountant():
+    """Opacus' accountants warn on every call at the edges of their search ("Optimal order is the largest
+    alpha", log(0) in the RDP conversion): expected there, and the ε they return is still the bound. Silenced
+    so an audit's output holds its verdict, not pages of them; any other warning still shows."""
+    with warnings.catch_warnings(), np.errstate(divide="ignore"):
+        warnings.filterwarnings("ignore", message="Optimal order is the largest alpha", category=UserWarning)
+        warnings.filterwarnings("ignore", message="divide by zero encountered in log", category=RuntimeWarning)
+        yield
 
 
 @functools.lru_cache(maxsize=256)  # a pure function of numbers, and Opacus' search is slow
@@ -233,12 +247,12 @@ def calibrate_noise_multiplier(
         floor = dpsgd_epsilon([(FLOOR_SIGMA, sample_rate, steps)], delta, accountant)
         if floor > target_epsilon:
             raise ValueError(f"the {accountant} accountant reports epsilon {floor:.3g} even at noise multiplier {FLOOR_SIGMA:g}")
-    return float(
-        get_noise_multiplier(
+    with quiet_accountant():
+        sigma = get_noise_multiplier(
             target_epsilon=target_epsilon, target_delta=delta, sample_rate=sample_rate, steps=steps,
             accountant=accountant,
         )
-    )
+    return float(sigma)
 
 
 def as_json_number(value: float) -> float | str:

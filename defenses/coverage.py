@@ -1,8 +1,13 @@
 """The threat × defense coverage map (DESIGN.md §3, §5).
 
 Every defense spec declares the threats it addresses (its ``threats(t_c, T)``). The map
-lists, for each threat T1–T4, the configured defenses that address it; a threat
+lists, for each threat T1–T5, the configured defenses that address it; a threat
 with none is *uncovered*, and ``collafuse train`` warns about it.
+
+T5, the curious co-client, sees only the server's hand-offs: what the server LEARNED from the payloads.
+A defense covers it when it changes what the server learns (DP-SGD on the server; payload noise and payload
+clipping, of which the server model is post-processing), not when it only changes what crosses
+(``minimize``: a single release, quantised codes, labels or sender withheld).
 """
 from __future__ import annotations
 
@@ -33,7 +38,7 @@ def coverage_map(specs: Iterable[Any], t_c: int | None = None, T: int | None = N
 
 
 def uncovered(specs: Iterable[Any], t_c: int | None = None, T: int | None = None) -> list[str]:
-    """Threats no configured defense addresses, in order T1..T4."""
+    """Threats no configured defense addresses, in order T1..T5."""
     return [threat for threat, defenses in coverage_map(specs, t_c, T).items() if not defenses]
 
 

@@ -2,7 +2,8 @@
 
 Covers T2 (server model), T3 (client models) and, when every model that takes
 part in sampling is private, T4 (generated images are post-processing of the
-models). It does NOT protect the payloads (T1): the server still sees every
+models); on the server, also T5 (a co-client's hand-offs are post-processing of
+the server model). It does NOT protect the payloads (T1): the server still sees every
 payload, and the run's report says so.
 
 What ε means here. The privacy unit is ONE CLIENT IMAGE, add/remove adjacency
@@ -74,6 +75,10 @@ def threats_for(target: str, t_c: int | None = None, T: int | None = None) -> tu
     only_client_samples = t_c is not None and T is not None and t_c >= T  # local-only
     if target == "both" or (target == "server" and only_server_samples) or (target == "clients" and only_client_samples):
         out.append("T4")
+    if target in ("server", "both"):
+        # T5: a co-client sees only the server's hand-offs (post-processing of the server model) and its own model,
+        # which never saw the other clients' images; DP-SGD on the clients alone does nothing for it.
+        out.append("T5")
     return tuple(out)
 
 

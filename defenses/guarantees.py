@@ -48,23 +48,30 @@ class PayloadGuarantee:
     releases: str                  # how many releases compose, in words
     label_epsilon: float           # ∞ when labels are sent, 0 when they stay on the client
     note: str = ""
+    # The whole training as one Gaussian mechanism: μ of one release × √(releases) (GDP composition, exact);
+    # None where the count of releases is random (Poisson loader: no GDP form is claimed).
+    mu: float | None = None
 
     def to_json(self) -> dict[str, Any]:
         out = asdict(self)
         for key in _UNBOUNDED:
             out[key] = as_json_number(out[key])
+        if out["mu"] is not None:
+            out["mu"] = as_json_number(out["mu"])
         return out
 
     @classmethod
     def from_json(cls, obj: Mapping[str, Any]) -> "PayloadGuarantee":
         """The value :meth:`to_json` wrote (run.json's ``payload_channel``); ε as rounded there."""
         names = [f.name for f in fields(cls)]
-        missing = [n for n in names if n not in obj and n != "note"]
+        missing = [n for n in names if n not in obj and n not in ("note", "mu")]
         if missing:
             raise ValueError(f"a payload guarantee record lacks {', '.join(missing)}")
         values = {n: obj[n] for n in names if n in obj}
         for key in _UNBOUNDED:
             values[key] = from_json_number(values[key])
+        if values.get("mu") is not None:
+            values["mu"] = from_json_number(values["mu"])
         return cls(**values)
 
 
@@ -115,11 +122,12 @@ def payload_guarantee(
     T = schedule.T
     label_eps = INF if labels_sent else 0.0
     if t_c >= T:
-        return PayloadGuarantee(0.0, delta, 0.0, 0.0, None, 0.0, 0.0, 0.0, "0 (cut_ratio 1: nothing crosses)", 0.0)
+        return PayloadGuarantee(0.0, delta, 0.0, 0.0, None, 0.0, 0.0, 0.0, "0 (cut_ratio 1: nothing crosses)", 0.0,
+                                mu=0.0)
     if payload_kind == "naive":
         return PayloadGuarantee(
             INF, delta, INF, INF, None, 0.0, 0.0, 0.0, f"{epochs}", label_eps,
-            "the naive payload sends its noise: x0 is exactly recoverable",
+            "the naive payload sends its noise: x0 is exactly recoverable", mu=INF,
         )
     t = t_c if payload_kind == "cut" else t_c + 1
     t = noised_step(schedule.alpha_bar, t, noise_sigma) if noise_sigma > 0 else t
@@ -127,13 +135,16 @@ def payload_guarantee(
     mu = release_mu(a, s, d, clip_norm)
     sens = l2_sensitivity(a, d, clip_norm)
     per_release = gaussian_epsilon(mu, delta)
+    total_mu: float | None
     if poisson_rounds:
+        total_mu = None
         eps = max(poisson_release_epsilon(mu, rounds, q, delta, single_release) for rounds, q in poisson_rounds)
         rounds, q = max(poisson_rounds, key=lambda rq: rq[0] * rq[1])
         releases = f"Binomial({rounds}, {q:.4g}) (Poisson loader)" + (", single release" if single_release else "")
     elif single_release:
-        eps, releases = per_release, "1 (single-release)"
+        eps, releases, total_mu = per_release, "1 (single-release)", mu
     else:
         eps, releases = composed_release_epsilon(mu, epochs, delta), f"{epochs} (one per epoch)"
+        total_mu = mu * math.sqrt(epochs)
     note = "" if math.isfinite(eps) else "no noise on the payload (c = 0): the image itself crosses"
-    return PayloadGuarantee(eps, delta, per_release, mu, t, a, s, sens, releases, label_eps, note)
+    return PayloadGuarantee(eps, delta, per_release, mu, t, a, s, sens, releases, label_eps, note, total_mu)

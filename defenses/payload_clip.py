@@ -1,7 +1,7 @@
 """``payload-clip``: clip each image to L2 norm ≤ C (around a public centre) before noising (DESIGN.md §5).
 
 Covers T1 and, downstream, T2 (the server model is post-processing of the
-payloads). Clipping bounds the sensitivity of one release p = a·x0 + s·ε to
+payloads) and T5 (a co-client's hand-offs are post-processing of the server model). Clipping bounds the sensitivity of one release p = a·x0 + s·ε to
 Δ = 2aC (instead of 2a√d), so each release is a Gaussian mechanism whose ε the
 analytic Gaussian mechanism gives (``accounting.release_epsilon``). The client's
 own model still trains on the raw images: clipping touches only what crosses.
@@ -26,7 +26,7 @@ from collafuse.threats import check_threats
 from .validate import DefenseSpec, check_keys, number
 
 NAME = "payload-clip"
-COVERS: tuple[str, ...] = check_threats(("T1", "T2"), NAME)  # the threats this defense addresses (coverage map)
+COVERS: tuple[str, ...] = check_threats(("T1", "T2", "T5"), NAME)  # the threats this defense addresses (coverage map)
 
 
 def clip_images(x0: torch.Tensor, clip_norm: float, center: float = 0.0) -> torch.Tensor:

@@ -1,7 +1,8 @@
 """``payload-noise``: extra Gaussian noise on every payload, rescaled to a later step t' (DESIGN.md §5).
 
 Covers T1 (the payloads) and, downstream, T2: the server model is a function of
-the payloads alone, so the payload channel's ε bounds it too (post-processing).
+the payloads alone, so the payload channel's ε bounds it too (post-processing);
+and T5, the co-client, whose hand-offs are post-processing of the server model.
 It does nothing for T3 (the client model trains on raw images) or for the part
 of T4 the client model contributes.
 
@@ -32,7 +33,7 @@ from collafuse.threats import check_threats
 from .validate import DefenseSpec, check_keys, number
 
 NAME = "payload-noise"
-COVERS: tuple[str, ...] = check_threats(("T1", "T2"), NAME)  # the threats this defense addresses (coverage map)
+COVERS: tuple[str, ...] = check_threats(("T1", "T2", "T5"), NAME)  # the threats this defense addresses (coverage map)
 
 
 def noised_step(alpha_bar: torch.Tensor, t: int, sigma: float) -> int:

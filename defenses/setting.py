@@ -28,6 +28,7 @@ import torch
 from collafuse.hooks import ReleaseHook, canonical_model_name
 from collafuse.payload import Payload
 from collafuse.schedule import NoiseSchedule
+from collafuse.tradeoff import Ceiling, tighter
 
 from .accounting import INF, as_json_number, from_json_number
 from .coverage import coverage_map, spec_label, uncovered
@@ -130,7 +131,7 @@ class SettingSummary:
 
     @property
     def uncovered(self) -> list[str]:
-        """Threats no defense of the setting addresses, in order T1..T4."""
+        """Threats no defense of the setting addresses, in order T1..T5."""
         return [threat for threat, labels in self.coverage.items() if not labels]
 
     def epsilon_by_threat(self) -> dict[str, float]:
@@ -138,6 +139,34 @@ class SettingSummary:
         (post-processing of the payloads, or DP-SGD's where tighter); T3 the client models'."""
         clients, server = self.model_epsilon
         return {"T1": float(self.payload_guarantee.epsilon), "T2": float(server), "T3": float(clients)}
+
+    def ceilings(self) -> dict[str, Ceiling]:
+        """The trade-off curve no membership attack can beat, per threat (DESIGN §4.2 "The ceiling"), at the
+        setting's δ (DP-SGD's δ is folded into the payload guarantee's):
+
+        - T1: the payload channel, μ-GDP where the releases of an image compose as Gaussians (μ = μ of one
+          release × √releases: exact) and its (ε, δ) in every case;
+        - T2: the server model is post-processing of the payloads, so the payload channel's curve, tightened by
+          DP-SGD's (ε, δ) on the server where that is smaller;
+        - T3: the client models' DP-SGD (ε, δ) (the accountant's; no GDP form is claimed);
+        - T4: samples are post-processing of both models, whose guarantees compose: ε_server + ε_clients at 2δ;
+        - T5: a co-client's hand-offs are post-processing of the server model, and its own model never saw the other
+          clients' images: T2's curve.
+        A threat with no finite guarantee gets a ceiling of ∞ (the curve TPR = 1)."""
+        clients, server = self.model_epsilon
+        g = self.payload_guarantee
+        delta = float(g.delta)
+        payload = Ceiling(float(g.epsilon), delta, None if g.mu is None else float(g.mu),
+                          f"payload channel: {g.releases} release(s)" + (f" at t = {g.t_release}" if g.t_release else ""))
+        server_dp = Ceiling(float(server), delta, None, "server model: post-processing of the payloads / DP-SGD")
+        return {
+            "T1": payload,
+            "T2": tighter(payload, server_dp),
+            "T3": Ceiling(float(clients), delta, None, "client models: DP-SGD accountant"),
+            "T4": Ceiling(float(server) + float(clients), 2 * delta, None,
+                          "samples: server and client models composed"),
+            "T5": tighter(payload, server_dp),
+        }
 
     def to_json(self) -> dict[str, Any]:
         clients, server = self.model_epsilon

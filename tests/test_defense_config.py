@@ -88,7 +88,7 @@ def test_several_defenses_at_once_in_a_fixed_order():
 
 
 def test_coverage_map_and_uncovered_threats():
-    assert uncovered_threats([]) == ["T1", "T2", "T3", "T4"]
+    assert uncovered_threats([]) == ["T1", "T2", "T3", "T4", "T5"]
     assert uncovered_threats([{"name": "payload-noise", "sigma": 1.0}]) == ["T3", "T4"]
     assert uncovered_threats([{"name": "dp-sgd", "sigma": 1.0}]) == ["T1"]  # DP-SGD never covers the payloads
     assert uncovered_threats([{"name": "dp-sgd", "sigma": 1.0, "target": "server"}]) == ["T1", "T3", "T4"]
@@ -171,8 +171,8 @@ def test_defense_contract(label):
     described = [h.describe() for h in hooks.release + hooks.training]
     json.dumps(described)  # run.json must be able to store it
     mine = [d for d in described if d["name"] != "privacy-report"]
-    assert len(mine) == 1 and set(mine[0]["threats"]) <= {"T1", "T2", "T3", "T4"} and mine[0]["threats"]
-    assert uncovered_threats([spec]) != ["T1", "T2", "T3", "T4"]  # it covers something
+    assert len(mine) == 1 and set(mine[0]["threats"]) <= {"T1", "T2", "T3", "T4", "T5"} and mine[0]["threats"]
+    assert uncovered_threats([spec]) != ["T1", "T2", "T3", "T4", "T5"]  # it covers something
     with pytest.raises(ConfigError, match="unknown key 'bogus'"):
         build_hooks([{**spec, "bogus": 1}], config)
     # Deterministic under a seed: the same release twice from the same generator state.

@@ -115,7 +115,7 @@ def test_opacus_epsilon_equals_a_direct_accountant_call(dp_run):
         assert info["epsilon"][key] == pytest.approx(direct, rel=1e-6)
         assert 7.5 < info["epsilon"][key] <= 8.0  # calibrated to the target
         assert info["history"][key] == [[sigma, q, steps]]
-    assert info["protects_payloads"] is False and info["threats"] == ["T2", "T3", "T4"]
+    assert info["protects_payloads"] is False and info["threats"] == ["T2", "T3", "T4", "T5"]
     # ε is logged after every epoch and only grows.
     eps = [entry["dp-sgd.server.epsilon"] for entry in log]
     assert len(eps) == epochs and eps[0] < eps[1] == pytest.approx(info["epsilon"]["server"])

@@ -92,7 +92,7 @@ def test_model_epsilon_from_a_config():
     plain = _cfg(diffusion={"cut_ratio": 0.3})
     s = describe_setting([], plain)
     assert s.model_epsilon == (math.inf, s.payload_guarantee.epsilon)
-    assert s.uncovered == ["T1", "T2", "T3", "T4"]
+    assert s.uncovered == ["T1", "T2", "T3", "T4", "T5"]
     dp = [{"name": "dp-sgd", "target": "clients", "epsilon": 8.0}]
     s = describe_setting(dp, _cfg(diffusion={"cut_ratio": 0.3}, defenses=dp))
     assert s.model_epsilon == (8.0, s.payload_guarantee.epsilon)  # the target Opacus calibrates to
@@ -113,7 +113,7 @@ def test_setting_from_run_reads_the_hook_records():
     assert [h.name for h in setting.hooks] == ["payload-noise", "dp-sgd"]
     assert setting.hooks[1].epsilon == {"server": 1e9, "client_0": 2.5, "client_1": math.inf}  # old spelling read
     noise = setting.hooks[0]
-    assert noise.threats == ("T1", "T2") and noise.parameters["t_release"] == setting.release_step
+    assert noise.threats == ("T1", "T2", "T5") and noise.parameters["t_release"] == setting.release_step
     assert HookRecord.from_json(noise.to_json()) == noise
     # No records (a run without defenses): the guarantee from the config.
     assert setting_from_run({}, cfg).payload_guarantee == payload_epsilon(defenses, cfg)

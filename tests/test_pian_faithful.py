@@ -65,7 +65,8 @@ GOLDEN_PER_STEP = np.array([
     [-0.47900986, -0.48767460, -0.52250699, -0.61313515],
     [-0.51883168, -0.53978501, -0.60428890, -0.72110899],
 ])
-GOLDEN_SCORES = GOLDEN_PER_STEP[:, :3].mean(axis=1)  # the low-noise half of [0, 20]: steps 1, 3, 9
+# The headline is the paper's single attack step, t = 0.2·T = 20 (issue 21; it was the mean over steps 1, 3, 9).
+GOLDEN_SCORES = GOLDEN_PER_STEP[:, 3]
 
 
 @pytest.fixture(scope="module")
@@ -141,3 +142,12 @@ def test_every_attack_keeps_its_per_step_results(schedule):
     for name in ("payload-lr", "payload-lr-single", "payload-lr-fused"):
         res = ATTACKS.get(name).score(pcache.require(ATTACKS.get(name).signals))
         assert res.per_step is not None and res.per_step.shape == (3, len(res.steps)) and res.steps == (T_C,), name
+
+
+def test_the_headline_is_the_papers_single_attack_step():
+    """PIA's paper attacks at t = 200 of T = 1000: 0.2 of the model's own chain, clipped to its trained steps
+    (a client owns 1..t_c; the server's data sit at t_c and it owns t_c+1..T)."""
+    assert pia.paper_step(0, 1, 900, 1000) == 200      # a client at c = 0.9
+    assert pia.paper_step(0, 1, 100, 1000) == 100      # a client at c = 0.1: clipped to what it trained on
+    assert pia.paper_step(900, 901, 1000, 1000) == 920  # the server at c = 0.9: 0.2 into its own chain
+    assert pia.paper_step(0, 1, 20, 100) == 20

@@ -12,13 +12,21 @@ by Binomial(r, q), q = e^ε/(1 + e^ε), up to a δ term (the paper's Theorem 5.2
 p-value is still below β (bisection, as the paper's ``get_eps_audit``): with probability ≥ 1 − β
 over the canaries' inclusion, a mechanism with ε < ε_LB could not have produced v correct guesses.
 
-Pure functions; no model, no data. The guess sizes k₊, k₋ must be fixed before looking at the
-labels (choosing them with the labels would void the confidence).
+Pure functions; no model, no data. Two rules keep the bound honest (DESIGN §4.3):
+
+- **Ties are never right guesses.** Where the k₊-th highest score ties with canaries outside the top
+  k₊, the auditor abstains on the whole tied value (likewise at the bottom), so the guesses, and the
+  bound, depend on the scores' values only, never on the order the canaries are listed in: constant
+  scores give no guess and ε_LB = 0.
+- **Guess sizes are fixed in advance.** The audit tries a small set of sizes (:data:`GUESS_FRACTIONS` of
+  m per side) and splits the confidence between them (a union bound: each at β/|sizes|); the
+  reported bound is the largest. The sizes never depend on the labels.
 """
 from __future__ import annotations
 
+import functools
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 from scipy.stats import binom
@@ -27,6 +35,7 @@ from collafuse.jsonio import encode
 
 BISECTION_STEPS = 60
 EPS_CAP = 100.0  # beyond this every p-value underflows; a bound this large reads "no privacy"
+GUESS_FRACTIONS: tuple[float, ...] = (0.05, 0.1, 0.25, 0.5)  # k₊ = k₋ = ⌊f·m⌋ per side, fixed in advance
 
 
 def p_value(correct: int, guesses: int, m: int, epsilon: float, delta: float) -> float:
@@ -62,7 +71,12 @@ def one_run_epsilon_lb(correct: int, k_plus: int, k_minus: int, m: int, delta: f
     0 when even ε = 0 explains the guesses (p-value ≥ β). Monotone: more correct guesses never lower it.
     """
     _check(correct, k_plus, k_minus, m, delta, beta)
-    r = k_plus + k_minus
+    return _epsilon_lb(int(correct), int(k_plus) + int(k_minus), int(m), float(delta), float(beta))
+
+
+@functools.lru_cache(maxsize=65536)
+def _epsilon_lb(correct: int, r: int, m: int, delta: float, beta: float) -> float:
+    """The bisection of :func:`one_run_epsilon_lb` (cached: audits of many runs share few (v, r) pairs)."""
     if r == 0 or p_value(correct, r, m, 0.0, delta) >= beta:
         return 0.0
     lo, hi = 0.0, 1.0  # invariant: p_value(lo) < beta <= p_value(hi)
@@ -81,39 +95,91 @@ def one_run_epsilon_lb(correct: int, k_plus: int, k_minus: int, m: int, delta: f
 
 @dataclass(frozen=True)
 class OneRunAudit:
-    """One one-run audit: the bound and what it came from (``to_json`` is the ``one_run`` entry)."""
+    """One one-run audit: the bound and what it came from (``to_json`` is the ``one_run`` entry).
+
+    ``k_plus`` / ``k_minus``: the guess size per side that gave the bound (from ``sizes``, fixed in
+    advance); ``guesses``: the guesses actually made at that size, after abstaining on ties;
+    ``confidence``: of the reported bound, the union over every size tried."""
 
     epsilon_lb: float
     m: int
     k_plus: int
     k_minus: int
     correct: int
+    guesses: int
     confidence: float
     delta: float
+    sizes: tuple[int, ...] = ()
     formal_epsilon: float | None = None  # the formal ε the bound is set beside (DESIGN §4.3), when known
 
     def to_json(self) -> dict:
         """The ``one_run`` entry of the membership report (∞ as "inf"; no ``formal_epsilon`` when unknown)."""
         out = asdict(self)
+        out["sizes"] = list(self.sizes)
         if self.formal_epsilon is None:
             del out["formal_epsilon"]
         return encode(out)
 
 
+def guess_sets(scores: np.ndarray, k_plus: int, k_minus: int) -> tuple[np.ndarray, np.ndarray]:
+    """(IN guesses, OUT guesses) as boolean masks: the k₊ highest and k₋ lowest ``scores``, abstaining on a
+    value tied across either cut (so the sets depend on the values, never on the canaries' order)."""
+    scores = np.asarray(scores, dtype=np.float64)
+    m = scores.size
+    guess_in, guess_out = np.zeros(m, bool), np.zeros(m, bool)
+    if k_plus:
+        cut = np.sort(scores)[m - k_plus]             # the k₊-th highest value
+        at_or_above = scores >= cut
+        guess_in = at_or_above if at_or_above.sum() == k_plus else scores > cut
+    if k_minus:
+        cut = np.sort(scores)[k_minus - 1]            # the k₋-th lowest value
+        at_or_below = scores <= cut
+        guess_out = at_or_below if at_or_below.sum() == k_minus else scores < cut
+    return guess_in, guess_out & ~guess_in
+
+
 def one_run_audit(scores: np.ndarray, included: np.ndarray, k_plus: int, k_minus: int,
                   delta: float, beta: float = 0.05) -> OneRunAudit:
-    """Guess IN for the k₊ highest ``scores`` (m,), OUT for the k₋ lowest; count against ``included``
-    (m,) bool, the canaries' true inclusion; bound ε. Ties are broken by position (stable sort)."""
+    """Guess IN for the k₊ highest ``scores`` (m,), OUT for the k₋ lowest, abstaining on ties across a cut
+    (:func:`guess_sets`); count against ``included`` (m,) bool, the canaries' true inclusion; bound ε at
+    confidence 1 − β."""
+    scores, included = _validated(scores, included)
+    m = int(scores.size)
+    _check(0, k_plus, k_minus, m, delta, beta)
+    return _audit_at(scores, included, k_plus, k_minus, delta, beta, (k_plus,))
+
+
+def one_run_audit_sizes(scores: np.ndarray, included: np.ndarray, delta: float, beta: float = 0.05,
+                        fractions: tuple[float, ...] = GUESS_FRACTIONS) -> OneRunAudit:
+    """The one-run audit over guess sizes fixed in advance: k₊ = k₋ = max(1, ⌊f·m⌋) for each fraction f, each
+    bounded at β/|sizes| (a union bound), the largest bound reported (DESIGN §4.3)."""
+    scores, included = _validated(scores, included)
+    m = int(scores.size)
+    if m < 2:
+        raise ValueError(f"a one-run audit needs at least 2 canaries, got {m}")
+    sizes = tuple(sorted({min(m // 2, max(1, int(f * m))) for f in fractions}))
+    if not sizes or any(not 0 < f <= 0.5 for f in fractions):
+        raise ValueError(f"guess fractions must lie in (0, 0.5], got {fractions!r}")
+    audits = [_audit_at(scores, included, k, k, delta, beta / len(sizes), sizes) for k in sizes]
+    best = max(audits, key=lambda a: (a.epsilon_lb, -a.k_plus))
+    return replace(best, confidence=1.0 - beta)
+
+
+def _validated(scores: np.ndarray, included: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     scores = np.asarray(scores, dtype=np.float64)
     included = np.asarray(included, dtype=bool)
     if scores.ndim != 1 or scores.shape != included.shape:
         raise ValueError(f"scores {scores.shape} and included {included.shape} must be matching 1-D arrays")
     if not np.isfinite(scores).all():
         raise ValueError("scores must be finite")
+    return scores, included
+
+
+def _audit_at(scores: np.ndarray, included: np.ndarray, k_plus: int, k_minus: int, delta: float, beta: float,
+              sizes: tuple[int, ...]) -> OneRunAudit:
+    guess_in, guess_out = guess_sets(scores, k_plus, k_minus)
+    correct = int(included[guess_in].sum() + (~included[guess_out]).sum())
+    r_in, r_out = int(guess_in.sum()), int(guess_out.sum())
     m = int(scores.size)
-    _check(0, k_plus, k_minus, m, delta, beta)
-    order = np.argsort(-scores, kind="stable")
-    guessed_out = order[m - k_minus:] if k_minus else order[:0]
-    correct = int(included[order[:k_plus]].sum() + (~included[guessed_out]).sum())
-    return OneRunAudit(one_run_epsilon_lb(correct, k_plus, k_minus, m, delta, beta), m, k_plus, k_minus, correct,
-                       1.0 - beta, delta)
+    return OneRunAudit(one_run_epsilon_lb(correct, r_in, r_out, m, delta, beta), m, k_plus, k_minus, correct,
+                       r_in + r_out, 1.0 - beta, delta, tuple(sizes))

@@ -6,17 +6,17 @@ of ε̃0 is E|z| = √(2/π) of standard Gaussian noise, exactly as the authors'
 (github.com/kong13661/PIA) normalises it. Then, per step t, x_t = a_t x + s_t ε̃0 and the paper's
 statistic is d_t = Σ|ε̃0 − ε_θ(x_t, t)|^4 (``PIAN.distance``).
 
-Differences from the authors' code, named: a zero ε0 stays zero (theirs divides by zero); per step
-we report −log d_t^{1/4} (monotone in d_t, so each step's AUC is the paper's) and, as one number,
-the mean over the low-noise half of the model's range (as for :mod:`pia`); per-step scores are kept.
-HIGHER score = MORE LIKELY MEMBER. Threats T2, T3. Queries per image: 1 + M (ε0 shared with pia).
+Headline and curve as :mod:`pia`: the statistic at the paper's single step (:func:`~.pia.paper_step`) as
+−log d^{1/4}, the per-step curve beside it. Differences from the authors' code, named: a zero ε0 stays zero
+(theirs divides by zero). HIGHER score = MORE LIKELY MEMBER. Threats T2, T3. Queries per image: 2 + M (ε0
+shared with pia).
 """
 from __future__ import annotations
 
 import numpy as np
 
-from collafuse.attacks.membership.base import AttackScores, MembershipAttack, Signals, low_noise_scores
-from collafuse.attacks.membership.pia import pia_distance
+from collafuse.attacks.membership.base import AttackScores, MembershipAttack, Signals
+from collafuse.attacks.membership.pia import headline_and_curve
 
 SCALE = float(np.sqrt(2.0 / np.pi))  # E|z|, z ~ N(0, 1)
 
@@ -29,17 +29,18 @@ def rescale_rows(eps0: np.ndarray) -> np.ndarray:
 
 
 def score(signals: Signals) -> AttackScores:
-    """signals: eps_origin (N, D), pian_eps (N, M, D), steps (M,), t_range (2,) → scores (N,), per-step (N, M)."""
-    per_step = -np.log(pia_distance(rescale_rows(signals["eps_origin"]), signals["pian_eps"]) + 1e-12)
-    return low_noise_scores(per_step, signals["steps"], signals["t_range"])
+    """signals: eps_origin (N, D), pian_head_eps (N, D), pian_eps (N, M, D), steps (M,) → scores (N,) at the
+    paper's step, per-step (N, M)."""
+    return headline_and_curve(rescale_rows(signals["eps_origin"]), signals["pian_head_eps"], signals["pian_eps"],
+                              signals["steps"])
 
 
 ATTACK = MembershipAttack(
     name="pian",
     summary="PIA with ε0 normalised to mean |ε0| = √(2/π), as the paper's PIAN",
     threats=("T2", "T3"),
-    signals=("eps_origin", "pian_eps", "steps", "t_range"),
+    signals=("eps_origin", "pian_head_eps", "pian_eps", "steps"),
     score=score,
-    queries_per_image=lambda settings, m: 1 + m,
+    queries_per_image=lambda settings, m: 2 + m,
     reference="Kong et al. 2024, ICLR (PIAN); github.com/kong13661/PIA",
 )

@@ -15,20 +15,24 @@ row came from (the audit key, or a simulation's own record). Per row it computes
 - ``label``: the label predicted from x̂ by a classifier trained on noised public
   images (:class:`LabelClassifier`) equals the true label; an attack that returns a
   posterior over a labelled pool (``oracle``) predicts its heaviest label instead;
-- ``extraction``: (ℓ2, δ)-extraction (Carlini et al. 2023, "Extracting Training Data from
-  Diffusion Models", USENIX Security, Definition 1): x̂ lies within δ of the true image in
-  their normalised ℓ2, ℓ2(a, b) = ‖a − b‖₂/√d on the [0, 1] scale (= √MSE), δ =
-  :data:`EXTRACTION_DELTA` = 0.1 unless stated (the summary states it). Unlike re-identification
-  it does not need the argmax to land on the member: a reconstruction that is a near-copy counts
-  even when the pool holds a near-duplicate that wins the nearest-neighbour search. Per payload
-  row like re-identification: with one view per member it is the fraction of members extracted,
-  with E views the mean over members of the fraction of their views that extract them;
+- ``extraction``: extraction as Carlini et al. 2023 ("Extracting Training Data from Diffusion Models",
+  USENIX Security, §5.1) define it for pixel-space models: with ℓ2 their normalised distance
+  ‖a − b‖₂/√d on the [0, 1] scale (= √MSE) and S_x̂ the n = 50 training images nearest to x̂, x̂ extracts
+  its true image x when ℓ2(x̂, x) / (α · mean_{y ∈ S_x̂} ℓ2(x̂, y)) < 1, α = 0.5 (:func:`carlini_extracted`):
+  x̂ is far closer to x than to its other neighbours. The training set is every member image. Unlike
+  re-identification it does not need the argmax to land on the member: a near-copy counts even when a
+  near-duplicate wins the nearest-neighbour search;
+- ``extraction_abs``: the absolute-threshold rate beside it, under its own name: ℓ2(x̂, x) ≤ δ,
+  δ = :data:`EXTRACTION_DELTA` = 0.1 unless stated (the summary states it).
+  Both per payload row like re-identification: with one view per member the fraction of members
+  extracted, with E views the mean over members of the fraction of their views that extract them;
 
 and summarises each with a 95 % interval (t / Wilson, or a cluster bootstrap over
 images when an image has several rows). Per-row values are kept.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -36,6 +40,7 @@ import torch
 from sklearn.discriminant_analysis import LinearDiscriminantAnalysis
 from torch.nn import functional as F
 
+from collafuse.metrics import metric
 from collafuse.schedule import NoiseSchedule, q_sample
 
 from collafuse.attacks.chunking import row_slices, rows_per_chunk
@@ -43,13 +48,14 @@ from collafuse.attacks.reconstruction.view import PoolLogWeights, Reconstruction
 from collafuse.attacks.stats import Interval, summarize
 
 PSNR_CAP_DB = 100.0
-EXTRACTION_DELTA = 0.1  # Carlini et al. 2023's δ for their normalised ℓ2 on [0, 1] images
-METRICS: tuple[str, ...] = ("mse", "psnr", "ssim", "reid_client", "reid_pool", "label", "extraction")
-PROPORTIONS = frozenset({"reid_client", "reid_pool", "label", "extraction"})
+EXTRACTION_DELTA = 0.1  # the absolute rate's δ for the normalised ℓ2 on [0, 1] images
+CARLINI_NEIGHBOURS, CARLINI_ALPHA = 50, 0.5  # Carlini et al. 2023 §5.1: n = 50 nearest training images, α = 0.5
+METRICS: tuple[str, ...] = ("mse", "psnr", "ssim", "reid_client", "reid_pool", "label", "extraction", "extraction_abs")
+PROPORTIONS = frozenset({"reid_client", "reid_pool", "label", "extraction", "extraction_abs"})
 # Bytes one value (row × pixel) costs while MSE and SSIM are computed: SSIM's float64 temporaries.
 SCORE_BYTES_PER_VALUE = 128
-HIGHER_IS_BETTER = {"mse": False, "psnr": True, "ssim": True, "reid_client": True, "reid_pool": True, "label": True,
-                    "extraction": True}
+# Which way helps the attacker, from the one metric vocabulary (collafuse.metrics: "worse" for privacy).
+HIGHER_IS_BETTER = {name: metric(name).worse == "higher" for name in METRICS}
 
 
 def to_unit(x: torch.Tensor) -> torch.Tensor:
@@ -66,6 +72,47 @@ def normalised_l2(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Carlini et al. 2023's ℓ2(a, b) = ‖a − b‖₂/√d on the [0, 1] scale (images in [-1, 1], clipped
     by :func:`to_unit`), i.e. the root mean squared error. (N,C,H,W) × 2 → (N,) float64."""
     return mse_per_image(a, b).sqrt()
+
+
+def nearest_distances(queries: torch.Tensor, train: torch.Tensor, n: int = CARLINI_NEIGHBOURS) -> torch.Tensor:
+    """The ``n`` smallest normalised ℓ2 distances ‖u(q) − u(y)‖₂/√d (u: the [0, 1] map) from each of
+    (Q, C, H, W) ``queries`` to the (M, C, H, W) ``train`` images, ascending: (Q, min(n, M)) float64.
+
+    Blocked over both sets within the memory budget (a running top-n over training blocks), each block one
+    matrix product (``use_mm_for_euclid_dist``): torch's direct cdist path, which it takes for blocks of
+    ≤ 25 rows, made this 20 × slower than every attack of a payload cell together."""
+    d = queries[0].numel()
+    q = to_unit(queries).reshape(queries.shape[0], -1)
+    y_rows = max(n, rows_per_chunk(d, 16))                             # training rows held at once (float64)
+    q_rows = max(1, rows_per_chunk(min(train.shape[0], y_rows), 16))   # query rows × those: distances + top-n
+    k = min(n, train.shape[0])
+    out = torch.empty((q.shape[0], k), dtype=torch.float64)
+    for tsl in row_slices(train.shape[0], y_rows):
+        y = to_unit(train[tsl]).reshape(-1, d)
+        for qsl in row_slices(q.shape[0], q_rows):
+            block = torch.cdist(q[qsl], y, compute_mode="use_mm_for_euclid_dist") / math.sqrt(d)
+            if tsl.start > 0:  # merge with the running top-n of the earlier training blocks
+                block = torch.cat([out[qsl], block], 1)
+            out[qsl] = block.topk(k, dim=1, largest=False).values
+    return out
+
+
+def carlini_ratio(to_target: torch.Tensor, neighbours: torch.Tensor, alpha: float = CARLINI_ALPHA) -> torch.Tensor:
+    """ℓ2(x̂, x) / (α · mean_{y ∈ S_x̂} ℓ2(x̂, y)) per row: ``to_target`` (Q,), ``neighbours`` (Q, n) the distances
+    to the n training images nearest to x̂ (S_x̂, the target among them when it is a training image).
+    Below 1: x̂ extracts x (Carlini et al. 2023, §5.1)."""
+    mean = neighbours.double().mean(1)
+    return torch.where(mean > 0, to_target.double() / (alpha * mean), torch.where(to_target > 0, torch.inf, 0.0))
+
+
+def carlini_extracted(reconstructions: torch.Tensor, targets: torch.Tensor, train: torch.Tensor,
+                      n: int = CARLINI_NEIGHBOURS, alpha: float = CARLINI_ALPHA) -> np.ndarray:
+    """Carlini et al. 2023's extraction indicator (§5.1) of each row: does x̂ (``reconstructions``, (Q,C,H,W))
+    extract its target x (``targets``, (Q,C,H,W)) relative to the ``train`` images' n nearest to x̂? (Q,) 0/1."""
+    d = targets[0].numel()
+    to_target = (to_unit(reconstructions) - to_unit(targets)).reshape(targets.shape[0], -1).double().norm(dim=1) / math.sqrt(d)
+    ratio = carlini_ratio(to_target, nearest_distances(reconstructions, train, n), alpha)
+    return (ratio < 1.0).double().numpy()
 
 
 def extracted(distance: torch.Tensor | np.ndarray, delta: float = EXTRACTION_DELTA) -> np.ndarray:
@@ -142,6 +189,11 @@ class Truth:
     def labels(self) -> torch.Tensor | None:
         """(N,) the true label of every row, or None."""
         return None if self.source_labels is None else self.source_labels[self.member]
+
+    @property
+    def training_set(self) -> torch.Tensor:
+        """Source indices of every image the clients trained on (the union of their data)."""
+        return torch.cat(list(self.client_data.values())).unique()
 
     def __post_init__(self) -> None:
         n = self.member.shape[0]
@@ -256,10 +308,12 @@ class Scores:
         }
 
     def summary_json(self, rows: np.ndarray | None = None, seed: int = 0) -> dict[str, dict]:
-        """:meth:`summary` as the reports write it; ``extraction`` states its δ."""
+        """:meth:`summary` as the reports write it; each extraction rate states its definition."""
         out = {name: iv.to_json() for name, iv in self.summary(rows, seed).items()}
         if "extraction" in out:
-            out["extraction"]["delta"] = self.extraction_delta
+            out["extraction"].update(neighbours=CARLINI_NEIGHBOURS, alpha=CARLINI_ALPHA)
+        if "extraction_abs" in out:
+            out["extraction_abs"]["delta"] = self.extraction_delta
         return out
 
     def by_client(self, seed: int = 0) -> dict[str, dict[str, dict]]:
@@ -298,7 +352,8 @@ def score(
         "ssim": ssim.numpy(),
         "reid_client": (in_client == truth.member).double().numpy(),
         "reid_pool": (in_pool == truth.member).double().numpy(),
-        "extraction": extracted(mse.sqrt(), extraction_delta),
+        "extraction": carlini_extracted(recon.images, x, truth.source[truth.training_set]),
+        "extraction_abs": extracted(mse.sqrt(), extraction_delta),
     }
     if truth.labels is not None and recon.pool_log_weights is not None and weight_ids is not None:
         # A posterior over labelled candidates infers the label as its heaviest class (Bayes rule).
