@@ -1,4 +1,4 @@
-"""The four threat models of DESIGN.md §3: the one list every attack, defense and report reads."""
+"""The five threat models of DESIGN.md §3: the one list every attack, defense and report reads."""
 from __future__ import annotations
 
 THREATS: dict[str, str] = {
@@ -6,14 +6,15 @@ THREATS: dict[str, str] = {
     "T2": "white-box access to the server model",
     "T3": "white-box access to one client's model",
     "T4": "black-box: generated images only",
+    "T5": "curious co-client: the server's hand-offs, targeting the other clients' images",
 }
-"""Threat id → one-line description, in order T1..T4."""
+"""Threat id → one-line description, in order T1..T5."""
 
 THREAT_IDS: tuple[str, ...] = tuple(THREATS)
 
 
 def check_threats(threats, where: str) -> tuple[str, ...]:
-    """``threats`` as a tuple, refusing an empty one or any id outside T1..T4 (a programming error)."""
+    """``threats`` as a tuple, refusing an empty one or any id outside T1..T5 (a programming error)."""
     out = tuple(threats)
     unknown = [t for t in out if t not in THREATS]
     if not out or unknown:
