@@ -5,7 +5,12 @@ config, epochs, lr, batch size, EMA, label dropout, steps 1..t_c, seed-derived s
 subset of a population pool. For a client model (T3) that is one client training: a client's
 loss involves only its own images (:meth:`collafuse.protocol.Client.train_step`), so the server
 plays no part. References are cached by a content hash (recipe + training images + seed) under
-the attacker cache (``$COLLAFUSE_CACHE/references``, outside every run folder).
+the attacker cache (``$COLLAFUSE_CACHE/references``, outside every run folder; an audit's ``--cache``).
+
+Each reference training is a task (:class:`ReferenceJob`, :func:`run_reference_task`): the R references
+of a target are handed over together (:func:`ensure_references`) to the backend named by
+:func:`reference_setup` (``--jobs`` processes, Ray, SLURM), trained once however many targets, cells or
+audits ask for them (a lease per key), written atomically and verified on every load (:class:`ReferenceCache`).
 
 The design (Carlini et al. 2022, "Membership inference attacks from first principles", §4.2):
 the candidates (members and non-members, N) are split into a random half and its complement for
@@ -43,17 +48,24 @@ nor is a relay's mixing of a round (it reorders payloads, it does not change the
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import functools
 import hashlib
 import json
 import os
+import pickle
+import socket
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator, Protocol
 
 import numpy as np
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from threadpoolctl import threadpool_limits
 
 from collafuse.attacks.membership.signals import ModelView, loss_target_scale, step_grid
 from collafuse.attacks.reconstruction.denoiser import default_cache_dir
@@ -62,6 +74,7 @@ from collafuse.protocol import Client, Server
 from collafuse.rounds import client_loader, deliver, epoch_rounds, release_round
 from collafuse.schedule import NoiseSchedule
 from collafuse.device import CPU
+from collafuse.tasks import Lease, run_once
 from collafuse.streams import (STREAM_CLIENT, STREAM_FIXED_DRAWS, STREAM_LOADER, STREAM_REFERENCES, STREAM_SERVER,
                                generator_for, stream_seed)
 from collafuse.training import ModelSpec, WeightAverage, build_model, denoiser_spec
@@ -218,35 +231,307 @@ def load_or_train_client(recipe: ClientRecipe, images: torch.Tensor, labels: tor
                          cache_dir: Path | None = None, device: torch.device | str = CPU) -> tuple[torch.nn.Module, bool]:
     """The cached reference client model for (recipe, images, labels, seed); trained and cached on a miss.
     Returns (model in eval mode, hit)."""
-    return _load_or_train(recipe, images, labels, seed, cache_dir, device,
-                          lambda: train_client_model(recipe, images, labels, seed, device))
+    return _load_or_train(ReferenceJob(recipe, images, labels, seed), cache_dir, device)
 
 
 def load_or_train_server(recipe: ServerRecipe, hooks: tuple, images: torch.Tensor, labels: torch.Tensor | None,
                          seed: int, cache_dir: Path | None = None,
                          device: torch.device | str = CPU) -> tuple[torch.nn.Module, bool]:
     """The cached reference server model (:func:`train_server_model`); its key holds the defenses (recipe)."""
-    return _load_or_train(recipe, images, labels, seed, cache_dir, device,
-                          lambda: train_server_model(recipe, hooks, images, labels, seed, device))
+    return _load_or_train(ReferenceJob(recipe, images, labels, seed, tuple(hooks)), cache_dir, device)
 
 
-def _load_or_train(recipe, images, labels, seed, cache_dir, device, train: Callable[[], torch.nn.Module]):
-    root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    path = root / CACHE_SUBDIR / f"{reference_key(recipe, images, labels, seed)}.safetensors"
-    if path.is_file():
+def _load_or_train(job: "ReferenceJob", cache_dir: Path | None, device) -> tuple[torch.nn.Module, bool]:
+    cache = ReferenceCache.under(cache_dir)
+    hit = cache.ensure(job, device) == CACHED
+    return cache.load_verified(job, device), hit
+
+
+# --------------------------------------------------------------------------- reference trainings as tasks
+#
+# Every reference model is one task: a pure function of a :class:`ReferenceJob` (recipe, training images,
+# labels, seed, and a server's release hooks) whose result is a file in the content-addressed cache, keyed
+# by :func:`reference_key`. Whoever needs it (an attack in this process, a cell on a worker, a task of a
+# backend) calls :meth:`ReferenceCache.ensure`: a verified file is used as it is; otherwise the caller
+# claims the key with a lease file (created with O_EXCL, so one claimant wins) and trains, or finds it
+# claimed by a live process and waits (or, for a backend task, leaves it to that process). A lease whose
+# holder died (same host: its pid is gone or belongs to a later process; another host: no heartbeat for
+# two minutes; :class:`collafuse.tasks.Lease`) is broken and the key trained again, so a killed worker
+# costs one reference, never a wrong or partial one. The model is written to a temporary name, flushed
+# and renamed into place (the cache never holds a partial model) and carries the sha256 of its tensors
+# and its key, checked on every load (a file that does not verify is trained again and replaced). Every training appends one line to
+# ``trainings.jsonl`` beside the models (key, kind, host, pid, seconds).
+#
+# Trainings run on one torch / BLAS thread wherever they run (this process, a pool worker, Ray, SLURM),
+# so a reference's bytes do not depend on who trained it.
+
+CACHED, TRAINED, BUSY = "cached", "trained", "busy"
+JOURNAL = "trainings.jsonl"
+METADATA = "collafuse.reference"  # the model file's one metadata entry: key, sha256 of the tensors, kind, recipe
+JOB_SUFFIX = ".job"        # a reference job handed to a backend through a spool folder (pickle)
+
+
+@dataclass(frozen=True)
+class ReferenceJob:
+    """One reference training: everything it depends on. ``hooks``: a server reference's release hooks
+    (the run's ``defenses:``; their parameters are in the recipe, hence in the key). ``device``: where the
+    requester runs ("cuda": a backend task asks for a GPU)."""
+
+    recipe: "ClientRecipe | ServerRecipe"
+    images: torch.Tensor
+    labels: torch.Tensor | None
+    seed: int
+    hooks: tuple = ()
+    device: str = CPU.type
+
+    @property
+    def kind(self) -> str:
+        return "server" if isinstance(self.recipe, ServerRecipe) else "client"
+
+    @functools.cached_property
+    def key(self) -> str:
+        return reference_key(self.recipe, self.images, self.labels, self.seed)
+
+    def train(self, device: torch.device | str = CPU) -> torch.nn.Module:
+        """The trained model (EMA weights, eval mode), on one torch / BLAS thread."""
+        previous = torch.get_num_threads()
+        torch.set_num_threads(1)
         try:
-            model = build_model(recipe.unet, seed)  # any init: every weight is replaced by the cached ones
-            model.load_state_dict(load_file(str(path)))
-            return model.to(device).eval(), True
-        except (SafetensorError, OSError, RuntimeError):
-            pass  # unreadable entry: train again and replace it
-    model = train()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
-    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(tmp),
-              metadata={"recipe": json.dumps(asdict(recipe))})
-    os.replace(tmp, path)
-    return model, False
+            with threadpool_limits(1):
+                if self.kind == "server":
+                    return train_server_model(self.recipe, self.hooks, self.images, self.labels, self.seed, device)
+                return train_client_model(self.recipe, self.images, self.labels, self.seed, device)
+        finally:
+            torch.set_num_threads(previous)
+
+
+def tensors_digest(tensors: dict[str, torch.Tensor]) -> str:
+    """sha256 over the names, dtypes, shapes and bytes of a state dict (sorted by name)."""
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+class ReferenceCache:
+    """The reference models of one cache folder (``<attacker cache>/references``): verified loads, leases,
+    atomic writes, the training journal."""
+
+    def __init__(self, root: Path | str):
+        self.root = Path(root)
+
+    @classmethod
+    def under(cls, cache_dir: Path | str | None = None) -> "ReferenceCache":
+        """The references of the attacker cache ``cache_dir`` (None: the setup's, else the default)."""
+        base = cache_dir if cache_dir is not None else current_setup().cache_dir
+        return cls(Path(base if base is not None else default_cache_dir()) / CACHE_SUBDIR)
+
+    def path(self, key: str) -> Path:
+        return self.root / f"{key}.safetensors"
+
+    def lease_path(self, key: str) -> Path:
+        return self.root / f"{key}.lease"
+
+    # ------------------------------------------------------------------ reading
+    def load(self, job: ReferenceJob, device: torch.device | str = CPU) -> torch.nn.Module | None:
+        """The cached model of ``job`` in eval mode, or None when absent or when the file does not verify
+        (unreadable, another key's, changed since written, non-finite weights, another architecture)."""
+        path = self.path(job.key)
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = f.metadata() or {}
+                tensors = {name: f.get_tensor(name) for name in f.keys()}
+        except (SafetensorError, OSError, RuntimeError, ValueError):
+            return None
+        try:
+            about = json.loads(meta.get(METADATA, "null"))
+        except ValueError:
+            return None
+        if not isinstance(about, dict) or about.get("key") != job.key or about.get("sha256") != tensors_digest(tensors):
+            return None
+        if not all(torch.isfinite(t).all() for t in tensors.values() if t.is_floating_point()):
+            return None
+        model = build_model(job.recipe.unet, job.seed)  # any init: every weight is replaced by the cached ones
+        try:
+            model.load_state_dict(tensors)
+        except RuntimeError:
+            return None
+        return model.to(device).eval()
+
+    def load_verified(self, job: ReferenceJob, device: torch.device | str = CPU) -> torch.nn.Module:
+        model = self.load(job, device)
+        if model is None:
+            raise RuntimeError(f"reference model {self.path(job.key)} does not verify after it was written")
+        return model
+
+    def has(self, job: ReferenceJob) -> bool:
+        """A file exists for the key (cheap; :meth:`load` verifies it)."""
+        return self.path(job.key).is_file()
+
+    # ------------------------------------------------------------------ training, once
+    def ensure(self, job: ReferenceJob, device: torch.device | str = CPU, wait: bool = True) -> str:
+        """Make sure the cache holds ``job``'s verified model: CACHED (it did), TRAINED (this call trained
+        it) or, with ``wait`` False, BUSY (a live process holds its lease: it is that process's to train)."""
+        outcome = run_once(self.lease_path(job.key), lambda: self.has(job) and self.load(job) is not None,
+                           lambda: self._train_and_write(job, device), wait=wait,
+                           on_broken=lambda holder: _remove_partial(self.path(job.key), holder))
+        return {"cached": CACHED, "done": TRAINED, "busy": BUSY}[outcome]
+
+    def wait_for(self, job: ReferenceJob, settled: Callable[[], bool], device: torch.device | str = CPU,
+                 poll_s: float = 0.2) -> str:
+        """Wait until a task delivers ``job``'s model; trains it here only when no task will (``settled()``
+        and no live holder): a task that failed, or whose worker died and was not run again."""
+        while True:
+            if self.has(job) and self.load(job) is not None:
+                return CACHED
+            holder = Lease.read(self.lease_path(job.key))
+            if (holder is None or holder.dead()) and settled():
+                return self.ensure(job, device, wait=True)
+            time.sleep(poll_s)
+
+    def _train_and_write(self, job: ReferenceJob, device) -> None:
+        started = time.perf_counter()
+        model = job.train(device)
+        seconds = time.perf_counter() - started
+        tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+        path = self.path(job.key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
+        try:
+            about = {"key": job.key, "sha256": tensors_digest(tensors), "kind": job.kind, "recipe": asdict(job.recipe)}
+            # one metadata entry (safetensors orders several at random): the same model, the same bytes
+            save_file(tensors, str(tmp), metadata={METADATA: json.dumps(about, sort_keys=True, default=str)})
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        line = json.dumps({"key": job.key, "kind": job.kind, "host": socket.gethostname(), "pid": os.getpid(),
+                           "seconds": round(seconds, 3), "at": round(time.time(), 3)})
+        fd = os.open(self.root / JOURNAL, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        try:
+            os.write(fd, (line + "\n").encode())
+        finally:
+            os.close(fd)
+
+    def trainings(self) -> list[dict]:
+        """The journal: one entry per training ever finished in this cache folder."""
+        try:
+            text = (self.root / JOURNAL).read_text()
+        except OSError:
+            return []
+        return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+def _remove_partial(path: Path, holder: Lease) -> None:
+    """The temporary model file a dead holder (of this host) may have left while writing."""
+    if holder.host == socket.gethostname():
+        path.with_name(f".{path.name}.partial-{holder.pid}").unlink(missing_ok=True)
+
+
+class ReferenceTasks(Protocol):
+    """Where reference trainings are handed to a backend: ``announce`` schedules them as tasks (best
+    effort: the caller trains whatever no task delivers). ``settled(key)``: the backend will not train
+    that key any more (its task finished, failed or was never announced)."""
+
+    def announce(self, jobs: list[ReferenceJob], cache: ReferenceCache) -> None: ...
+
+    def settled(self, key: str) -> bool: ...
+
+
+@dataclass(frozen=True)
+class ReferenceSetup:
+    """How this process obtains reference models: ``cache_dir`` (the attacker cache, None: the default),
+    ``tasks`` (None: trained here, one after another) and ``helps``: this process also trains the announced
+    references no task has claimed yet (a cell on a worker: it holds a slot anyway), or only waits for the
+    tasks (``attack membership --jobs N``: N workers train, this process waits, and trains only what a
+    task failed to deliver)."""
+
+    cache_dir: Path | None = None
+    tasks: ReferenceTasks | None = None
+    helps: bool = True
+
+
+_SETUP: contextvars.ContextVar[ReferenceSetup] = contextvars.ContextVar("reference_setup", default=ReferenceSetup())
+
+
+def current_setup() -> ReferenceSetup:
+    return _SETUP.get()
+
+
+@contextlib.contextmanager
+def reference_setup(cache_dir: Path | str | None = None, tasks: ReferenceTasks | None = None,
+                    helps: bool = True) -> Iterator[ReferenceSetup]:
+    """Within the block, reference models are cached under ``cache_dir`` and their trainings announced to
+    ``tasks``: the one hook by which a backend (``--jobs``, Ray, SLURM) runs them side by side."""
+    setup = ReferenceSetup(None if cache_dir is None else Path(cache_dir), tasks, helps)
+    token = _SETUP.set(setup)
+    try:
+        yield setup
+    finally:
+        _SETUP.reset(token)
+
+
+def ensure_references(jobs: list[ReferenceJob], device: torch.device | str = CPU,
+                      cache: ReferenceCache | None = None) -> ReferenceCache:
+    """Every job's model in the cache, trained once: the missing ones are announced to the setup's tasks,
+    then this process trains each one no task has claimed yet (the last first, while the tasks take them
+    from the front) and waits for the rest. Returns the cache."""
+    cache = cache or ReferenceCache.under()
+    missing = [job for job in jobs if cache.load(job) is None]
+    setup = current_setup()
+    tasks = setup.tasks
+    if missing and tasks is not None:
+        tasks.announce(missing, cache)
+    if tasks is not None and not setup.helps:
+        for job in missing:
+            cache.wait_for(job, lambda key=job.key: tasks.settled(key), device)
+        return cache
+    for job in reversed(missing):
+        cache.ensure(job, device, wait=False)
+    for job in missing:
+        cache.ensure(job, device, wait=True)
+    return cache
+
+
+def run_reference_task(job: "ReferenceJob | str", cache_root: str, wait: bool = False) -> str:
+    """A backend's task: ``job`` (or the path of a pickled one in a spool folder) trained into the cache
+    folder ``cache_root`` unless it is there or a live process holds its lease. On the job's device when
+    this machine has it, else the CPU."""
+    if not isinstance(job, ReferenceJob):
+        with open(job, "rb") as f:
+            job = pickle.load(f)
+    device = job.device if (job.device != "cuda" or torch.cuda.is_available()) else CPU.type
+    return ReferenceCache(Path(cache_root)).ensure(job, device, wait=wait)
+
+
+@dataclass(frozen=True)
+class SpoolTasks:
+    """Announces reference jobs by writing them (pickled, atomically) into ``folder``, which the driver of a
+    sweep watches and turns into tasks of its backend (:func:`run_reference_task`)."""
+
+    folder: Path
+
+    def announce(self, jobs: list[ReferenceJob], cache: ReferenceCache) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        for job in jobs:
+            path = self.folder / f"{job.key}{JOB_SUFFIX}"
+            if path.exists():
+                continue
+            tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
+            try:
+                tmp.write_bytes(pickle.dumps(job, protocol=pickle.HIGHEST_PROTOCOL))
+                os.replace(tmp, path)
+            except BaseException:
+                tmp.unlink(missing_ok=True)
+                raise
+
+    def settled(self, key: str) -> bool:
+        """A cell cannot see the driver's tasks: it trains whatever no live process holds (it helps)."""
+        return True
 
 
 def inclusion_design(n: int, n_refs: int, generator: torch.Generator) -> np.ndarray:
@@ -328,11 +613,13 @@ def client_reference_producers(
     """Signal producers (for :meth:`SignalCache.with_producers`) of one client target's reference
     signals; the references are trained (or loaded) only when a signal is first asked for."""
 
-    def reference(images, labels, ref_seed) -> ModelView:
-        model, _hit = load_or_train_client(recipe, images, labels, ref_seed, cache_dir, view.device)
+    def job(images, labels, ref_seed) -> ReferenceJob:
+        return ReferenceJob(recipe, images, labels, ref_seed, (), torch.device(view.device).type)
+
+    def view_of(model) -> ModelView:
         return ModelView.client(model, view.schedule, recipe.t_max, view.conditional, view.device)
 
-    return reference_producers(view, reference, plan, n_refs, n_steps, n_noise, batch_size, seed, stream)
+    return reference_producers(view, job, view_of, plan, n_refs, n_steps, n_noise, batch_size, seed, stream, cache_dir)
 
 
 def server_reference_producers(
@@ -341,19 +628,24 @@ def server_reference_producers(
 ) -> dict[str, Callable]:
     """The same for the server target (T2): reference server models trained on simulated payloads."""
 
-    def reference(images, labels, ref_seed) -> ModelView:
-        model, _hit = load_or_train_server(recipe, hooks, images, labels, ref_seed, cache_dir, view.device)
+    def job(images, labels, ref_seed) -> ReferenceJob:
+        return ReferenceJob(recipe, images, labels, ref_seed, tuple(hooks), torch.device(view.device).type)
+
+    def view_of(model) -> ModelView:
         return ModelView.server(model, view.schedule, recipe.t_hand, view.conditional, view.device)
 
-    return reference_producers(view, reference, plan, n_refs, n_steps, n_noise, batch_size, seed, stream)
+    return reference_producers(view, job, view_of, plan, n_refs, n_steps, n_noise, batch_size, seed, stream, cache_dir)
 
 
 def reference_producers(
-    view: ModelView, reference: Callable[[torch.Tensor, torch.Tensor | None, int], ModelView], plan: ReferencePlan,
-    n_refs: int, n_steps: int, n_noise: int, batch_size: int, seed: int, stream: int,
+    view: ModelView, job: Callable[[torch.Tensor, torch.Tensor | None, int], ReferenceJob],
+    view_of: Callable[[torch.nn.Module], ModelView], plan: ReferencePlan,
+    n_refs: int, n_steps: int, n_noise: int, batch_size: int, seed: int, stream: int, cache_dir: Path | None = None,
 ) -> dict[str, Callable]:
-    """The reference signals of one target ``view``: ``reference(images, labels, seed)`` is the view of a
-    reference model trained (or loaded) on that subset; target and references share the fixed draws."""
+    """The reference signals of one target ``view``: ``job(images, labels, seed)`` is the training of one
+    reference on that subset, ``view_of(model)`` its queries; target and references share the fixed draws.
+    The R trainings are handed over together (:func:`ensure_references`: tasks of the setup's backend,
+    each trained once), then every reference is loaded from the cache and queried."""
     steps = step_grid(view.t_min, view.t_max, n_steps)
     shape = plan.candidates.shape[1:]
 
@@ -366,11 +658,14 @@ def reference_producers(
         noise_z = draws(len(plan.population), 1)
         design = inclusion_design(len(plan.candidates), n_refs, generator_for(seed, STREAM_REFERENCES, stream, 0))
         sets = reference_training_sets(plan, design, generator_for(seed, STREAM_REFERENCES, stream, 1))
+        jobs = [job(images, labels, stream_seed(seed, STREAM_REFERENCES, stream, 2, r))
+                for r, (images, labels, _mask) in enumerate(sets)]
+        models = ensure_references(jobs, view.device, ReferenceCache.under(cache_dir))
         fl = fixed_losses(view, plan.candidates, plan.candidate_labels, steps, noise_x, batch_size)
         pl = fixed_losses(view, plan.population, plan.population_labels, steps, noise_z, batch_size)
         ref_x, ref_z, ref_in = [], [], []
-        for r, (images, labels, mask) in enumerate(sets):
-            rview = reference(images, labels, stream_seed(seed, STREAM_REFERENCES, stream, 2, r))
+        for ref_job, (_images, _labels, mask) in zip(jobs, sets):
+            rview = view_of(models.load_verified(ref_job, view.device))
             ref_x.append(fixed_losses(rview, plan.candidates, plan.candidate_labels, steps, noise_x, batch_size))
             ref_z.append(fixed_losses(rview, plan.population, plan.population_labels, steps, noise_z, batch_size))
             ref_in.append(mask)

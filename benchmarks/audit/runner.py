@@ -1,4 +1,4 @@
-"""Run the cells of a grid: locally in processes, or on Ray; cached, resumable (issue 6 item 2).
+"""Run the cells of a grid: locally in processes, on Ray or on SLURM; cached, resumable (issue 6 item 2, issue 23).
 
 A finished cell is one file, ``AUDIT_DIR/cells/<config hash>.json`` (its rows), written
 after its artifacts and renamed into place, so it exists only when complete. The file
@@ -12,26 +12,35 @@ SIGKILL, power) therefore resumes with no cell lost, duplicated or half written,
 the temporaries of a killed sweep are removed when their writer is dead
 (:func:`collafuse.fsutil.sweep_stale_partials`). Only this process (the driver) writes into AUDIT_DIR; workers only compute
 and fill the content-addressed cache (trained systems, the attacker's denoiser, the
-evaluation classifier), which is itself written atomically.
+evaluation classifier, reference models), which is itself written atomically.
 
 Backends give the same numbers because a cell is a pure function of its config
-computed on one thread (:func:`~.cells.compute_cell`). With Ray on a real cluster,
-the cache folder must be on storage that every node shares; stale temporaries there
-are judged by the process ids of the driver's machine, so do not start audits from
-two machines over one cache at the same time.
+computed on one thread (:func:`~.cells.compute_cell`). The backends (:mod:`collafuse.tasks`):
+``local`` worker processes, ``ray`` (a local Ray or ``--address`` of a cluster) and ``slurm``
+(submitit; partition, time, GPUs per task and array size from the command line or the grid's
+``slurm:`` block). The expensive units are tasks of the backend: the shared models, every cell,
+and every reference model of lira / rmia. A cell hands its reference trainings to the driver
+through a spool folder in the cache (:class:`~collafuse.attacks.membership.references.SpoolTasks`);
+the driver submits each key once, before the queued cells, and the cell trains whatever no task
+has claimed yet, then waits for the rest (each reference is trained once, whichever cells or
+audits need it, and a worker killed while it trains one only costs that training, run again by
+another). With Ray or SLURM on a real cluster, the cache folder must be on storage that every
+node shares; stale temporaries there are judged by the process ids of the driver's machine, so
+do not start audits from two machines over one cache at the same time.
 """
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import hashlib
 import json
 import math
 import os
+import secrets
+import shutil
 import stat
 import sys
-from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
-from multiprocessing import get_context
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
@@ -40,13 +49,16 @@ from tqdm import tqdm
 from collafuse.errors import ConfigError, RunError
 from collafuse.fsutil import sweep_stale_partials
 from collafuse.jsonio import dumps, encode_number
+from collafuse.tasks import BACKENDS as TASK_BACKENDS
+from collafuse.tasks import (DEFAULT_RETRIES, LocalPool, RayPool, SlurmOptions, SlurmPool, parse_time_minutes,
+                             run_once)
 
 from collafuse.benchmarks.audit.cells import CellOutput, build_shared, cell_device, compute_cell, shared_resources
 from collafuse.benchmarks.audit.grid import Cell, canonical_hash
 
 CELLS_DIR = "cells"
 ARTIFACTS_DIR = "artifacts"
-BACKENDS = ("local", "ray")
+BACKENDS = TASK_BACKENDS  # local processes, Ray, SLURM (collafuse.tasks)
 
 
 @dataclass
@@ -158,6 +170,46 @@ def check_cell(audit_dir: Path, config_hash: str) -> tuple[dict[str, Any] | None
     return (None, problem) if problem else (record, None)
 
 
+def reverify_run(cell: Cell) -> None:
+    """A cell on a named run folder (systems.runs) is keyed by the folder's whole content; before the sweep
+    decides to reuse or compute it, the folder is checked again against that key (hashed again only where a
+    file changed since the grid was read). A changed folder is refused (one line), never attacked or reused
+    under its old key."""
+    if cell.run_dir is None:
+        return
+    from collafuse.benchmarks.audit.grid import run_content_key
+
+    try:
+        key = run_content_key(Path(cell.run_dir))
+    except RunError as exc:
+        raise ConfigError(f"systems.runs: {exc}") from None
+    if key != cell.run_sha256:
+        raise ConfigError(f"systems.runs: {cell.run_dir} changed after the grid was read; run the audit again")
+
+
+def stale_run_cells(audit_dir: Path, cells: list[Cell]) -> list[Cell]:
+    """Of ``cells`` (on named run folders, about to be computed), those whose folder an earlier sweep in this
+    audit folder attacked with other content (a finished cell of the same cell id and another content key):
+    its verdict is stale, so the cell is recomputed, and the caller says so."""
+    if not cells or not (audit_dir / CELLS_DIR).is_dir():
+        return []
+    wanted = {cell.cell_id: cell for cell in cells}
+    stale: dict[str, Cell] = {}
+    for path in sorted((audit_dir / CELLS_DIR).glob("*.json")):
+        try:
+            if not path.is_file() or path.stat().st_size > MAX_CELL_BYTES:
+                continue
+            record = json.loads(path.read_bytes())
+        except (OSError, ValueError, RecursionError):
+            continue
+        if not isinstance(record, dict) or not isinstance(record.get("cell"), dict):
+            continue
+        cell = wanted.get(record.get("cell_id"))
+        if cell is not None and record["cell"].get("run_sha256") not in (None, cell.run_sha256):
+            stale[cell.cell_id] = cell
+    return list(stale.values())
+
+
 def read_cell(audit_dir: Path, config_hash: str) -> dict[str, Any] | None:
     """A finished cell's verified record, or None if absent. A file that does not verify is an error, not a miss."""
     record, problem = check_cell(audit_dir, config_hash)
@@ -243,103 +295,196 @@ def _claim_gpu(queue) -> None:
     os.environ["CUDA_VISIBLE_DEVICES"] = str(queue.get())
 
 
+def _exit_on_sigterm(signum, frame) -> None:
+    raise SystemExit(128 + signum)
+
+
+def _init_worker(queue=None) -> None:
+    """Worker initialiser: SIGTERM (how an interrupted sweep ends its workers) exits through Python, so the
+    worker's clean-ups and its multiprocessing finalizers run: its semaphores (tqdm's lock) are released,
+    and the resource tracker has no leaked ones to warn about after Ctrl-C, SIGTERM or a full disk. With
+    ``queue``: this worker owns one GPU."""
+    import signal
+
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    if queue is not None:
+        _claim_gpu(queue)
+
+
+def cell_task(cell: Cell, cache_dir: Path | str, device=None, spool: str | None = None) -> CellOutput:
+    """A cell as a task of any backend: :func:`~.cells.compute_cell`, its reference models cached in the audit
+    cache (``<cache>/references``) and, with ``spool`` (a folder the driver watches), their trainings handed
+    to the sweep's backend as tasks of their own; the cell trains any that no task has claimed yet and waits
+    for the rest (:func:`~collafuse.attacks.membership.references.ensure_references`)."""
+    from collafuse.attacks.membership.references import SpoolTasks, reference_setup
+
+    _system_once(cell, Path(cache_dir), device)
+    with reference_setup(Path(cache_dir), SpoolTasks(Path(spool)) if spool else None):
+        return compute_cell(cell, Path(cache_dir), *_device_arg(device))
+
+
+def _system_once(cell: Cell, cache_dir: Path, device=None) -> None:
+    """The cell's trained system in the cache, trained by one of the cells that share it (a lease per system
+    key): the others wait for it instead of training it too (on one thread, as compute_cell would)."""
+    if cell.kind != "system" or cell.run_dir is not None:
+        return
+    import torch
+    from threadpoolctl import threadpool_limits
+
+    from collafuse.runs import RUN_MARKER
+
+    from collafuse.benchmarks.audit.cells import trained_system
+    from collafuse.benchmarks.audit.grid import system_hash
+
+    path = cache_dir / "systems" / system_hash(cell.run_config)
+
+    def train() -> None:
+        previous = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            with threadpool_limits(1):
+                trained_system(cell, cache_dir, device)
+        finally:
+            torch.set_num_threads(previous)
+
+    run_once(path.with_name(f"{path.name}.lease"), lambda: (path / RUN_MARKER).is_file(), train)
+
+
+def tasks_folder(cache_dir: Path, audit_dir: Path) -> Path:
+    """The sweep's task files in the cache (every node sees it): reference requests, SLURM's jobs and journal;
+    one folder per audit folder, so a resumed audit finds what its killed driver left."""
+    digest = hashlib.sha256(str(Path(audit_dir).resolve()).encode()).hexdigest()[:16]
+    return Path(cache_dir) / "tasks" / digest
+
+
+def _drive(pool, shared: list[tuple[str, Cell]], pending: list[Cell], cache_dir: Path,
+           on_done: Callable[[Cell, CellOutput], None], device: str | None, spool: Path | None,
+           gpu: bool = False) -> None:
+    """Every shared resource and cell as a task of ``pool``; while they run, each reference training a cell
+    announces in ``spool`` becomes a task too (urgent: a cell waits on it), once per key. Returns when every
+    cell is written; raises a cell's error."""
+    from collafuse.attacks.membership.references import JOB_SUFFIX, ReferenceCache, run_reference_task
+
+    cache_dir = Path(cache_dir).resolve()  # workers elsewhere (Ray, SLURM) do not share this process's folder
+    spool = None if spool is None else Path(spool).resolve()
+    cells: dict[str, Cell] = {}
+    waiting: set[str] = set()
+    for kind, cell in shared:
+        key = f"shared:{kind}:{cell.config_hash}"
+        pool.submit(key, build_shared, kind, cell, str(cache_dir), *_device_arg(device), gpu=gpu)
+        waiting.add(key)
+    for cell in pending:
+        key = f"cell:{cell.config_hash}"
+        cells[key] = cell
+        pool.submit(key, cell_task, cell, str(cache_dir), device, None if spool is None else str(spool), gpu=gpu)
+        waiting.add(key)
+    references = str(ReferenceCache.under(cache_dir).root)
+    requested: set[str] = set()
+    while waiting:
+        for done in pool.poll(0.5):
+            if done.key.startswith("ref:"):
+                if done.error is not None:  # the cell that needs it trains it itself
+                    print(f"collafuse: warning: reference task {done.key[4:]} failed ({type(done.error).__name__}: "
+                          f"{str(done.error)[:200]}); the cell that needs it trains it", file=sys.stderr)
+                continue
+            waiting.discard(done.key)
+            if done.error is not None:
+                raise done.error
+            if done.key in cells:
+                on_done(cells[done.key], done.value)
+        if spool is not None and spool.is_dir():
+            for path in sorted(spool.glob(f"*{JOB_SUFFIX}")):
+                key = path.name[: -len(JOB_SUFFIX)]
+                if key not in requested:
+                    requested.add(key)
+                    pool.submit(f"ref:{key}", run_reference_task, str(path), references, gpu=gpu, urgent=True)
+
+
+def _run_pool(pool, shared, pending, cache_dir: Path, on_done, device, spool: Path | None, gpu: bool) -> None:
+    """:func:`_drive` on ``pool``; on an interrupt or an error the pool's work is stopped and the temporaries
+    of its ended workers are removed from the cache (a system half trained: their pids are dead)."""
+    try:
+        _drive(pool, shared, pending, cache_dir, on_done, device, spool, gpu)
+    except BaseException:
+        pool.close(cancel=True)
+        sweep_stale_partials(cache_dir, depth=2)
+        raise
+    else:
+        pool.close(cancel=True)  # what still runs is a reference task whose cells are all written: not needed
+    finally:
+        if spool is not None:
+            shutil.rmtree(spool, ignore_errors=True)
+
+
 def _local(shared: list[tuple[str, Cell]], pending: list[Cell], cache_dir: Path, jobs: int,
            on_done: Callable[[Cell, CellOutput], None], device: str | None = None, gpus: int = 0) -> None:
     """Shared resources first in the queue, then the cells, in worker processes (in this one when
-    jobs = 1): while one worker trains the attacker's denoiser, the others already train systems.
-    With ``gpus`` > 0 (cells on CUDA), each worker owns one GPU (``jobs`` ≤ ``gpus``)."""
-    if jobs <= 1:
-        for kind, cell in shared:
-            build_shared(kind, cell, cache_dir, *_device_arg(device))
-        for cell in pending:
-            on_done(cell, compute_cell(cell, cache_dir, *_device_arg(device)))
-        return
-    ctx = get_context("spawn")
-    init: dict[str, Any] = {}
-    if gpus > 0:
-        queue = ctx.Queue()
-        visible = [d for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
-        ids = visible[:gpus] if len(visible) >= gpus else [str(i) for i in range(gpus)]
-        for i in range(jobs):  # jobs <= gpus: a GPU each
-            queue.put(ids[i % gpus])
-        init = {"initializer": _claim_gpu, "initargs": (queue,)}
-    with ProcessPoolExecutor(max_workers=jobs, mp_context=ctx, **init) as pool:
-        futures: dict[Any, Cell | None] = {pool.submit(build_shared, kind, cell, cache_dir, *_device_arg(device)): None
-                                           for kind, cell in shared}
-        futures.update({pool.submit(compute_cell, cell, cache_dir, *_device_arg(device)): cell for cell in pending})
-        try:
-            remaining = set(futures)
-            while remaining:
-                done, remaining = wait(remaining, return_when=FIRST_COMPLETED)
-                for fut in done:
-                    result = fut.result()
-                    if futures[fut] is not None:
-                        on_done(futures[fut], result)
-        except BaseException:
-            workers = list((getattr(pool, "_processes", None) or {}).values())  # gone after shutdown()
-            manager = getattr(pool, "_executor_manager_thread", None)
-            pool.shutdown(wait=False, cancel_futures=True)
-            _stop_workers(workers, cache_dir)
-            if manager is not None:
-                manager.join(timeout=10)  # it notices the ended workers and closes its queues
-            raise
-
-
-def _stop_workers(workers: list, cache_dir: Path) -> None:
-    """Interrupted (Ctrl-C, SIGTERM, an error): end the workers now rather than wait for their cells (only
-    this process writes cells, so their results would be dropped anyway), then remove the temporaries they
-    leave in the cache (a system half trained): once joined, their pids are dead."""
-    for proc in workers:
-        with contextlib.suppress(OSError, ValueError):  # already gone
-            proc.terminate()
-    for proc in workers:
-        with contextlib.suppress(OSError, ValueError, AssertionError):
-            proc.join(timeout=10)
-    sweep_stale_partials(cache_dir, depth=2)
+    jobs = 1): while one worker trains the attacker's denoiser, the others already train systems, and the
+    reference models a cell waits on go before the queued cells. With ``gpus`` > 0 (cells on CUDA), each
+    worker owns one GPU (``jobs`` ≤ ``gpus``). A worker killed meanwhile costs its tasks, run again."""
+    pool = LocalPool(jobs, gpus, initializer=_init_worker)
+    spool = None if jobs <= 1 else Path(cache_dir) / "tasks" / f"requests-{os.getpid()}-{secrets.token_hex(4)}"
+    _run_pool(pool, shared, pending, Path(cache_dir), on_done, device, spool, gpus > 0)
 
 
 def _ray(shared: list[tuple[str, Cell]], pending: list[Cell], cache_dir: Path, jobs: int, address: str | None,
          on_done: Callable[[Cell, CellOutput], None], device: str | None = None, gpu_cells: bool = False) -> None:
-    """Every task on Ray; ``gpu_cells``: the cells resolve to CUDA, so each task asks Ray for one GPU
-    (Ray then sets CUDA_VISIBLE_DEVICES for it: one cell per GPU at a time)."""
-    try:
-        import ray
-    except ImportError:
-        raise ConfigError("--backend ray needs Ray: pip install 'collafuse[ray]'") from None
-    started_here = not ray.is_initialized()
-    if started_here:
-        kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False, "configure_logging": False}
-        if address:
-            ray.init(address=address, **kwargs)
-        else:
-            ray.init(num_cpus=max(1, jobs), **kwargs)
-    try:
-        options = ray_options(gpu_cells)
-        build = ray.remote(**options)(build_shared)
-        task = ray.remote(**options)(compute_cell)
-        refs: dict[Any, Cell | None] = {build.remote(kind, cell, str(cache_dir), *_device_arg(device)): None
-                                        for kind, cell in shared}
-        refs.update({task.remote(cell, str(cache_dir), *_device_arg(device)): cell for cell in pending})
-        try:
-            while refs:
-                done, _ = ray.wait(list(refs), num_returns=1)
-                for ref in done:
-                    cell = refs.pop(ref)
-                    result = ray.get(ref)
-                    if cell is not None:
-                        on_done(cell, result)
-        except BaseException:
-            for ref in refs:
-                ray.cancel(ref, force=True)
-            raise
-    finally:
-        if started_here:
-            ray.shutdown()
+    """Every task on Ray (a local Ray of ``jobs`` CPUs, or the cluster at ``address``, whose nodes must share
+    the cache folder): the shared resources, the cells and the reference models they wait on.
+    ``gpu_cells``: the cells resolve to CUDA, so each task asks Ray for one GPU (Ray then sets
+    CUDA_VISIBLE_DEVICES for it: one task per GPU at a time). A task whose worker dies runs again elsewhere."""
+    pool = RayPool(jobs, address, options=ray_options)
+    spool = Path(cache_dir) / "tasks" / f"requests-{os.getpid()}-{secrets.token_hex(4)}"
+    _run_pool(pool, shared, pending, Path(cache_dir), on_done, device, spool, gpu_cells)
 
 
 def ray_options(gpu_cells: bool) -> dict[str, Any]:
-    """Ray's resource request for one task: a CPU, and a GPU when the cells run on CUDA."""
-    return {"num_cpus": 1, "max_retries": 0, **({"num_gpus": 1} if gpu_cells else {})}
+    """Ray's resource request for one task: a CPU, and a GPU when the cells run on CUDA; a task whose worker
+    dies is run again (tasks are pure, their outputs cached atomically)."""
+    return {"num_cpus": 1, "max_retries": DEFAULT_RETRIES, **({"num_gpus": 1} if gpu_cells else {})}
+
+
+def _slurm(shared: list[tuple[str, Cell]], pending: list[Cell], cache_dir: Path, audit_dir: Path,
+           on_done: Callable[[Cell, CellOutput], None], device: str | None = None,
+           options: SlurmOptions | None = None) -> None:
+    """Every task a SLURM job through submitit (:class:`~collafuse.tasks.SlurmPool`): the cells as one job
+    array (at most ``options.array_size`` at once), each reference model a cell waits on as a job of its
+    own. The job files and the journal are in :func:`tasks_folder`, so a driver started again attaches to
+    the jobs a killed one left. The cache folder must be on storage every node shares."""
+    folder = tasks_folder(cache_dir, audit_dir)
+    pool = SlurmPool(folder / "slurm", options or current_slurm_options())
+    _run_pool(pool, shared, pending, Path(cache_dir), on_done, device, folder / "requests", False)
+    shutil.rmtree(folder, ignore_errors=True)  # every cell written: no job of this sweep to attach to again
+
+
+_SLURM_OPTIONS: contextvars.ContextVar[SlurmOptions | None] = contextvars.ContextVar("slurm_options", default=None)
+
+
+def current_slurm_options() -> SlurmOptions:
+    return _SLURM_OPTIONS.get() or SlurmOptions()
+
+
+@contextlib.contextmanager
+def slurm_settings(options: SlurmOptions | None):
+    """Within the block, ``--backend slurm`` sweeps submit with ``options`` (partition, time, GPUs per task,
+    array size: the command line's over the grid's ``slurm:`` block)."""
+    token = _SLURM_OPTIONS.set(options)
+    try:
+        yield options
+    finally:
+        _SLURM_OPTIONS.reset(token)
+
+
+def slurm_options(grid_block: Any = None, **command_line: Any) -> SlurmOptions:
+    """The SLURM options of a sweep: the defaults, then the grid's ``slurm:`` block, then the command line
+    (values given as None are not given). Checked (one line on a bad value)."""
+    options = SlurmOptions()
+    if grid_block is not None:
+        options = options.merged(**{k: getattr(grid_block, k) for k in ("partition", "gpus_per_task", "array_size")},
+                                 time_min=None if grid_block.time is None else parse_time_minutes(grid_block.time))
+    time_value = command_line.pop("time", None)
+    options = options.merged(**command_line, time_min=None if time_value is None else parse_time_minutes(time_value))
+    return options.check()
 
 
 def remove_partials(audit_dir: Path) -> list[Path]:
@@ -370,6 +515,8 @@ def run_sweep(
     cells = _unique(cells)
     stats = SweepStats(total=len(cells))
     remove_partials(audit_dir)
+    for cell in cells:  # named run folders: still the content they were keyed by (else refused, never reused)
+        reverify_run(cell)
     pending, unverified = [], []
     for cell in cells:  # every cell path is checked before any work starts (a folder there: ConfigError)
         record, problem = check_cell(audit_dir, cell.config_hash)
@@ -382,6 +529,9 @@ def run_sweep(
     for cell, problem in unverified:
         print(f"collafuse: warning: cell file {cell_path(audit_dir, cell.config_hash)} ({cell.cell_id}) does not "
               f"verify: {problem}; recomputing it", file=sys.stderr)
+    for cell in stale_run_cells(audit_dir, [c for c in pending if c.run_dir is not None]):
+        print(f"collafuse: warning: the run folder {cell.run_dir} changed since its cell ({cell.cell_id}) was "
+              "computed; its old verdict is not reused: recomputing it", file=sys.stderr)
     stats.recomputed = [cell.config_hash for cell, _ in unverified]
     if not pending:
         return stats
@@ -402,6 +552,8 @@ def run_sweep(
     try:
         if backend == "ray":
             _ray(shared, pending, cache_dir, jobs, address, on_done, device, gpu_cells=on_gpu)
+        elif backend == "slurm":
+            _slurm(shared, pending, cache_dir, audit_dir, on_done, device)
         else:
             _local(shared, pending, cache_dir, device_jobs(jobs, {"cuda"} if on_gpu else set(), gpus), on_done,
                    device, gpus)
