@@ -7,7 +7,7 @@ gets a fresh signal cache, so shared signals are paid by every attack that reads
 
     python benchmarks/perf_attacks.py [--run RUN_DIR] [-n 256] [--threads 1] [--repeats 3]
                                       [--references 2] [--ref-epochs 2] [--clock wall|process]
-                                      [--calibrated-only]
+                                      [--calibrated-only] [--peers 3]
 
 Without ``--run`` the model is a freshly built default-config server UNet ((32, 64),
 time_dim 128, 10 classes) on 16×16 digits; with ``--run`` the run's own server model (or
@@ -20,6 +20,13 @@ included ((N + Z)/N of the candidates'). They attack a CLIENT model (T3: a refer
 training): the default config's fresh client UNet ((16, 32), time_dim 64) at t ≤ t_c, or with ``--run``
 client 0's model and recipe. Reference trainings run ``--ref-epochs`` epochs (a training's cost is
 linear in its epochs; the ratio does not depend on it), each repetition in a fresh reference cache.
+
+The peer attacks (``lira-peers``, ``rmia-peers``) train nothing: their floor is the queries of the target and its
+P peer client models ((1 + P)·M·K per candidate, and per population sample for rmia-peers), timed on a client model
+against ``--peers`` fresh ones (or with ``--run`` client 0 against the run's other client models); source inference
+(which client's model holds a member) is timed beside them: (1 + P)·M·K queries per member. The ``-hf`` variants
+(FreMIA's filter) read the signals of their unfiltered attacks (the same queries) and ``noise-agg`` makes 5: both
+run in the main table.
 
 ``--clock process`` times with this process's CPU time instead of the wall clock: on a machine shared with
 other jobs the wall clock counts their time slices too, the CPU time (one thread) does not.
@@ -142,6 +149,88 @@ def reference_costs(args) -> float:
     return worst
 
 
+def peer_setup(args, run=None):
+    """(target client view, [(client, peer view)], candidates, labels, population, population labels) of the peer
+    attacks and of source inference: with ``--run`` its client 0 against its other client models, else a fresh
+    default-config client UNet against ``--peers`` fresh ones (other init streams: trained alike, not alike)."""
+    if run is not None:
+        data, splits = run.load_data()
+        cond = run.num_classes > 0
+        views = [ModelView.client(m, run.schedule, run.t_hand, cond) for m in run.client_models if m is not None]
+        labels_all = data.labels if cond else None
+        order = torch.cat([splits.members, splits.nonmembers])
+        pop = splits.aux[:MAX_POPULATION]
+    else:
+        cfg = DEFAULT_CONFIG
+        data = load_digits16(1, cfg.data.image_size)
+        schedule = NoiseSchedule.create(cfg.diffusion.schedule, cfg.diffusion.T)
+        unet = unet_config(cfg.client_model, 1, 10)
+        views = [ModelView.client(build_model(unet, 0, 3, k).eval(), schedule, cfg.t_c, True) for k in range(1 + args.peers)]
+        labels_all = data.labels
+        order = torch.arange(args.n)
+        pop = torch.arange(args.n, min(len(data.images), args.n + MAX_POPULATION))
+    cand = order[: args.n]
+
+    def lab(idx):
+        return None if labels_all is None else labels_all[idx]
+
+    return (views[0], list(enumerate(views[1:], 1)), data.images[cand], lab(cand), data.images[pop], lab(pop))
+
+
+def peer_costs(args) -> float:
+    """Time the peer attacks (the other clients' models as OUT references: no training) and source inference
+    against their queries; print a row each; the worst ratio. The peer attacks' floor counts the target's and every
+    peer's queries on the candidates, and rmia-peers' on the population samples too ((N + Z)/N of them);
+    source inference queries every client model (target and peers) at the same M·K fixed draws."""
+    from collafuse.attacks.membership.peers import peer_producers
+    from collafuse.attacks.membership.source import model_losses
+    from collafuse.attacks.membership.signals import step_grid
+
+    run = None
+    if args.run:
+        from collafuse.runs import Run
+
+        run = Run.load(args.run)
+    view, peers, images, labels, population, pop_labels = peer_setup(args, run)
+    if not peers:
+        print("\npeer attacks: the run has one client model, no peer to time")
+        return 0.0
+    settings = SignalSettings(batch_size=len(images))
+    fwd = forward_seconds(view, images, labels, args.repeats)
+    n, z = len(images), len(population)
+    print(f"\npeer attacks on a client model: N = {n} candidates, Z = {z} population samples, P = {len(peers)} peer "
+          f"models; one batched forward {fwd * 1e3:.1f} ms")
+    print(f"{'attack':>16} {'queries/img':>11} {'floor s':>8} {'time s':>8} {'ratio':>6}")
+    worst = 0.0
+    for name in ATTACKS.needing("peers"):
+        attack = ATTACKS.get(name)
+        walls, q = [], 0
+        for rep_ in range(args.repeats):
+            start = CLOCK()
+            fresh = ModelView(view.model, view.schedule, view.origin, view.t_min, view.t_max, view.conditional, view.device)
+            cache = model_signal_cache(fresh, images, labels, settings, torch.Generator().manual_seed(rep_))
+            cache = cache.with_producers(peer_producers(fresh, peers, images, labels, population, pop_labels, "iid",
+                                                        settings.n_steps, settings.n_noise, settings.batch_size, rep_, 1))
+            q = attack.score(cache.require(attack.signals)).queries_per_image
+            walls.append(CLOCK() - start)
+        wall = statistics.median(walls)
+        floor = q * fwd * ((n + z) / n if "peer_pop_loss" in attack.signals else 1.0)
+        worst = max(worst, wall / floor)
+        print(f"{name:>16} {q:>11} {floor:>8.2f} {wall:>8.2f} {wall / floor:>6.2f}")
+    views = [view, *(p for _, p in peers)]
+    steps = step_grid(view.t_min, view.t_max, settings.n_steps)
+    walls = []
+    for rep_ in range(args.repeats):
+        noise = torch.randn((len(steps), settings.n_noise, n, *images.shape[1:]), generator=torch.Generator().manual_seed(rep_))
+        start = CLOCK()
+        model_losses(views, images, labels, steps, noise, settings.batch_size)
+        walls.append(CLOCK() - start)
+    wall, q = statistics.median(walls), len(views) * len(steps) * settings.n_noise
+    worst = max(worst, wall / (q * fwd))
+    print(f"{'source-inference':>16} {q:>11} {q * fwd:>8.2f} {wall:>8.2f} {wall / (q * fwd):>6.2f}")
+    return worst
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--run", default=None, help="a run folder (default: a fresh default-config model)")
@@ -153,6 +242,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--clock", choices=("wall", "process"), default="wall",
                         help="wall clock (default) or this process's CPU time (robust on a shared machine)")
     parser.add_argument("--calibrated-only", action="store_true", help="time lira / rmia only (their references)")
+    parser.add_argument("--peers", type=int, default=3, help="peer client models of lira-peers / rmia-peers without "
+                        "--run (default 3: the default config's 4 clients)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     global CLOCK
@@ -190,8 +281,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'attack':>12} {'queries/img':>11} {'time s':>8} {'ratio':>6}")
     worst = 0.0
     for name in ATTACKS:
-        if name in ATTACKS.needing("references"):
-            continue  # timed below, against (reference trainings + queries)
+        if name in ATTACKS.needing("references") + ATTACKS.needing("peers"):
+            continue  # timed below: against (reference trainings + queries), and against the peers' queries
         attack = ATTACKS.get(name)
         walls = []
         for rep in range(args.repeats):
@@ -219,7 +310,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{name:>12} {q:>11} {wall:>8.3f} {ratio:>6.2f}")
         else:
             print(f"{name:>12} {q:>11} {wall:>8.3f}    n/a (no model queries)")
-    worst = max(worst, reference_costs(args))
+    worst = max(worst, reference_costs(args), peer_costs(args))
     print(f"worst ratio {worst:.2f} (target <= 1.2)")
     return 0 if worst <= 1.2 else 1
 

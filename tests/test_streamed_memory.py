@@ -70,6 +70,21 @@ def test_streamed_cell_reports_the_numbers_of_the_whole_view(tmp_path, monkeypat
     assert streamed.artifacts == whole.artifacts and streamed.info == whole.info
 
 
+def test_a_view_that_fits_one_shard_takes_the_whole_view_path(tmp_path, monkeypatch) -> None:
+    """Streaming only pays when the view does not fit the memory budget (issue 25 item 5): with the default
+    budget this 300-row view is one shard, so the cell never enters the streamed path."""
+    import collafuse.benchmarks.audit.cells.payload as payload_module
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the streamed path ran on a view that fits one shard")
+
+    monkeypatch.delenv(MEMORY_ENV, raising=False)
+    monkeypatch.setattr(payload_module, "evaluate_streamed", refuse)
+    cell = cell_of(tmp_path, "none")
+    out = payload_cell(cell, tmp_path / "cache")
+    assert next(r["value"] for r in out.rows if r["metric"] == "payload_rows") == 300 < shard_rows(64, tuple(ATTACKS), 128)
+
+
 def test_shards_replay_the_whole_simulated_view() -> None:
     config = config_from_dict(BASE)
     data, splits = prepare_data(config)
