@@ -24,6 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import torch
+
 from collafuse.config import RunConfig, config_from_dict, load_config
 from collafuse.errors import ConfigError, RunError
 from collafuse.runs import Run, create_run
@@ -35,8 +37,9 @@ if TYPE_CHECKING:  # pragma: no cover
     from collafuse.attacks.reconstruction.engine import RunReconstruction
 
 __all__ = [
-    "AuditResult", "ReportFiles", "UncoveredThreatsWarning", "attack_membership", "attack_reconstruct", "audit",
-    "export_run", "hooks_for", "import_deployment", "load", "report", "resolve_config", "train", "train_run",
+    "AuditResult", "MembershipShiftWarning", "ReportFiles", "UncoveredThreatsWarning", "attack_membership", "attack_reconstruct", "audit",
+    "export_run", "hooks_for", "import_deployment", "load", "membership_shift", "report", "resolve_config", "train",
+    "train_run",
 ]
 
 ConfigLike = RunConfig | Mapping[str, Any] | str | Path | None
@@ -73,7 +76,7 @@ def hooks_for(config: RunConfig) -> Hooks:
 
 
 def uncovered(config: RunConfig) -> list[str]:
-    """Threats (T1..T4) that none of ``config.defenses`` addresses."""
+    """Threats (T1..T5) that none of ``config.defenses`` addresses."""
     from collafuse.defenses import uncovered_threats
 
     return uncovered_threats(config.defenses, config)
@@ -108,11 +111,46 @@ def load(run_dir: str | Path, device: str | None = None) -> Run:
     return Run.load(run_dir, device=device)
 
 
+class MembershipShiftWarning(UserWarning):
+    """The member and non-member images of a run differ without the model (DESIGN §4.2's model-blind control):
+    membership results on it are not evidence of leakage, and the audit's membership verdicts are INCONCLUSIVE."""
+
+
 def import_deployment(manifest: str | Path, out: str | Path) -> Path:
-    """``collafuse import MANIFEST --out RUN_DIR`` (DESIGN §9): a deployment trained elsewhere → a run folder."""
+    """``collafuse import MANIFEST --out RUN_DIR`` (DESIGN §9): a deployment trained elsewhere → a run folder.
+
+    The manifest names the member and non-member sets, so a distribution shift between them is one manifest
+    away: the model-blind control (:func:`membership_shift`) runs at once and a shift is reported with a
+    :class:`MembershipShiftWarning` (the CLI prints it)."""
     from collafuse.deployment import import_deployment as _import
 
-    return _import(Path(manifest), Path(out))
+    path = _import(Path(manifest), Path(out))
+    shift = membership_shift(path)
+    if shift is not None:
+        warnings.warn(MembershipShiftWarning(shift), stacklevel=2)
+    return path
+
+
+def membership_shift(run_or_dir: RunLike, limit: float | None = None) -> str | None:
+    """The model-blind control on a run's whole member set against its non-members (DESIGN §4.2): a sentence
+    when a classifier that sees only the images tells them apart (AUC above ``limit``, default the policy's
+    0.6, with permutation p < 0.01), else None (also when the run holds out no non-members)."""
+    from collafuse.attacks.membership.controls import BLIND_AUC_WARNING, blind_control
+
+    run = _run(run_or_dir)
+    data, splits = run.load_data()
+    members = torch.cat([splits.training_set(k) for k in range(len(splits.clients))])
+    if min(len(members), len(splits.nonmembers)) < 2:
+        return None
+    blind = blind_control(data.images[members], data.images[splits.nonmembers], run.config.seed)
+    if not blind.exceeds(BLIND_AUC_WARNING if limit is None else limit):
+        return None
+    auc = blind.auc
+    return (f"members and non-members differ without the model: a classifier that sees only the images tells them "
+            f"apart with AUC {auc.value:.3f} (permutation p = {blind.p_value:.3g}, {len(members)} members, "
+            f"{len(splits.nonmembers)} non-members); membership attacks on this run measure that difference, not the "
+            "model, and the audit's membership verdicts will be INCONCLUSIVE. Give non-members from the members' "
+            "own distribution (e.g. a random held-out split of the same source)")
 
 
 def export_run(run_dir: str | Path, out: str | Path) -> Path:
@@ -179,10 +217,10 @@ def attack_membership(
     settings: MembershipSettings | None = None,
     progress: bool = False,
 ) -> MembershipResult:
-    """Membership inference (T1–T4) on a run's payloads, server, clients and samples.
+    """Membership inference (T1–T5) on a run's payloads, server, clients, samples and co-clients' hand-offs.
 
     ``attacks`` / ``targets``: names (a list or ``"a,b"``; None = all that apply; targets
-    from server, client, samples, payload). Returns the engine's typed
+    from server, client, samples, payload, coclient). Returns the engine's typed
     :class:`~collafuse.attacks.membership.engine.MembershipResult`; writes the JSON report
     and ROC PNGs (``collafuse attack membership``'s writer) only when ``out`` is given.
     """
@@ -198,20 +236,22 @@ def attack_membership(
     out_path = command._resolve_out(run_dir, str(out)) if out is not None else None
     run = _run(run_or_dir)
     result = run_membership(run, attack_names, target_names, settings, explicit_attacks=attacks_text is not None,
-                            progress=progress, formal=formal_epsilons(run))
+                            progress=progress, formal=formal_ceilings(run))
     if out_path is not None:
         command.write_report(result, out_path)
     return result
 
 
-def formal_epsilons(run: Run) -> dict[str, float]:
-    """The formal ε each one-run bound is set beside (DESIGN §4.3, §5), per threat: T1 the payload channel's
-    (the release defenses'; ∞ without one), T2 the server model's (never worse than the payload channel),
-    T3 the client models' (DP-SGD's accountant; ∞ without it). Read by the defenses from the run's own hook
-    records: attacks never import the defenses, so their callers hand this in."""
+def formal_ceilings(run: Run) -> dict[str, "Ceiling"]:
+    """The formal guarantee per threat as a trade-off curve (DESIGN §4.2 "The ceiling", §4.3, §5): its ε is set
+    beside each one-run bound, its curve is the ceiling of every ROC. T1 the payload channel's (μ-GDP where
+    its releases compose as Gaussians; ∞ without a release defense at c = 0), T2 the server model's (never
+    worse than the payload channel), T3 the client models' (DP-SGD's accountant; ∞ without it), T4 both
+    composed. Read by the defenses from the run's own hook records: attacks never import the defenses, so
+    their callers hand this in."""
     from collafuse.defenses import setting_from_run
 
-    return setting_from_run(run.info, run.config).epsilon_by_threat()
+    return setting_from_run(run.info, run.config).ceilings()
 
 
 # -- the audit ------------------------------------------------------------------------------

@@ -6,13 +6,15 @@ import errno
 import os
 import re
 import sys
+import warnings
 from pathlib import Path
 
 from collafuse.errors import CollafuseError
-from collafuse.fsutil import EXIT_TERMINATED, Terminated, sigterm_raises
+from collafuse.fsutil import EXIT_TERMINATED, Terminated, check_output, sigterm_raises
 
 EXIT_BAD_INPUT = 2
 MAX_SAMPLES = 100_000
+MAX_SAMPLE_BYTES = 4 << 30  # `sample` holds its images as float32 before writing them (a sixth of 24 GiB)
 MAX_SEED = 2**63 - 1
 # A write the file system refuses is the user's to fix (free space, another folder), not a bug.
 WRITE_ERRNOS = {errno.ENOSPC: "cannot write to", errno.EROFS: "cannot write to", errno.EDQUOT: "cannot write to",
@@ -50,18 +52,40 @@ def _cmd_attack_reconstruct(args: argparse.Namespace) -> int:
 
 
 def _cmd_attack_membership(args: argparse.Namespace) -> int:
-    from collafuse.api import formal_epsilons
+    from collafuse.api import formal_ceilings
     from collafuse.attacks.membership.command import run_command
 
+    slurm = _slurm_options(args) if args.backend == "slurm" else None
     return run_command(Path(args.run), args.attacks, args.targets, args.out, progress=not args.quiet,
-                       device=args.device, references=args.references, formal_for=formal_epsilons)
+                       device=args.device, references=args.references, formal_for=formal_ceilings,
+                       jobs=args.jobs, backend=args.backend, address=args.address, slurm=slurm)
+
+
+def _slurm_options(args: argparse.Namespace, grid_block=None):
+    """The SLURM options of a command: its --slurm-* values over the grid's ``slurm:`` block (audit)."""
+    from collafuse.tasks import slurm_available
+
+    problem = slurm_available()
+    if problem:  # before anything is written
+        raise CollafuseError(problem)
+    from collafuse.benchmarks.audit.runner import slurm_options
+
+    return slurm_options(grid_block, partition=args.slurm_partition, time=args.slurm_time,
+                         gpus_per_task=args.slurm_gpus_per_task, array_size=args.slurm_array_size)
 
 
 def _cmd_audit(args: argparse.Namespace) -> int:
     from collafuse.benchmarks.audit.command import run_audit_command
+    from collafuse.benchmarks.audit.runner import slurm_settings
 
-    return run_audit_command(args.config, args.policy, args.quick, args.out, args.jobs, args.backend, args.address,
-                             args.cache, progress=not args.quiet, device=args.device)
+    slurm = None
+    if args.backend == "slurm":  # the grid's slurm: block, under the command line's --slurm-* options
+        from collafuse.benchmarks.audit.grid import load_grid
+
+        slurm = _slurm_options(args, load_grid(args.config, args.quick).spec.slurm)
+    with slurm_settings(slurm):
+        return run_audit_command(args.config, args.policy, args.quick, args.out, args.jobs, args.backend,
+                                 args.address, args.cache, progress=not args.quiet, device=args.device)
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
@@ -87,15 +111,19 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.suffix.lower() not in (".png", ".npz"):
         raise CollafuseError(f"--out must end in .png or .npz, got {out.name!r}")
-    if out.exists():
-        raise CollafuseError(f"{out} already exists; choose a new file")
     if not 1 <= args.n <= MAX_SAMPLES:
         raise CollafuseError(f"-n must be in 1..{MAX_SAMPLES}, got {args.n}")
     if args.seed is not None and not 0 <= args.seed <= MAX_SEED:
         raise CollafuseError(f"--seed must be in 0..2**63-1, got {args.seed}")
+    check_output(out, "--out")  # before any work: free name, a folder above it, writable, not full
     run = Run.load(args.run, device=args.device)
     if not 0 <= args.client < len(run.client_models):
         raise CollafuseError(f"--client must be in 0..{len(run.client_models) - 1}, got {args.client}")
+    d = run.config.data
+    needed = args.n * d.channels * d.image_size * d.image_size * 4
+    if needed > MAX_SAMPLE_BYTES:  # the samples are held in memory (float32) before they are written
+        raise CollafuseError(f"-n {args.n} images of {d.channels}×{d.image_size}×{d.image_size} take "
+                             f"{needed / 2**30:.3g} GiB; at most {MAX_SAMPLE_BYTES >> 30} GiB: draw them in several files")
     missing = [name for name, model, needed in (
         ("server", run.server_model, run.t_hand < run.schedule.T),
         (f"client_{args.client}", run.client_models[args.client], run.t_hand > 0)) if needed and model is None]
@@ -132,10 +160,17 @@ def _cmd_sample(args: argparse.Namespace) -> int:
 
 
 def _cmd_import(args: argparse.Namespace) -> int:
-    from collafuse.api import import_deployment
+    from collafuse.api import MembershipShiftWarning, import_deployment
 
-    out = import_deployment(args.manifest, args.out)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", MembershipShiftWarning)
+        out = import_deployment(args.manifest, args.out)
     print(f"run written to {out}")
+    for w in caught:
+        if issubclass(w.category, MembershipShiftWarning):
+            print(f"collafuse: warning: {w.message}", file=sys.stderr)
+        else:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     return 0
 
 
@@ -151,6 +186,16 @@ def _device_option(parser: argparse.ArgumentParser) -> None:
     """``--device {auto,cpu,cuda}`` (DESIGN §10): overrides the config's device; an unavailable CUDA exits 2."""
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default=None,
                         help="where models and attacks run (default: auto, CUDA when available)")
+
+
+def _slurm_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--backend slurm``'s options (an audit's grid may set them in its ``slurm:`` block; these win)."""
+    parser.add_argument("--slurm-partition", default=None, help="SLURM partition (default: the cluster's)")
+    parser.add_argument("--slurm-time", default=None, help="time limit per SLURM job: minutes or [D-]HH:MM:SS "
+                        "(default 60 minutes)")
+    parser.add_argument("--slurm-gpus-per-task", type=int, default=None, help="GPUs per SLURM job (default 0)")
+    parser.add_argument("--slurm-array-size", type=int, default=None,
+                        help="array jobs running at once (default: SLURM's limit)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -185,10 +230,16 @@ def build_parser() -> argparse.ArgumentParser:
     mem = attack_sub.add_parser("membership", help="membership inference on payloads, models and samples")
     mem.add_argument("--run", required=True)
     mem.add_argument("--attacks", default=None, help="comma-separated attack names (default: all that apply)")
-    mem.add_argument("--targets", default=None, help="comma-separated from server,client,samples,payload (default: all)")
+    mem.add_argument("--targets", default=None, help="comma-separated from server,client,samples,payload,coclient (default: all)")
     mem.add_argument("--out", default=None, help="output JSON")
     mem.add_argument("--references", type=int, default=None,
                      help="reference client models per target for lira / rmia (>= 2; default 4)")
+    mem.add_argument("--jobs", type=int, default=1,
+                     help="reference models (lira / rmia) trained side by side (default 1: one after another)")
+    mem.add_argument("--backend", default="local",
+                     help="where reference models train: local (processes, default), ray or slurm")
+    mem.add_argument("--address", default=None, help="Ray cluster address HOST:PORT (default: start a local Ray)")
+    _slurm_arguments(mem)
     mem.add_argument("--quiet", action="store_true")
     _device_option(mem)
     mem.set_defaults(func=_cmd_attack_membership)
@@ -199,8 +250,9 @@ def build_parser() -> argparse.ArgumentParser:
     audit.add_argument("--quick", action="store_true", help="the small embedded grid (about a minute)")
     audit.add_argument("--out", required=True, help="audit folder (new, empty, or an earlier audit to resume)")
     audit.add_argument("--jobs", type=int, default=None, help="cells run side by side (default: CPU count)")
-    audit.add_argument("--backend", default="local", help="local (processes, default) or ray")
-    audit.add_argument("--address", default=None, help="Ray cluster address (default: start a local Ray)")
+    audit.add_argument("--backend", default="local", help="local (processes, default), ray or slurm")
+    audit.add_argument("--address", default=None, help="Ray cluster address HOST:PORT (default: start a local Ray)")
+    _slurm_arguments(audit)
     audit.add_argument("--cache", default=None, help="cache of trained systems and attacker models "
                        "(default: $COLLAFUSE_CACHE/audit or ~/.cache/collafuse/audit)")
     audit.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -281,6 +333,10 @@ def main(argv: list[str] | None = None) -> int:
             raise  # anything else is a bug: keep its traceback
         verb, path, reason = refused
         where = _intended(path) if path else getattr(args, "out", None) or getattr(args, "audit_dir", None) or "the output folder"
+        if not path and args.command == "audit":  # a worker's error names no file: the folder or the cache
+            from collafuse.benchmarks.audit.command import default_cache
+
+            where = f"{args.out} or the cache {args.cache or default_cache()}"
         if args.command == "audit" and Path(args.out).is_dir():
             after = f"cells finished so far are kept in {args.out}; free space and run the same command again to resume"
         else:

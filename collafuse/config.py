@@ -5,12 +5,14 @@ class-conditional digits (16×16), 4 IID clients, cosine schedule, T = 1000, c =
 """
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
 from pydantic import (
-    BaseModel, ConfigDict, Discriminator, Field, Strict, Tag, ValidationError, model_serializer, model_validator,
+    BaseModel, ConfigDict, Discriminator, Field, Strict, Tag, TypeAdapter, ValidationError, model_serializer,
+    model_validator,
 )
 
 from collafuse.errors import ConfigError
@@ -23,6 +25,28 @@ Float = Annotated[float, Strict()]
 Bool = Annotated[bool, Strict()]
 MAX_SEED = 2**63 - 1  # seeds end up in torch generators (64-bit)
 
+# Upper bounds on every size a user controls (configs, grids, manifests, flags), checked before anything is
+# allocated, each named with its bound in the refusal. They are sized for a machine with 24 GiB of memory:
+MAX_IMAGE_SIZE = 256             # pixels per side
+MAX_CHANNELS = 4                 # image channels (gray, RGB, RGBA)
+MAX_T = 100_000                  # (T+1) float64 per schedule table (0.8 MB); a DDPM chain is T network calls
+MAX_EPOCHS = 10_000              # time, and the transcript: one row per member image and epoch (on disk)
+MAX_CLIENTS = 1_000              # each client holds its own model, optimiser and EMA copy in memory
+MAX_BATCH = 65_536               # images per step (the feature-map bound below usually binds first)
+MAX_REFERENCES = 64              # reference models per target (lira, rmia): each is one client training
+MAX_SAMPLES_PER_CLIENT = 1_000   # training's sample grid: per_client images per client in one PNG
+MAX_SHARD_BYTES = 4 << 30        # transcript rows buffered in memory (shard_rows per client) before a shard is written
+# One first-level feature map (batch × channels[0] × image_size² float32). Training keeps about ten of them
+# for the backward pass (≈ 10 GiB at the bound); sampling (256 images a batch, no backward) keeps a few.
+MAX_FEATURE_MAP_BYTES = 1 << 30
+SAMPLE_BATCH = 256               # collafuse.runs.generate's batch
+MAX_SAMPLE_FEATURE_MAP_BYTES = 2 << 30
+# Parameters: training holds ~5 float32 copies of each (weights, gradients, two Adam moments, EMA), 20 bytes:
+# one model of 300 M parameters is 6 GiB, and all models of a run together (server + every client) at most
+# 600 M (12 GiB), leaving the rest of 24 GiB to activations and data. diffusers' default UNet2DModel has 274 M.
+MAX_RUN_PARAMS = 600_000_000  # MAX_MODEL_PARAMS (300 M, one model) is collafuse.backends' (it must not import this)
+MAX_SNAPSHOT_BYTES = 4 << 30     # training.snapshots keeps a float32 copy of every model per snapshot epoch
+
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
@@ -32,15 +56,16 @@ class DataConfig(_Strict):
     # imported: the images live in the run folder itself (collafuse import); such a config cannot be trained from.
     source: Literal["digits", "mnist5k", "lfw", "folder", "npz", "imported"] = "digits"
     path: str | None = None                  # required for folder / npz
-    image_size: Int = Field(16, ge=4, le=256)
-    channels: Int = Field(1, ge=1, le=4)
+    image_size: Int = Field(16, ge=4, le=MAX_IMAGE_SIZE)
+    channels: Int = Field(1, ge=1, le=MAX_CHANNELS)
     n_members: Int = Field(1024, ge=1)       # images the clients train on (split among clients)
+    # n_members, n_nonmembers and n_aux are bounded by the data (make_splits), whose arrays are bounded on reading
     n_nonmembers: Int = Field(256, ge=0)     # held out, same distribution: membership inference
     n_aux: Int = Field(256, ge=0)            # public auxiliary split for the attacker
-    num_clients: Int = Field(4, ge=1)
+    num_clients: Int = Field(4, ge=1, le=MAX_CLIENTS)
     partition: Literal["iid", "label", "dirichlet"] = "iid"
     dirichlet_alpha: Float = Field(0.5, gt=0)
-    labels_per_client: Int = Field(2, ge=1)
+    labels_per_client: Int = Field(2, ge=1, le=10_000)
 
 
 def _omit_none(data: dict[str, Any], *keys: str) -> dict[str, Any]:
@@ -52,7 +77,7 @@ def _omit_none(data: dict[str, Any], *keys: str) -> dict[str, Any]:
 
 
 class DiffusionConfig(_Strict):
-    T: Int = Field(1000, ge=2, le=100_000)
+    T: Int = Field(1000, ge=2, le=MAX_T)
     # linear / cosine as in DESIGN §2.1; scaled_linear and trained (explicit betas) come from diffusers
     # scheduler configs (§9; collafuse.schedule.diffusers_schedule_fields maps their names).
     schedule: Literal["linear", "cosine", "scaled_linear", "trained"] = "cosine"
@@ -161,16 +186,17 @@ AnyModelConfig = Annotated[
     Union[Annotated[ModelConfig, Tag("native")], Annotated[DiffusersModelConfig, Tag("diffusers")]],
     Discriminator(_model_backend, custom_error_type="backend", custom_error_message="backend must be native or diffusers"),
 ]
+_MODEL_ADAPTER: TypeAdapter = TypeAdapter(AnyModelConfig)
 
 
 class TrainingConfig(_Strict):
-    epochs: Int = Field(60, ge=1)
-    batch_size: Int = Field(64, ge=1)
+    epochs: Int = Field(60, ge=1, le=MAX_EPOCHS)
+    batch_size: Int = Field(64, ge=1, le=MAX_BATCH)
     lr: Float = Field(1e-3, gt=0)
     label_dropout: Float = Field(0.1, ge=0, lt=1)  # classifier-free guidance training
     ema_decay: Float = Field(0.995, ge=0, lt=1)    # checkpoints hold this EMA of the weights; 0 = raw weights
     payload: Literal["cut", "trajectory", "naive"] = "cut"
-    shard_rows: Int = Field(4096, ge=1)            # transcript rows per shard and client
+    shard_rows: Int = Field(4096, ge=1, le=1 << 24)  # transcript rows per shard and client (bytes: below)
     # Epochs after which every model's EMA weights are also kept (checkpoints/snapshots/epoch_<e>/):
     # leakage against training length (`attack membership` attacks each snapshot). Empty: none.
     snapshots: tuple[Int, ...] = ()
@@ -194,9 +220,9 @@ class TrainingConfig(_Strict):
 
 class SamplingConfig(_Strict):
     sampler: Literal["ddpm", "ddim"] = "ddim"
-    steps: Int = Field(100, ge=1)                  # DDIM steps in total (DDPM always runs all T)
+    steps: Int = Field(100, ge=1, le=MAX_T)        # DDIM steps in total (DDPM always runs all T)
     guidance: Float = Field(1.0, ge=0)
-    per_client: Int = Field(20, ge=1)              # grid samples per client at the end of training
+    per_client: Int = Field(20, ge=1, le=MAX_SAMPLES_PER_CLIENT)  # grid samples per client at the end of training
 
 
 class CanaryConfig(_Strict):
@@ -204,8 +230,8 @@ class CanaryConfig(_Strict):
     held out of every split, each put into client ``client``'s training set independently with
     probability ½. Which ones went in is written only with the splits (scorer-side), never to the server."""
 
-    count: Int = Field(0, ge=0)
-    client: Int = Field(0, ge=0)
+    count: Int = Field(0, ge=0, le=1_000_000)
+    client: Int = Field(0, ge=0, le=MAX_CLIENTS)
 
 
 class RunConfig(_Strict):
@@ -259,6 +285,90 @@ class RunConfig(_Strict):
         return int(round(self.diffusion.cut_ratio * self.diffusion.T))
 
 
+def _first_width(model: "ModelConfig | DiffusersModelConfig") -> int:
+    if isinstance(model, ModelConfig):
+        return model.channels[0]
+    widths = model.unet_kwargs.get("block_out_channels")
+    if widths is None:
+        from collafuse.backends import unet_default
+
+        widths = unet_default("block_out_channels")
+    return int(widths[0])
+
+
+def model_parameters(config: "RunConfig", side: str) -> int:
+    """How many parameters one side's model of ``config`` has, counted on PyTorch's meta device (nothing
+    allocated, a few milliseconds): the exact count, for the size bounds."""
+    model = config.server_model if side == "server" else config.client_model
+    return _parameters(model.model_dump_json(), config.data.channels, config.data.image_size, config.conditional)
+
+
+@functools.lru_cache(maxsize=256)
+def _parameters(model_json: str, channels: int, image_size: int, conditional: bool) -> int:
+    import torch
+
+    model = _MODEL_ADAPTER.validate_json(model_json)
+    classes = 10 if conditional else 0  # the class embedding is small: any count does for the bound
+    with torch.random.fork_rng(devices=[]), torch.device("meta"):
+        if isinstance(model, ModelConfig):
+            from collafuse.model import UNet, UNetConfig
+
+            built = UNet(UNetConfig(in_channels=channels, channels=tuple(model.channels),
+                                    blocks_per_level=model.blocks_per_level, time_dim=model.time_dim,
+                                    groups=model.groups, num_classes=classes))
+        else:
+            from collafuse.backends import DiffusersSpec, new_unet
+
+            built = new_unet(DiffusersSpec(in_channels=channels, sample_size=image_size, num_classes=classes,
+                                           unet_kwargs=tuple(sorted(model.unet_kwargs.items()))))
+    return sum(p.numel() for p in built.parameters())
+
+
+def check_sizes(config: "RunConfig") -> None:
+    """Refuse (ValueError: the validator's one line) a config whose memory would not fit the bounds above,
+    before anything is allocated: a shard, a first-level feature map while training or sampling, the
+    parameters of each model and of all of them, the snapshots' copies."""
+    d, tr = config.data, config.training
+    row = d.channels * d.image_size * d.image_size * 4 * (2 if tr.payload == "naive" else 1)  # + the noise
+    per_image = (config.diffusion.T - config.t_c) if tr.payload == "trajectory" else 1
+    rows = (d.n_members + config.canaries.count) * tr.epochs * per_image
+    held = min(d.num_clients * tr.shard_rows, rows) if config.t_c < config.diffusion.T else 0
+    if held * row > MAX_SHARD_BYTES:
+        raise ValueError(f"the transcript buffers up to {held} payload rows of {row / 2**10:.0f} KiB "
+                         f"({held * row / 2**30:.3g} GiB: training.shard_rows {tr.shard_rows} per client) before "
+                         f"writing its shards; at most {MAX_SHARD_BYTES >> 30} GiB: lower training.shard_rows")
+    sides = [side for side, owns in (("server", config.t_c < config.diffusion.T), ("client", config.t_c > 0)) if owns]
+    for side in sides:
+        width = _first_width(getattr(config, f"{side}_model"))
+        plane = width * d.image_size * d.image_size * 4
+        for what, batch, bound in (("training.batch_size", tr.batch_size, MAX_FEATURE_MAP_BYTES),
+                                   ("a sampling batch", SAMPLE_BATCH, MAX_SAMPLE_FEATURE_MAP_BYTES)):
+            if batch * plane > bound:
+                raise ValueError(
+                    f"{side}_model: {what} {batch} × {width} channels × {d.image_size}×{d.image_size} pixels is "
+                    f"{batch * plane / 2**30:.3g} GiB per feature map; at most {bound / 2**30:.3g} GiB: use fewer "
+                    "channels, smaller images or a smaller batch")
+    counts = {}
+    for side in sides:
+        try:
+            counts[side] = model_parameters(config, side)
+        except ConfigError:  # a model that cannot be built is refused, with its own reason, when it is built
+            counts[side] = 0
+    from collafuse.backends import MAX_MODEL_PARAMS
+
+    for side, n in counts.items():
+        if n > MAX_MODEL_PARAMS:
+            raise ValueError(f"{side}_model has {n / 1e6:.1f} M parameters; at most {MAX_MODEL_PARAMS // 10**6} M "
+                             "per model (training keeps about 20 bytes per parameter)")
+    total = counts.get("server", 0) + counts.get("client", 0) * d.num_clients
+    if total > MAX_RUN_PARAMS:
+        raise ValueError(f"the server and {d.num_clients} clients have {total / 1e6:.1f} M parameters together; at "
+                         f"most {MAX_RUN_PARAMS // 10**6} M: fewer clients or smaller models")
+    if len(tr.snapshots) * total * 4 > MAX_SNAPSHOT_BYTES:
+        raise ValueError(f"training.snapshots keeps {len(tr.snapshots)} copies of {total / 1e6:.1f} M parameters "
+                         f"({len(tr.snapshots) * total * 4 / 2**30:.3g} GiB); at most {MAX_SNAPSHOT_BYTES >> 30} GiB")
+
+
 DEFAULT_CONFIG = RunConfig()
 
 
@@ -284,11 +394,16 @@ def config_from_dict(raw: dict[str, Any]) -> RunConfig:
     if not isinstance(raw, dict):
         raise ConfigError(f"config must be a mapping, got {type(raw).__name__}")
     try:
-        return RunConfig.model_validate(raw)
+        config = RunConfig.model_validate(raw)
     except ValidationError as exc:
         raise ConfigError(f"config error: {_format_error(exc)}") from None
     except RecursionError:  # a self-referencing dict handed in through the Python API
         raise ConfigError("config error: the config is nested too deeply") from None
+    try:
+        check_sizes(config)  # after the fields: it builds the models on the meta device to count them
+    except ValueError as exc:
+        raise ConfigError(f"config error: {short_text(str(exc), 400)}") from None
+    return config
 
 
 def load_config(path: Path | str | None) -> RunConfig:

@@ -1,7 +1,7 @@
 """The one vocabulary of metrics: every name a result row, a policy limit or a report table uses.
 
 Each metric is a :class:`MetricSpec` in the :data:`METRICS` registry (the project's one registry
-mechanism): the groups whose rows carry it (threats T1–T4, and ``utility``, ``cost``, ``formal``,
+mechanism): the groups whose rows carry it (threats T1–T5, and ``utility``, ``cost``, ``formal``,
 ``sampling``), which direction is worse (more leakage, less utility, more cost), whether a policy may
 judge it, which threat's worst-case leakage it is the headline of, which flag says whether a value is
 resolved, and what kind of number it is (an empirical measurement, a formal guarantee, a flag, a count,
@@ -108,7 +108,8 @@ _add(MetricSpec("reid_client", _RECON, "higher", "re-identification within the c
 _add(MetricSpec("reid_pool", _RECON, "higher", "re-identification within the candidate pool", headline=(("T1", 0),)))
 _add(MetricSpec("label", _RECON, "higher", "label inference accuracy"))
 _add(MetricSpec("linkage_accuracy", _RECON, "higher", "linkage of payloads of the same image"))
-_add(MetricSpec("extraction", ("T1", "T4"), "higher", "(ℓ2, δ)-extraction rate"))
+_add(MetricSpec("extraction", ("T1", "T4", "T5"), "higher", "extraction rate (Carlini et al. 2023: 50 nearest, α = 0.5)"))
+_add(MetricSpec("extraction_abs", ("T1", "T4", "T5"), "higher", "absolute-threshold extraction rate (ℓ2 ≤ δ)"))
 _add(MetricSpec("payload_rows", _RECON, None, "payload rows the server received", kind="count", judged=False))
 _add(MetricSpec("sender_accuracy", _RECON, "higher", "sender identification accuracy"))
 _add(MetricSpec("sender_chance", _RECON, None, "sender identification at chance (1/N)", kind="descriptive",
@@ -116,7 +117,7 @@ _add(MetricSpec("sender_chance", _RECON, None, "sender identification at chance 
 
 # Membership inference (DESIGN §4.2, §4.3), every threat.
 _add(MetricSpec("auc", MEMBERSHIP_GROUPS, "higher", "ROC AUC",
-                headline=(("T1", 1), ("T2", 0), ("T3", 0), ("T4", 0))))
+                headline=(("T1", 1), ("T2", 0), ("T3", 0), ("T4", 0), ("T5", 0))))
 _add(MetricSpec("tpr_at_1pct_fpr", MEMBERSHIP_GROUPS, "higher", "TPR at 1 % FPR"))
 _add(MetricSpec("tpr_at_01pct_fpr", MEMBERSHIP_GROUPS, "higher", "TPR at 0.1 % FPR",
                 resolved_by="tpr_at_01pct_fpr_resolved"))
@@ -128,6 +129,32 @@ _add(MetricSpec("epsilon_lb", MEMBERSHIP_GROUPS, "higher", "ε lower bound (Clop
 _add(MetricSpec("epsilon_gdp", MEMBERSHIP_GROUPS, "higher", "ε lower bound (Gaussian-DP)"))
 _add(MetricSpec("one_run_epsilon_lb", MEMBERSHIP_GROUPS, "higher", "one-run ε lower bound (canaries)"))
 _add(MetricSpec("inverted", MEMBERSHIP_GROUPS, None, "1 where the AUC lies significantly below 0.5", kind="flag",
+                judged=False))
+# The controls every membership result carries (DESIGN §4.2).
+for _pct, _target in (("1pct", "1 %"), ("01pct", "0.1 %")):
+    _add(MetricSpec(f"tpr_at_{_pct}_fpr_heldout", MEMBERSHIP_GROUPS, "higher",
+                    f"TPR at a threshold fixed for {_target} FPR on a calibration half, measured on the other half",
+                    resolved_by=f"tpr_at_{_pct}_fpr_heldout_resolved"))
+    _add(MetricSpec(f"fpr_at_{_pct}_heldout", MEMBERSHIP_GROUPS, None,
+                    f"the FPR that threshold (nominal {_target}) reaches on the held-out half", kind="descriptive",
+                    judged=False))
+    _add(MetricSpec(f"tpr_at_{_pct}_fpr_heldout_resolved", MEMBERSHIP_GROUPS, None,
+                    f"1 where the calibration half's non-members resolve {_target} FPR", kind="flag", judged=False))
+_add(MetricSpec("blind_auc", MEMBERSHIP_GROUPS, None,
+                "model-blind baseline AUC: members vs non-members from the images alone (a control)",
+                kind="descriptive", judged=False))
+_add(MetricSpec("blind_tpr_at_1pct_fpr", MEMBERSHIP_GROUPS, None, "model-blind baseline TPR at 1 % FPR",
+                kind="descriptive", judged=False))
+_add(MetricSpec("blind_p_value", MEMBERSHIP_GROUPS, None, "permutation p-value of the blind baseline's AUC",
+                kind="descriptive", judged=False))
+_add(MetricSpec("blind_differs", MEMBERSHIP_GROUPS, None,
+                "1 where the blind baseline tells members from non-members (AUC above 0.6, permutation p < 0.01)",
+                kind="flag", judged=False))
+_add(MetricSpec("above_blind", MEMBERSHIP_GROUPS, None,
+                "1 where the attack's AUC is significantly above the model-blind baseline's", kind="flag",
+                judged=False))
+_add(MetricSpec("roc_above_ceiling", MEMBERSHIP_GROUPS, None,
+                "1 where the ROC lies above its formal ceiling beyond its error: an error of the audit", kind="flag",
                 judged=False))
 _add(MetricSpec("auc_at_t", MEMBERSHIP_GROUPS, None, "ROC AUC at one query step", kind="curve", judged=False,
                 axis="t"))
@@ -168,7 +195,7 @@ for _name, _label in (("server_gflops_train_per_image_epoch", "server GFLOPs per
 _add(MetricSpec("epsilon_payload", ("formal",), "higher", "formal ε of the payload channel", kind="formal",
                 formal_for=("T1",)))
 _add(MetricSpec("epsilon_model_server", ("formal",), "higher", "formal ε of the server model", kind="formal",
-                formal_for=("T2", "T4")))
+                formal_for=("T2", "T4", "T5")))
 _add(MetricSpec("epsilon_model_clients", ("formal",), "higher", "formal ε of the client models", kind="formal",
                 formal_for=("T3", "T4")))
 
@@ -184,3 +211,42 @@ for _name, _label in (("handoff_mean", "hand-off mean"), ("payload_mean", "paylo
                       ("handoff_std_ratio", "std(hand-off)/std(payload)"),
                       ("handoff_server_steps", "server steps of the checked chain")):
     _add(MetricSpec(_name, ("sampling",), None, _label, kind="descriptive", judged=False))
+
+# T5, the curious co-client (DESIGN §3, §4.2; issue 22): how many hand-offs its extraction and membership used.
+_add(MetricSpec("handoffs_drawn", ("T5",), None, "hand-offs the co-client drew", kind="count", judged=False))
+
+# Dataset inference per client (DESIGN §4.2; attacks/membership/dataset_inference.py): one row per suspect client and
+# target, attack "dataset-inference"; a policy may ask that no client's set be shown (T2: {dataset_p: {min: 0.01}}).
+_DATASET = ("T2", "T3", "T4")
+_add(MetricSpec("dataset_p", _DATASET, "lower",
+                "dataset inference p-value: one-sided Welch test of the client's members against held-out images"))
+_add(MetricSpec("dataset_members_needed", _DATASET, "lower",
+                "member images needed for dataset-inference p < 0.01 in at least half of the draws (∞: not reached)",
+                kind="count"))
+_add(MetricSpec("dataset_members", _DATASET, None, "suspect member images the dataset inference tested", kind="count",
+                judged=False))
+_add(MetricSpec("dataset_heldout", _DATASET, None, "held-out images the dataset inference tested", kind="count",
+                judged=False))
+
+# Leakage against training length (benchmarks/audit/trend.py): the slope of the worst AUC between the last two
+# measured epochs (training.snapshots and the final one), per threat whose models were snapshotted.
+_TREND = ("T2", "T3")
+_add(MetricSpec("auc_epoch_slope", _TREND, None,
+                "slope of the worst AUC per epoch between the last two measured epochs (95 % interval)",
+                kind="descriptive", judged=False))
+_add(MetricSpec("auc_trend_start_epoch", _TREND, None, "the earlier epoch of that slope (the later: the final epoch)",
+                kind="count", judged=False))
+_add(MetricSpec("auc_still_rising", _TREND, None,
+                "1 where the worst AUC was still rising at the last epoch (the slope's 95 % interval above 0)",
+                kind="flag", judged=False))
+
+# Source inference on client models (DESIGN §4.2; attacks/membership/source.py): which client's model holds a member,
+# beside T1's sender identification; and what the peer attacks (lira-peers, rmia-peers) used as OUT references.
+_add(MetricSpec("source_accuracy", ("T3",), "higher",
+                "source inference accuracy: the client whose model gives a member the lowest loss (Hu et al. 2023)"))
+_add(MetricSpec("source_chance", ("T3",), None, "source inference at chance (1/N)", kind="descriptive", judged=False))
+_add(MetricSpec("peer_models", ("T3",), None, "other clients' models a peer attack used as OUT references",
+                kind="count", judged=False))
+_add(MetricSpec("peer_partition_iid", ("T3",), None,
+                "1 where the clients' partition is IID (the peers are OUT models of the target's distribution); 0 where "
+                "it is label / Dirichlet or undeclared (imported)", kind="flag", judged=False))

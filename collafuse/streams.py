@@ -24,7 +24,10 @@ STREAMS: dict[str, tuple[int, ...]] = {
     "canary": (8,),            # which held-out images are canaries and which go in
     # the attacker's models and draws (never a training stream)
     "init.attacker-denoiser": (5, 1001),  # the attacker's denoiser weights (built through "init")
-    "membership": (1004,),     # candidate sets (target), signal noise (100 + target), T4 samples (200)
+    "membership": (1004,),     # candidate sets (target), signal noise (100 + target), T4 samples (200),
+                               # dataset inference (400, target kind, client)
+                               # T5 co-client j: the server's hand-offs (300, j, 0), its own chain (300, j, 1),
+                               # its candidates (500 + j)
     "references.draws": (1_004_300,),    # reference attacks' fixed (t, noise) draws
     "references": (1_004_400,),          # reference-model designs, training sets and trainings
     # defenses

@@ -48,7 +48,7 @@ def test_train_applies_the_defenses_and_records_every_hook(noised_run):
 
 
 def test_train_warns_about_uncovered_threats(tmp_path):
-    with pytest.warns(api.UncoveredThreatsWarning, match="no configured defense addresses T1, T2, T3, T4"):
+    with pytest.warns(api.UncoveredThreatsWarning, match="no configured defense addresses T1, T2, T3, T4, T5"):
         api.train(tiny_config_dict(training={"epochs": 1}), tmp_path / "plain")
 
 

@@ -113,6 +113,7 @@ ATTACK_MODULES = (
     "reconstruction/multiview.py", "reconstruction/oracle.py",
     "membership/loss.py", "membership/sima.py", "membership/pia.py", "membership/pian.py", "membership/secmi.py",
     "membership/payload_lr.py", "membership/nn_distance.py", "membership/lira.py", "membership/rmia.py",
+    "membership/fremia.py", "membership/aggregation.py", "membership/lira_peers.py", "membership/rmia_peers.py",
 )
 
 

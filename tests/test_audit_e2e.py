@@ -62,7 +62,7 @@ def test_quick_audit_writes_table_report_and_verdict(quick_audit):
                "metric", "value", "ci_low", "ci_high"}
     assert columns <= set(rows[0])
     threats = {r["threat"] for r in rows}
-    assert threats == {"T1", "T2", "T3", "T4", "utility", "cost", "formal", "sampling"}
+    assert threats == {"T1", "T2", "T3", "T4", "T5", "utility", "cost", "formal", "sampling"}
     from collafuse.metrics import metric  # every row speaks the one vocabulary (issue 20)
 
     assert all(r["threat"] in metric(r["metric"]).groups for r in rows)
@@ -318,3 +318,57 @@ def test_baselines_c0_and_c1_are_audited_with_absent_targets_explained(tmp_path)
     assert checks[("system", "c=1.00", "T1")]["note"].startswith("no payload crosses")
     assert checks[("system", "c=1.00", "T2")]["note"] == "no server model (c = 1)"
     assert checks[("payload", "c=1.00", "T1")]["pass"] is True
+
+
+def test_quick_audit_carries_its_controls_and_every_score(quick_audit):
+    """Issue 21: every membership result has its blind baseline, held-out thresholds and (where a finite guarantee
+    exists) its ceiling check; no ROC lies above its ceiling; scores.parquet holds one row per candidate × attack
+    × target × cell, and re-computing each AUC from it gives the table's."""
+    import pandas as pd
+    from sklearn.metrics import roc_auc_score
+
+    out, _, _ = quick_audit
+    rows = pd.DataFrame(load_rows(out))
+    member = rows[rows["threat"].isin(["T1", "T2", "T3", "T4", "T5"])]
+    aucs = member[(member["metric"] == "auc") & member["t"].isna()]
+    for metric in ("tpr_at_1pct_fpr_heldout", "fpr_at_1pct_heldout", "above_blind"):
+        assert len(member[member["metric"] == metric]) == len(aucs), metric
+    blind = member[member["metric"] == "blind_auc"]
+    assert set(zip(blind["cell"], blind["target"])) == set(zip(aucs["cell"], aucs["target"]))
+    ceiling = member[member["metric"] == "roc_above_ceiling"]
+    assert len(ceiling) > 0 and (ceiling["value"] == 0).all()  # a finite guarantee somewhere, never beaten
+    meta = json.loads((out / "audit.json").read_text())
+    assert meta["verdict"]["errors"] == []
+    assert all(t["status"] != "inconclusive" for t in meta["verdict"]["threats"])  # a random split: no shift
+
+    scores = pd.read_parquet(out / "scores.parquet")
+    assert list(scores.columns) == ["cell", "threat", "target", "attack", "candidate", "client", "class", "member",
+                                    "score"]
+    keys = ["cell", "threat", "target", "attack"]
+    assert not scores.duplicated([*keys, "candidate"]).any()  # one row per candidate × attack × target × cell
+    groups = dict(list(scores.groupby(keys)))
+    assert set(groups) == set(map(tuple, aucs[keys].itertuples(index=False)))
+    for key, value in zip(map(tuple, aucs[keys].itertuples(index=False)), aucs["value"]):
+        part = groups[key]
+        assert roc_auc_score(part["member"], part["score"]) == pytest.approx(value, abs=1e-12), key
+        assert (part.loc[part["member"], "client"] >= 0).all() and (part.loc[~part["member"], "client"] == -1).all()
+    assert meta["scores_sha256"]
+    report = (out / "report.html").read_text()
+    assert 'id="controls-table"' in report and 'id="per-class-table"' in report
+
+
+def test_a_changed_scores_file_is_detected_not_trusted(quick_audit, tmp_path):
+    import shutil
+
+    import pandas as pd
+
+    out, _, _ = quick_audit
+    copy = tmp_path / "audit"
+    shutil.copytree(out, copy, ignore=shutil.ignore_patterns(".lock"))
+    scores = pd.read_parquet(copy / "scores.parquet")
+    scores.loc[0, "score"] += 1.0  # one score edited after the audit wrote it
+    scores.to_parquet(copy / "scores.parquet", index=False)
+    before = (copy / "report.html").read_bytes()
+    proc = collafuse("report", str(copy))
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "changed after the audit wrote it" in proc.stderr
+    assert (copy / "report.html").read_bytes() == before  # nothing rewritten

@@ -35,6 +35,7 @@ def system(tmp_path_factory):
     root = tmp_path_factory.mktemp("audit-metrics")
     base = tiny_config_dict(training={"epochs": 4, "batch_size": 32})
     base.pop("seed")
+    base["diffusion"].pop("cut_ratio", None)  # each block's cut_ratios set it
     grid = {"name": "metrics", "base": base, "seeds": [1],
             "systems": {"cut_ratios": [0.2], "defenses": {"none": []}, "snapshots": SNAPSHOTS,
                         "attacks": {"T2": ["loss"], "T3": ["loss", "sima"], "T4": ["nn-distance"]},
@@ -43,7 +44,7 @@ def system(tmp_path_factory):
     cell = load_grid(root / "grid.yaml").cells()[0]
     path, _ = trained_system(cell, root / "cache")
     run = Run.load(path)
-    rows, _ = membership_rows(run, cell, client_samples(run, cell))
+    rows, _, _ = membership_rows(run, cell, client_samples(run, cell))
     return root, cell, run, rows
 
 

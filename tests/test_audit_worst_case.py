@@ -37,7 +37,7 @@ def test_memorising_client_worst_t3_value_is_calibrated_and_secmi_is_flagged(tmp
     """One client (c = 1: it owns every step, no server), 32 members, 300 full-batch epochs on 8×8 digits,
     the recipe of tests/test_reference_attacks.py; T3: loss, sima, secmi, lira, rmia with 2 references."""
     grid = {
-        "base": {"seed": 0, "device": "cpu", "conditional": False,
+        "base": {"device": "cpu", "conditional": False,
                  "data": {"image_size": 8, "n_members": 32, "n_nonmembers": 32, "n_aux": 64, "num_clients": 1},
                  "diffusion": {"T": 100},
                  "client_model": {"channels": [8, 16], "time_dim": 32},
@@ -51,7 +51,7 @@ def test_memorising_client_worst_t3_value_is_calibrated_and_secmi_is_flagged(tmp
     path.write_text(yaml.safe_dump(grid))
     (cell,) = load_grid(path).cells()
     system, _ = trained_system(cell, tmp_path / "cache")
-    rows, _ = membership_rows(Run.load(system), cell, {})
+    rows, _, _ = membership_rows(Run.load(system), cell, {})
     df = pd.DataFrame([{**cell_columns(cell), **r} for r in rows])
 
     auc = df[(df.threat == "T3") & (df.metric == "auc")].set_index("attack")["value"]

@@ -405,7 +405,7 @@ CASES = {
     "policy limit not a number": (audit_policy("limits:\n  T1: {auc: {max: high}}\n"), "must be a number"),
     "policy list": (audit_policy("- limits\n"), "mapping"),
     "audit jobs zero": (audit_args("--jobs", "0", "--out", "{d}/audit"), "--jobs"),
-    "audit unknown backend": (audit_args("--backend", "slurm", "--out", "{d}/audit"), "slurm"),
+    "audit unknown backend": (audit_args("--backend", "mpi", "--out", "{d}/audit"), "mpi"),
     "audit out is a file": (lambda d, run: ["audit", "--quick", "--out", _write(d, "taken.txt", "mine")],
                             "not a folder"),
     "audit jobs not a number": (audit_args("--jobs", "many", "--out", "{d}/audit"), "--jobs"),

@@ -51,7 +51,7 @@ def test_train_warns_about_threats_left_uncovered(tmp_path, capsys):
     raw = tiny_config_dict(training={"epochs": 1})
     (tmp_path / "plain.yaml").write_text(yaml.safe_dump(raw))
     assert main(["train", "--config", str(tmp_path / "plain.yaml"), "--out", str(tmp_path / "a"), "--quiet"]) == 0
-    assert "warning: no configured defense addresses T1, T2, T3, T4" in capsys.readouterr().err
+    assert "warning: no configured defense addresses T1, T2, T3, T4, T5" in capsys.readouterr().err
     raw["defenses"] = [{"name": "payload-noise", "sigma": 0.5}]
     (tmp_path / "noised.yaml").write_text(yaml.safe_dump(raw))
     assert main(["train", "--config", str(tmp_path / "noised.yaml"), "--out", str(tmp_path / "b"), "--quiet"]) == 0

@@ -371,3 +371,38 @@ def test_the_documented_example_builds_a_deployment_that_imports(tmp_path, monke
     from collafuse.benchmarks.audit.policy import check_against_grid, parse_policy
 
     check_against_grid(parse_policy(example.POLICY), grid.spec)  # every limit is measured by the grid
+
+
+def test_a_manifest_with_shifted_non_members_warns_and_makes_membership_inconclusive(tmp_path, capsys):
+    """Non-members from another exposure (brighter): a classifier that never sees the model tells them from the
+    members, so import warns at once and every membership check of the audit is INCONCLUSIVE (issue 21), while
+    T1 re-identification, which needs no non-members, is still judged."""
+    manifest = write_deployment(tmp_path / "dep")
+    with np.load(tmp_path / "dep" / "nonmembers.npz") as f:
+        images = f["images"]
+    np.savez(tmp_path / "dep" / "nonmembers.npz", images=np.clip(images.astype(np.int64) // 2 + 128, 0, 255).astype(np.uint8))
+    code, err = _cli(capsys, "import", manifest, "--out", tmp_path / "run")
+    assert code == 0, err
+    assert "warning: members and non-members differ without the model" in err and "INCONCLUSIVE" in err
+    grid, policy = tmp_path / "grid.yaml", tmp_path / "policy.yaml"
+    grid.write_text(yaml.safe_dump({"systems": {"runs": [str(tmp_path / "run")],
+                                                "attacks": {"T1": ["rescale", "payload-lr"], "T3": ["loss"]},
+                                                "samples_per_client": 8}}))
+    policy.write_text(yaml.safe_dump({"limits": {"T1": {"reid_pool": {"max": 0.05}, "auc": {"max": 0.6}},
+                                                 "T3": {"auc": {"max": 0.6}}}}))
+    code, err = _cli(capsys, "audit", "--config", grid, "--policy", policy, "--out", tmp_path / "audit", "--quiet",
+                     "--cache", tmp_path / "cache")
+    assert code in (0, 1), err
+    meta = json.loads((tmp_path / "audit" / "audit.json").read_text())
+    checks = {(c["threat"], c["metric"]): c for c in meta["evaluations"][0]["checks"]}
+    assert checks[("T1", "auc")]["inconclusive"] and checks[("T3", "auc")]["inconclusive"]
+    assert checks[("T1", "auc")]["pass"] is None and "INCONCLUSIVE" in checks[("T3", "auc")]["note"]
+    assert checks[("T1", "reid_pool")]["pass"] in (True, False) and not checks[("T1", "reid_pool")]["inconclusive"]
+    threats = {t["threat"]: t["status"] for t in meta["verdict"]["threats"]}
+    assert threats["T3"] == "inconclusive"
+    assert meta["verdict"]["status"] in ("inconclusive", "fail")  # never pass; fail only through re-identification
+    assert (meta["verdict"]["status"] == "fail") == (checks[("T1", "reid_pool")]["pass"] is False)
+    rows = json.loads((tmp_path / "audit" / "results.json").read_text())
+    blind = [r["value"] for r in rows if r["metric"] == "blind_auc"]
+    assert blind and min(blind) >= 0.9
+    assert "INCONCLUSIVE" in (tmp_path / "audit" / "report.md").read_text()

@@ -18,6 +18,8 @@ from collafuse.data import load_digits16
 from collafuse.model import UNetConfig
 from collafuse.protocol import Client, Server
 from collafuse.sampling import collaborative_sample
+from collafuse.sampling import server_handoff
+from collafuse.attacks.membership.coclient import Finished, Handoffs, OwnChain, coclient_signal_cache, finish_chain
 from collafuse.schedule import NoiseSchedule
 from collafuse.training import build_model
 
@@ -87,21 +89,28 @@ def test_registry_refuses_duplicates_and_lists_valid_names():
         ATTACKS.register("loss", ATTACKS.get("loss"))
     assert set(ATTACKS.names()) == {"loss", "sima", "pia", "pian", "secmi", "payload-lr", "nn-distance",
                                     "payload-lr-single", "payload-lr-fused",
-                                    "lira", "lira-offline", "rmia", "rmia-offline"}
+                                    "lira", "lira-offline", "rmia", "rmia-offline",
+                                    "handoff-nn", "handoff-lr",
+                                    "loss-hf", "pia-hf", "pian-hf", "secmi-hf", "noise-agg", "lira-peers", "rmia-peers"}
 
 
 def test_every_attack_declares_threats_direction_and_cost():
     for name in ATTACKS:
         a: MembershipAttack = ATTACKS.get(name)
         assert a.direction == "higher = more likely member"
-        assert set(a.threats) <= {"T1", "T2", "T3", "T4"} and a.threats
-    # Model forwards per image at M = 8 steps, K = 4 noise draws: loss M·K, SimA M, PIA/PIAN M + 1
-    # (the origin ε query), SecMI M + 1 (the chained inversion), the model-free ones none.
+        assert set(a.threats) <= {"T1", "T2", "T3", "T4", "T5"} and a.threats
+    # Model forwards per image at M = 8 steps, K = 4 noise draws: loss M·K, SimA M, PIA/PIAN M + 2
+    # (the origin ε query and the paper's attack step), SecMI M + 1 (the chained inversion), the model-free ones none.
     queries = {name: ATTACKS.get(name).queries_per_image(SignalSettings(n_noise=4), 8) for name in ATTACKS}
-    assert queries == {"loss": 32, "sima": 8, "pia": 9, "pian": 9, "secmi": 9, "payload-lr": 0, "nn-distance": 0,
+    assert queries == {"loss": 32, "sima": 8, "pia": 10, "pian": 10, "secmi": 9, "payload-lr": 0, "nn-distance": 0,
                        "payload-lr-single": 0, "payload-lr-fused": 0,
                        # target + R = 4 references at the M·K fixed draws (plus R client trainings)
-                       "lira": 160, "lira-offline": 160, "rmia": 160, "rmia-offline": 160}
+                       "lira": 160, "lira-offline": 160, "rmia": 160, "rmia-offline": 160,
+                       "handoff-nn": 0, "handoff-lr": 0,
+                       # FreMIA's -hf variants: their unfiltered attack's queries; noise-agg: 5; the peer attacks:
+                       # target + P peers at the M·K fixed draws, the registry stating P = 1 (each result its own P)
+                       "loss-hf": 32, "pia-hf": 10, "pian-hf": 10, "secmi-hf": 9, "noise-agg": 5,
+                       "lira-peers": 64, "rmia-peers": 64}
     assert ATTACKS.get("payload-lr").threats == ("T1",) and ATTACKS.get("nn-distance").threats == ("T4",)
     assert all(ATTACKS.get(n).threats == ("T2", "T3") for n in MODEL_ATTACKS)
 
@@ -123,9 +132,11 @@ def test_directions_of_the_pure_scores():
     assert _auc(s, n) > 0.95
     eps0 = rng.standard_normal((2 * n, d))
     near = eps0[:, None, :] + small * rng.standard_normal((2 * n, m, d))
-    assert _auc(pia.score({"eps_origin": eps0, "pia_eps": near, "steps": steps, "t_range": t_range}).scores, n) > 0.95
+    head = near[:, 1]  # the paper's step
+    assert _auc(pia.score({"eps_origin": eps0, "pia_head_eps": head, "pia_eps": near, "steps": steps}).scores, n) > 0.95
     near_n = pian.rescale_rows(eps0)[:, None, :] + small * rng.standard_normal((2 * n, m, d))
-    assert _auc(pian.score({"eps_origin": eps0, "pian_eps": near_n, "steps": steps, "t_range": t_range}).scores, n) > 0.95
+    assert _auc(pian.score({"eps_origin": eps0, "pian_head_eps": near_n[:, 1], "pian_eps": near_n,
+                            "steps": steps}).scores, n) > 0.95
     inv = rng.standard_normal((2 * n, m, d))
     rec = inv + small * rng.standard_normal((2 * n, m, d))
     assert _auc(secmi.score({"secmi_inv": inv, "secmi_rec": rec, "secmi_steps": steps, "t_range": t_range}).scores, n) > 0.95
@@ -191,9 +202,10 @@ def test_shared_signals_are_computed_once(digits8, schedule):
     after_pia = view.counter.rows
     _scores(cache, "pian")  # reuses ε0
     m = len(cache.get("steps"))
-    assert after_pia == (1 + m) * 6 and view.counter.rows - after_pia == m * 6
+    # ε0, the paper's step and the M grid steps; pian adds its own paper step and grid on the shared ε0
+    assert after_pia == (2 + m) * 6 and view.counter.rows - after_pia == (1 + m) * 6
     _scores(cache, "pia")
-    assert view.counter.rows - after_pia == m * 6  # nothing recomputed
+    assert view.counter.rows - after_pia == (1 + m) * 6  # nothing recomputed
 
 
 def test_scores_are_deterministic_under_a_seed_and_independent_of_batching(digits8, schedule):
@@ -255,12 +267,22 @@ def test_untrained_model_gives_chance_auc_for_every_attack(digits8, schedule):
         attack = ATTACKS.get(name)
         if name in ATTACKS.needing("references"):
             continue  # lira / rmia train reference models: tests/test_reference_attacks.py
+        if name in ATTACKS.needing("peers"):
+            continue  # lira-peers / rmia-peers read other clients' models: tests/test_peer_attacks.py
         if "T1" in attack.threats:
             # Payloads of a third, disjoint set: neither side produced any of them.
             client = Client(0, None, None, schedule, T_C, "cut", torch.Generator().manual_seed(0))
             p = [client.release(digits8[2 * n : 3 * n], None, torch.arange(n), s) for s in range(2)]
             view = {"tensor": torch.cat([x.tensor for x in p]), "t": torch.cat([x.t for x in p])}
             caches = [payload_signal_cache(images, view, schedule, digits8[3 * n : 3 * n + 64])]
+        elif "T5" in attack.threats:
+            # A co-client's hand-offs from an untrained server, finished by its untrained chain.
+            g = torch.Generator().manual_seed(0)
+            handoffs = Handoffs(server_handoff(_untrained(3), schedule, T_C, torch.randn((n, 1, 8, 8), generator=g), g,
+                                               sampler="ddim", server_steps=8), T_C)
+            chain = finish_chain(handoffs, OwnChain(_untrained(4), schedule, "ddim", 4), g)
+            caches = [coclient_signal_cache(images, Finished(0, handoffs, chain), schedule, digits8[3 * n : 3 * n + 16],
+                                            digits8[3 * n + 16 : 3 * n + 80], float(n))]
         elif "T4" in attack.threats:
             samples = collaborative_sample(_untrained(3), _untrained(4), schedule, T_C, (n, 1, 8, 8),
                                            torch.Generator().manual_seed(0), sampler="ddim", ddim_steps=10)

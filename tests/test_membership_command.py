@@ -32,9 +32,13 @@ def cut_report(tiny_runs, tmp_path_factory):
 
 def test_report_has_every_metric_per_attack_and_target(cut_report):
     out, rep = cut_report
-    assert set(rep["targets"]) == {"server", "client_0", "client_1", "samples_0", "samples_1", "payload"}
-    # payload: payload-lr and its two sub-results, payload-lr-single and payload-lr-fused
-    expected = {"server": 5, "client_0": 5, "client_1": 5, "samples_0": 1, "samples_1": 1, "payload": 3}
+    assert set(rep["targets"]) == {"server", "client_0", "client_1", "samples_0", "samples_1", "payload",
+                                   "coclient_0", "coclient_1"}
+    # server/clients: loss, sima, pia, pian, secmi, their four -hf forms and noise-agg; payload: payload-lr and
+    # its two sub-results, payload-lr-single and payload-lr-fused; coclient (T5):
+    # handoff-nn and handoff-lr
+    expected = {"server": 10, "client_0": 10, "client_1": 10, "samples_0": 1, "samples_1": 1, "payload": 3,
+                "coclient_0": 2, "coclient_1": 2}
     for key, entry in rep["targets"].items():
         assert entry["available"] and len(entry["attacks"]) == expected[key]
         assert (out.parent / entry["roc_png"]).is_file()
@@ -60,7 +64,7 @@ def test_report_has_every_metric_per_attack_and_target(cut_report):
     assert max(p["t"] for p in rep["targets"]["client_0"]["attacks"]["loss"]["per_step"]) <= rep["t_hand"]
     assert (out.parent / server["steps_png"]).is_file()
     assert "lira/rmia on T2" not in rep["not_implemented"]  # reference server models exist (issue 13)
-    assert len(rep["summary"]) == 20
+    assert len(rep["summary"]) == sum(expected.values())  # one row per (target, attack)
 
 
 def test_payload_lr_on_cut_payloads_at_c_02_on_digits(cut_report):

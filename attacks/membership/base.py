@@ -9,8 +9,8 @@ Direction: every ``score`` returns values where HIGHER = MORE LIKELY A MEMBER.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping
 
 import numpy as np
 
@@ -22,11 +22,16 @@ Signals = Mapping[str, np.ndarray]
 @dataclass(frozen=True)
 class AttackScores:
     """scores: (N,) float64, higher = more likely member. per_step: (N, S) or None, one column per
-    entry of ``steps`` (the leakage-per-timestep curve is the AUC of each column)."""
+    entry of ``steps`` (the leakage-per-timestep curve is the AUC of each column).
+    details: what the attack says about how it scored (JSON-ready values; e.g. the peer models a peer
+    attack used), kept on its outcome. queries_per_image: the count where it depends on what the signals
+    hold (e.g. the number of peer models), else None and the registry's ``queries_per_image`` applies."""
 
     scores: np.ndarray
     per_step: np.ndarray | None = None
     steps: tuple[int, ...] = ()
+    details: Mapping[str, Any] = field(default_factory=dict)
+    queries_per_image: int | None = None
 
 
 SCORE_FRACTION = 0.5
@@ -64,18 +69,31 @@ class SignalSettings:
     references: R reference models per target for the calibrated attacks (``lira``, ``rmia``:
                 :mod:`~collafuse.attacks.membership.references`), each one client training; ≥ 2, so
                 every candidate has an IN and an OUT reference.
+    peer_noise: K for the peer attacks (``lira-peers``, ``rmia-peers``: every client model queried at the
+                same draws); None: ``n_noise``, the reference attacks' draws, so ``lira`` and ``lira-peers``
+                read the same target losses. A smaller K is what makes them fit a budget (the default audit):
+                each peer query costs 1 + (N − 1) model forwards.
     """
 
     n_steps: int = 8
     n_noise: int = 4
     batch_size: int = 256
     references: int = 4
+    peer_noise: int | None = None
+
+    @property
+    def peer_draws(self) -> int:
+        """The noise draws per step of the peer attacks."""
+        return self.n_noise if self.peer_noise is None else self.peer_noise
 
     def __post_init__(self) -> None:
         if self.n_steps < 1 or self.n_noise < 1 or self.batch_size < 1:
             raise ValueError(f"n_steps, n_noise and batch_size must be >= 1, got {self}")
         if isinstance(self.references, bool) or not isinstance(self.references, int) or self.references < 2:
             raise ValueError(f"references must be an integer >= 2, got {self.references!r}")
+        if self.peer_noise is not None and (isinstance(self.peer_noise, bool) or not isinstance(self.peer_noise, int)
+                                            or self.peer_noise < 1):
+            raise ValueError(f"peer_noise must be None or an integer >= 1, got {self.peer_noise!r}")
 
 
 @dataclass(frozen=True)

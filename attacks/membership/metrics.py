@@ -228,8 +228,11 @@ def evaluate(
     )
 
 
-def save_roc_png(curves: dict[str, tuple[np.ndarray, np.ndarray]], path: Path, title: str) -> None:
-    """ROC curves (name → (member scores, non-member scores)) on log–log axes, written atomically.
+def save_roc_png(curves: dict[str, tuple[np.ndarray, np.ndarray]], path: Path, title: str,
+                 ceiling=None) -> None:
+    """ROC curves (name → (member scores, non-member scores)) on log–log axes, written atomically; with
+    ``ceiling`` (a :class:`~collafuse.tradeoff.Ceiling`), the curve no attack can beat under the formal
+    guarantee, drawn black and dashed.
 
     Zero rates cannot be drawn on a log axis; they are clipped to half the smallest
     resolvable rate so the low-FPR region stays visible.
@@ -249,8 +252,21 @@ def save_roc_png(curves: dict[str, tuple[np.ndarray, np.ndarray]], path: Path, t
         floor = min(floor, lo)
         a = float(_trapezoid_auc(fpr, tpr))
         ax.plot(np.maximum(fpr, lo), np.maximum(tpr, lo), label=f"{name} (AUC {a:.3f})", lw=1.2)
+    draw_ceiling(ax, ceiling, floor)
     finish_log_roc_axes(ax, floor, title, title_size=9)
     _save_atomically(fig, path)
+
+
+def draw_ceiling(ax, ceiling, floor: float) -> None:
+    """The formal ceiling's trade-off curve on a log–log ROC axis (nothing for None or an infinite guarantee)."""
+    if ceiling is None or not ceiling.finite:
+        return
+    fpr = np.logspace(np.log10(max(floor, 1e-12)), 0.0, 200)
+    label = f"formal ceiling (ε {ceiling.epsilon:.3g}" + (f", μ {ceiling.mu:.3g})" if ceiling.mu is not None else ")")
+    bound = ceiling.tpr_bound(fpr)
+    if bound.min() > 0.99:  # drawn along the top edge: say so, or it looks absent
+        label += ": ≥ 0.99 at every FPR shown"
+    ax.plot(fpr, np.maximum(bound, floor), color="black", ls="-.", lw=1.0, label=label)
 
 
 def finish_log_roc_axes(ax, floor: float, title: str, title_size: int = 9) -> None:

@@ -5,10 +5,14 @@ near-copies of it: HIGHER score = MORE LIKELY MEMBER. Threat T4. Model queries p
 (the generation cost is reported by the target). It has no timestep axis (the samples are
 finished chains, t = 0), so it keeps no per-step scores.
 
-Beside it, :func:`extraction` measures (ℓ2, δ)-extraction (Carlini et al. 2023, "Extracting
-Training Data from Diffusion Models", USENIX Security, Definition 1): the fraction of members
-whose nearest generated sample lies within δ of them in the normalised ℓ2 ‖a − b‖₂/√d on the
-[0, 1] scale (δ = 0.1 by default, :data:`~collafuse.attacks.reconstruction.scoring.EXTRACTION_DELTA`).
+Beside it, :func:`extraction` measures extraction as Carlini et al. 2023 ("Extracting Training Data
+from Diffusion Models", USENIX Security, §5.1) define it for pixel-space models: a generated sample ĝ
+extracts the training image x nearest to it when ℓ2(ĝ, x) / (α · mean_{y ∈ S_ĝ} ℓ2(ĝ, y)) < 1, S_ĝ the
+n = 50 training images nearest to ĝ, α = 0.5, ℓ2 their normalised ‖a − b‖₂/√d on the [0, 1] scale; the
+rate is the fraction of the training images some sample extracts. A sample that copies one image is
+credited to that image only (its nearest), never to a near-duplicate. The absolute-threshold rate
+(the fraction of members whose nearest sample lies within δ = 0.1) is reported beside it as
+``extraction_abs``, under its own name.
 """
 from __future__ import annotations
 
@@ -18,7 +22,8 @@ import numpy as np
 import torch
 
 from collafuse.attacks.membership.base import AttackScores, MembershipAttack, Signals
-from collafuse.attacks.reconstruction.scoring import EXTRACTION_DELTA, extracted, to_unit
+from collafuse.attacks.reconstruction.scoring import (CARLINI_ALPHA, CARLINI_NEIGHBOURS, EXTRACTION_DELTA, carlini_ratio,
+                                                    extracted, nearest_distances, nearest_index, to_unit)
 from collafuse.attacks.stats import Interval, wilson_interval
 
 
@@ -29,13 +34,15 @@ def score(signals: Signals) -> AttackScores:
 
 @dataclass(frozen=True)
 class Extraction:
-    """(ℓ2, δ)-extraction of ``n`` members: ``distance`` (n,) each member's normalised ℓ2 to its nearest
-    sample, ``extracted`` (n,) 0/1, ``rate`` the fraction with its Wilson 95 % interval."""
+    """Extraction of ``n`` training images by generated samples: ``extracted`` (n,) 0/1 by Carlini et al.'s
+    relative criterion and ``rate`` its fraction (Wilson 95 %); ``distance`` (n,) each image's normalised ℓ2 to
+    its nearest sample and ``absolute`` the fraction within ``delta`` (the absolute rate, its own name)."""
 
-    delta: float
-    distance: np.ndarray
     extracted: np.ndarray
     rate: Interval
+    distance: np.ndarray
+    absolute: Interval
+    delta: float
 
     @property
     def value(self) -> float:
@@ -46,9 +53,11 @@ class Extraction:
         return int(self.extracted.size)
 
     def to_json(self) -> dict:
-        return {**self.rate.to_json(), "delta": self.delta,
-                "definition": "fraction of members whose nearest generated sample g has ||x - g||_2 / sqrt(d) <= delta "
-                              "on the [0, 1] scale (Carlini et al. 2023)"}
+        return {**self.rate.to_json(), "neighbours": CARLINI_NEIGHBOURS, "alpha": CARLINI_ALPHA,
+                "definition": "fraction of training images x that some generated sample g extracts: x is g's nearest "
+                              "training image and l2(g, x) < alpha * mean l2(g, S_g), S_g the 50 training images "
+                              "nearest to g, l2 = ||a - b||_2 / sqrt(d) on [0, 1] (Carlini et al. 2023, Sec. 5.1)",
+                "absolute": {**self.absolute.to_json(), "delta": self.delta}}
 
 
 def normalised_nearest_distance(members: torch.Tensor, samples: torch.Tensor, chunk: int = 1024) -> np.ndarray:
@@ -68,10 +77,18 @@ def normalised_nearest_distance(members: torch.Tensor, samples: torch.Tensor, ch
 
 
 def extraction(members: torch.Tensor, samples: torch.Tensor, delta: float = EXTRACTION_DELTA) -> Extraction:
-    """(ℓ2, δ)-extraction rate of ``members`` (N,C,H,W) by generated ``samples`` (S,C,H,W), both in [-1, 1]."""
+    """Extraction of the training images ``members`` (N,C,H,W) by generated ``samples`` (S,C,H,W), both in [-1, 1]:
+    Carlini et al.'s relative criterion (each sample against its nearest member and the 50 nearest), and the
+    absolute rate at ``delta`` beside it."""
     dist = normalised_nearest_distance(members, samples)
-    hit = extracted(dist, delta)
-    return Extraction(float(delta), dist, hit, wilson_interval(int(hit.sum()), int(hit.size)))
+    neighbours = nearest_distances(samples, members)                  # (S, ≤50), ascending: [:, 0] is the nearest
+    nearest = torch.as_tensor(nearest_index(to_unit(samples).float(), to_unit(members).float()))
+    hit = carlini_ratio(neighbours[:, 0], neighbours) < 1.0
+    extracted_members = np.zeros(members.shape[0])
+    extracted_members[nearest[hit].numpy()] = 1.0
+    close = extracted(dist, delta)
+    return Extraction(extracted_members, wilson_interval(int(extracted_members.sum()), extracted_members.size), dist,
+                      wilson_interval(int(close.sum()), close.size), float(delta))
 
 
 def client_extraction(run, client: int, samples: torch.Tensor, delta: float = EXTRACTION_DELTA) -> Extraction:

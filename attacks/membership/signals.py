@@ -35,6 +35,9 @@ Signal names and shapes (N candidates, M steps, K noise draws, D = C·H·W):
     payload_lr   (N,)      the fused statistic when E > 1, else the single-view one;
                            payload_lr*_per_step (N, B) each per payload step bin (payload_lr_steps)
     nn_dist      (N,)      min_j ‖x − g_j‖ over generated samples
+    loss_hf_sq   (N, M, K) as loss_sq, the residual first through FreMIA's filter     loss-hf
+    image_shape  (3,)      (C, H, W) of the candidates (the -hf attacks filter flat signals)
+    agg_eps      (N, S, D) ε̂ along small-noise aggregation's DDIM walk at agg_steps (S,)  noise-agg
 """
 from __future__ import annotations
 
@@ -46,8 +49,14 @@ import torch
 from torch import nn
 
 from collafuse.attacks.membership.base import SignalSettings
+from collafuse.attacks.membership.pia import paper_step
 from collafuse.schedule import NoiseSchedule, ddim_step
 from collafuse.device import CPU, resolve_device
+from collafuse.attacks.membership.aggregation import aggregation_steps
+from collafuse.attacks.membership.fremia import fremia_filter
+from collafuse.streams import stream_seed
+
+AGGREGATION_DRAW = 1  # noise-agg's one draw: sub-index 1 of the target's signal-noise stream (see p_aggregation)
 
 
 def step_grid(t_min: int, t_max: int, n: int) -> list[int]:
@@ -225,24 +234,36 @@ def model_signal_cache(
                 out[sl, j] = flat(view.eps(x[sl], t, lab(sl)))
         return {"sima_eps": out}
 
-    def pia_like(eps0: torch.Tensor, name: str):
-        out = np.empty((n, len(steps), d[0].numel()), dtype=np.float32)
-        for j, t in enumerate(steps):
+    def pia_like(eps0: torch.Tensor, name: str, at: list[int]):
+        out = np.empty((n, len(at), d[0].numel()), dtype=np.float32)
+        for j, t in enumerate(at):
             x = float(abm[t].sqrt()) * d + float((1.0 - abm[t]).sqrt()) * eps0
             for sl in parts:
                 out[sl, j] = flat(view.eps(x[sl], t, lab(sl)))
         return {name: out}
 
-    def p_pia(cache):
+    head = paper_step(view.origin, view.t_min, view.t_max, view.schedule.T)  # PIA's one attack step
+
+    def eps0_of(cache, normalised: bool) -> torch.Tensor:
         eps0 = torch.from_numpy(cache.get("eps_origin")).reshape(x0.shape)
-        return pia_like(eps0, "pia_eps")
+        return pian_normalise(eps0) if normalised else eps0
+
+    def p_pia(cache):
+        return pia_like(eps0_of(cache, False), "pia_eps", steps)
 
     def p_pian(cache):
-        eps0 = pian_normalise(torch.from_numpy(cache.get("eps_origin")).reshape(x0.shape))
-        return pia_like(eps0, "pian_eps")
+        return pia_like(eps0_of(cache, True), "pian_eps", steps)
+
+    def p_pia_head(cache):
+        return {"pia_head_eps": pia_like(eps0_of(cache, False), "x", [head])["x"][:, 0]}
+
+    def p_pian_head(cache):
+        return {"pian_head_eps": pia_like(eps0_of(cache, True), "x", [head])["x"][:, 0]}
 
     def p_loss(cache):
+        # loss_hf_sq: the same residuals through FreMIA's filter (loss-hf; no extra query, same draws)
         out = np.empty((n, len(steps), settings.n_noise), dtype=np.float64)
+        out_hf = np.empty_like(out)
         for j, t in enumerate(steps):
             a_t, s_t = float(ab[t].sqrt()), float((1.0 - ab[t]).sqrt())
             scale = loss_target_scale(float(ab[t]), float(abm[t]))
@@ -251,9 +272,31 @@ def model_signal_cache(
                 x_t = a_t * x0 + s_t * noise
                 target = scale * noise
                 for sl in parts:
-                    err = (view.eps(x_t[sl], t, lab(sl)) - target[sl]).pow(2).flatten(1).mean(1)
-                    out[sl, j, k] = err.double().numpy()
-        return {"loss_sq": out}
+                    residual = view.eps(x_t[sl], t, lab(sl)) - target[sl]
+                    out[sl, j, k] = residual.pow(2).flatten(1).mean(1).double().numpy()
+                    out_hf[sl, j, k] = (fremia_filter(residual.numpy()) ** 2).reshape(residual.shape[0], -1).mean(1)
+        return {"loss_sq": out, "loss_hf_sq": out_hf}
+
+    def p_image_shape(cache):
+        return {"image_shape": np.asarray(x0.shape[1:], dtype=np.int64)}
+
+    def p_aggregation(cache):
+        # Small-noise aggregation (aggregation.py): one noise draw at the start step, then a DDIM walk down the
+        # model's own schedule, one query per step. Its draw comes from a child of this cache's noise stream
+        # (the generator's seed, sub-index AGGREGATION_DRAW), so it shifts no draw of the loss signal
+        # whichever signal is computed first.
+        at = aggregation_steps(view.origin, view.t_min, view.t_max, view.schedule.T)
+        g = torch.Generator().manual_seed(stream_seed(generator.initial_seed(), AGGREGATION_DRAW))
+        noise = torch.randn(x0.shape, generator=g)
+        out = np.empty((n, len(at), d[0].numel()), dtype=np.float32)
+        for sl in parts:
+            x = (float(abm[at[0]].sqrt()) * d[sl] + float((1.0 - abm[at[0]]).sqrt()) * noise[sl]).double()
+            for i, t in enumerate(at):
+                eps = view.eps(x, t, lab(sl)).double()
+                out[sl, i] = flat(eps.float())
+                if i + 1 < len(at):
+                    x = ddim_step(x, eps, float(abm[t]), float(abm[at[i + 1]]))
+        return {"agg_eps": out, "agg_steps": np.asarray(at, dtype=np.int64)}
 
     def p_secmi(cache):
         # Deterministic DDIM inversion on the model's schedule along origin → steps[0] → …
@@ -285,10 +328,16 @@ def model_signal_cache(
             "sima_eps": p_sima,
             "pia_eps": p_pia,
             "pian_eps": p_pian,
+            "pia_head_eps": p_pia_head,
+            "pian_head_eps": p_pian_head,
             "loss_sq": p_loss,
             "secmi_inv": p_secmi,
             "secmi_rec": p_secmi,
             "secmi_steps": p_secmi,
+            "loss_hf_sq": p_loss,
+            "image_shape": p_image_shape,
+            "agg_eps": p_aggregation,
+            "agg_steps": p_aggregation,
         }
     )
 

@@ -6,6 +6,8 @@ Targets (one registry; each names its threat model):
 - ``server``  (T2): the server model, queried at t ∈ (t_c, T]. None when c = 1.
 - ``client``  (T3): each client's model, queried at t ≤ t_c; one target per client. None when c = 0.
 - ``samples`` (T4): collaborative samples finished by each client; one target per client.
+- ``coclient`` (T5): client j's finished hand-offs against every OTHER client's members; one target per
+  attacker j (``coclient_<j>``), in :mod:`.coclient_run`.
 
 Candidates: members = images the attacked party trained on (all members for T1/T2, the
 client's own for T3/T4), non-members = the held-out split; the larger side is subsampled
@@ -22,7 +24,9 @@ import torch
 
 from collafuse.attacks.membership.base import SignalSettings
 from collafuse.attacks.membership.metrics import ScoreError
+from collafuse.attacks.membership.pia import paper_step
 from collafuse.attacks.membership.references import server_target_reference_producers, target_reference_producers
+from collafuse.attacks.membership.peers import target_peer_producers
 from collafuse.attacks.membership.signals import (
     ModelView, SignalCache, model_signal_cache, payload_signal_cache, sample_signal_cache,
 )
@@ -44,6 +48,10 @@ class Candidates:
     nonmembers: torch.Tensor
     member_labels: torch.Tensor | None = None
     nonmember_labels: torch.Tensor | None = None
+    # Each candidate's index in the run's data (members first), for the per-record evidence (scores.parquet);
+    # None where the candidates are not rows of the run's data.
+    member_index: torch.Tensor | None = None
+    nonmember_index: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         for name, x in (("members", self.members), ("non-members", self.nonmembers)):
@@ -64,9 +72,21 @@ class Candidates:
                 if y.shape != (x.shape[0],):
                     raise CandidateError(f"{name}: labels must have shape ({x.shape[0]},), got {tuple(y.shape)}")
 
+        for name, x, idx in (("members", self.members, self.member_index),
+                             ("non-members", self.nonmembers, self.nonmember_index)):
+            if idx is not None and tuple(idx.shape) != (x.shape[0],):
+                raise CandidateError(f"{name}: data indices must have shape ({x.shape[0]},), got {tuple(idx.shape)}")
+
     @property
     def n_members(self) -> int:
         return int(self.members.shape[0])
+
+    @property
+    def index(self) -> torch.Tensor | None:
+        """(Nm + Nn,) data index of every candidate, members first; None where unknown."""
+        if self.member_index is None or self.nonmember_index is None:
+            return None
+        return torch.cat([self.member_index, self.nonmember_index])
 
     @property
     def images(self) -> torch.Tensor:
@@ -122,7 +142,8 @@ def canary_candidates(ctx: "AuditContext") -> Candidates | None:
     idx_in, idx_out = splits.canaries[splits.canaries_in], splits.canaries[~splits.canaries_in]
     labels = data.labels if (ctx.run.num_classes > 0 and data.labels is not None) else None
     return Candidates(data.images[idx_in], data.images[idx_out],
-                      None if labels is None else labels[idx_in], None if labels is None else labels[idx_out])
+                      None if labels is None else labels[idx_in], None if labels is None else labels[idx_out],
+                      idx_in, idx_out)
 
 
 @dataclass(frozen=True)
@@ -165,7 +186,7 @@ class AuditContext:
         labels = data.labels if (self.run.num_classes > 0 and data.labels is not None) else None
         return Candidates(
             data.images[m], data.images[n],
-            None if labels is None else labels[m], None if labels is None else labels[n],
+            None if labels is None else labels[m], None if labels is None else labels[n], m, n,
         )
 
     @property
@@ -191,7 +212,8 @@ def _server(ctx: AuditContext) -> list[TargetInstance]:
             # lira / rmia: reference server models on simulated payloads, trained only when a signal is read
             make_cache=lambda: _model_cache(view, cand, ctx, 0).with_producers(
                 server_target_reference_producers(ctx, view, cand, member_index)),
-            info={"query_steps": [view.t_min, view.t_max], "schedule": "relative ᾱ_t/ᾱ_{t_c}", "view": view},
+            info={"query_steps": [view.t_min, view.t_max], "schedule": "relative ᾱ_t/ᾱ_{t_c}", "view": view,
+                  "pia_headline_step": paper_step(view.origin, view.t_min, view.t_max, view.schedule.T)},
             canaries=canaries, make_canary_cache=None if canaries is None else lambda: _model_cache(view, canaries, ctx, 50),
         )
     ]
@@ -221,8 +243,10 @@ def _clients(ctx: AuditContext) -> list[TargetInstance]:
                 f"client_{k}", "client", "T3", True, candidates=cand,
                 # lira / rmia: reference client models, trained only when one of their signals is read
                 make_cache=lambda view=view, cand=cand, k=k: _model_cache(view, cand, ctx, 1 + k).with_producers(
-                    target_reference_producers(ctx, k, view, cand)),
-                info={"query_steps": [view.t_min, view.t_max], "schedule": "absolute ᾱ_t", "view": view},
+                    target_reference_producers(ctx, k, view, cand)).with_producers(
+                    target_peer_producers(ctx, k, view, cand)),  # lira-peers / rmia-peers: the other client models
+                info={"query_steps": [view.t_min, view.t_max], "schedule": "absolute ᾱ_t", "view": view,
+                      "pia_headline_step": paper_step(view.origin, view.t_min, view.t_max, view.schedule.T)},
                 canaries=canaries if k == splits.canary_client else None,
                 make_canary_cache=None if (canaries is None or k != splits.canary_client)
                 else lambda view=view, k=k: _model_cache(view, canaries, ctx, 51 + k),
@@ -313,3 +337,14 @@ TARGETS.register("server", TargetKind("server", "T2", "the server model at t in 
 TARGETS.register("client", TargetKind("client", "T3", "each client's model at t <= t_c", _clients))
 TARGETS.register("samples", TargetKind("samples", "T4", "generated samples only", _samples))
 TARGETS.register("payload", TargetKind("payload", "T1", "the transcript of payloads", _payload))
+
+
+def _coclient(ctx: AuditContext) -> list[TargetInstance]:
+    # T5 lives in its own module, which imports this one (AuditContext, TargetInstance): imported when used.
+    from collafuse.attacks.membership.coclient_run import coclient_targets
+
+    return coclient_targets(ctx)
+
+
+TARGETS.register("coclient", TargetKind("coclient", "T5", "each client's view of the other clients' images through "
+                                        "the server's hand-offs", _coclient))

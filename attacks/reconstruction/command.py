@@ -19,11 +19,13 @@ import torch
 
 from collafuse import __version__
 from collafuse.errors import CollafuseError
+from collafuse.fsutil import check_output
 from collafuse.jsonio import dumps
 from collafuse.runs import Run, image_grid, save_png, to_uint8
 
 from collafuse.attacks.reconstruction.curve import POOL_DESCRIPTION
-from collafuse.attacks.reconstruction.denoiser import DenoiserConfig, default_cache_dir
+from collafuse.attacks.chunking import memory_budget_bytes
+from collafuse.attacks.reconstruction.denoiser import DenoiserConfig, check_cache_dir, default_cache_dir
 from collafuse.attacks.reconstruction.engine import RunReconstruction, reconstruct_run
 from collafuse.attacks.reconstruction.evaluate import UPPER_BOUNDS, ViewEvaluation
 from collafuse.attacks.reconstruction.registry import RECONSTRUCTION_ATTACKS
@@ -39,12 +41,15 @@ def default_output(run_dir: Path) -> Path:
 
 
 def _check_output(out: Path) -> Path:
+    """Refuse, before any work, an --out whose JSON, PNG or per-image file cannot be created: a name taken (a
+    file, a folder, a symbolic link), a file above it, a read-only or full folder (collafuse.fsutil.check_output)."""
     if out.suffix.lower() != ".json":
         raise CollafuseError(f"--out must end in .json, got {out.name!r}")
     png = out.with_suffix(".png")
     for path in (out, png, per_image_path(out)):
-        if path.exists():
+        if os.path.lexists(path):
             raise CollafuseError(f"{path} already exists; choose a new --out")
+    check_output(out, "--out")
     return png
 
 
@@ -182,9 +187,12 @@ def run_command(
     """
     names = RECONSTRUCTION_ATTACKS.parse(attacks)
     run_dir = Path(run_dir)
-    run = Run.load(run_dir, device=device)  # models, the attacker's denoiser and inversion net on this device
+    memory_budget_bytes()  # $COLLAFUSE_MEMORY_MB: a bad value is one line now, not after the work
     out_path = Path(out) if out else default_output(run_dir)
-    _check_output(out_path)
+    _check_output(out_path)  # every output checked before any work
+    if RECONSTRUCTION_ATTACKS.needing("denoiser", names):
+        check_cache_dir(cache_dir, forbid_under=(run_dir,))  # the attacker's denoiser is cached there after training
+    run = Run.load(run_dir, device=device)  # models, the attacker's denoiser and inversion net on this device
     attacked = reconstruct_run(run, names, denoiser_config=denoiser_config, denoiser_cache=cache_dir,
                                forbid_under=(run_dir,), progress=progress)
     if progress and attacked.denoiser is not None:

@@ -36,6 +36,7 @@ from tqdm import tqdm
 
 from collafuse.streams import STREAM_ATTACKER_DENOISER
 from collafuse.errors import ConfigError
+from collafuse.fsutil import probe_writable
 from collafuse.model import UNet, UNetConfig
 from collafuse.schedule import NoiseSchedule, q_sample
 from collafuse.device import resolve_device
@@ -185,6 +186,19 @@ def _is_within(path: Path, folder: Path) -> bool:
         return False
 
 
+def check_cache_dir(cache_dir: Path | None = None, forbid_under: tuple[Path, ...] = ()) -> Path:
+    """The attacker cache folder (``cache_dir``, else ``$COLLAFUSE_CACHE`` or ``~/.cache/collafuse``), refused
+    with one line before any training when the denoiser could not be cached there afterwards: inside a run
+    folder, below a file, a file itself, read-only or full. Returns the cache root."""
+    root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    for folder in forbid_under:
+        if _is_within(root, Path(folder)):
+            raise ConfigError(f"the attacker cache {root} must not be inside the run folder {folder}; set ${CACHE_ENV}")
+    where = f"the attacker cache (${CACHE_ENV})" if cache_dir is None else "the attacker cache"
+    probe_writable(root / CACHE_SUBDIR, where)
+    return root
+
+
 def load_or_train(
     images: torch.Tensor,
     schedule: NoiseSchedule,
@@ -207,6 +221,8 @@ def load_or_train(
     key = denoiser_key(images, schedule, config)
     path = root / CACHE_SUBDIR / f"{key}.safetensors"
     unet_cfg = _unet_config(config, images.shape[1])
+    if not path.is_file():
+        check_cache_dir(cache_dir, forbid_under)  # before training: a cache that cannot take the result is refused
     if path.is_file():
         try:
             state = load_file(str(path))  # CPU tensors, whichever device trained it

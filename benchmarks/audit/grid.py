@@ -17,16 +17,18 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, Strict, ValidationError, field_validator
 
-from collafuse.config import DEFAULT_CONFIG, Int, RunConfig, config_from_dict
+from collafuse.config import DEFAULT_CONFIG, MAX_EPOCHS, MAX_REFERENCES, Int, RunConfig, config_from_dict
+from collafuse.device import CPU
 from collafuse.errors import ConfigError
-from collafuse.safeio import parse_yaml, read_text, short_repr
+from collafuse.safeio import parse_yaml, read_text, short_repr, short_text
 from collafuse.threats import THREAT_IDS
 
 CELL_FORMAT = 1  # bump when a cell's computation changes meaning: old cached cells stop matching
@@ -47,9 +49,18 @@ def _cut_ratios_ok(values: tuple[float, ...]) -> tuple[float, ...]:
     return values
 
 
+# Bounds of a grid's own sizes (each run config's are collafuse.config's): cells are run one after another
+# and each is minutes of work, so 10,000 is far beyond any sweep that finishes; samples are held in memory.
+MAX_CELLS = 10_000
+MAX_SAMPLES_PER_CLIENT = 10_000  # × clients × C×H×W float32, generated and kept for the utility metrics
+# Keys of `base` the grid sets itself per cell: a value there would be silently replaced, so it is refused.
+GRID_SET_KEYS = {"seed": "the grid's seeds", "defenses": "each block's defenses",
+                 ("diffusion", "cut_ratio"): "each block's cut_ratios", ("training", "payload"): "each block's payload_kinds"}
+
+
 class PayloadCurveSpec(_Strict):
     cut_ratios: tuple[float, ...] = ()
-    epochs: Int = Field(1, ge=1)                   # epochs of payloads simulated (multiview fuses them)
+    epochs: Int = Field(1, ge=1, le=MAX_EPOCHS)    # epochs of payloads simulated (multiview fuses them)
     payload_kinds: tuple[Literal["cut", "trajectory", "naive"], ...] = ("cut",)
     defenses: dict[str, tuple[dict[str, Any], ...]] = {"none": ()}
     attacks: tuple[str, ...] = ("rescale", "tweedie", "multiview", "oracle")
@@ -69,17 +80,42 @@ class SystemsSpec(_Strict):
     payload_kinds: tuple[Literal["cut", "trajectory", "naive"], ...] = ("cut",)
     defenses: dict[str, tuple[dict[str, Any], ...]] = {"none": ()}
     attacks: dict[str, tuple[str, ...]] = {}     # threat (T1..T4) → attack names
-    samples_per_client: Int = Field(128, ge=2)   # generated images per client for utility and T4
-    references: Int = Field(4, ge=2, le=64)      # reference client models per T3 target for lira / rmia
+    samples_per_client: Int = Field(128, ge=2, le=MAX_SAMPLES_PER_CLIENT)  # generated images per client (utility, T4)
+    references: Int = Field(4, ge=2, le=MAX_REFERENCES)  # reference client models per T3 target for lira / rmia
+    # noise draws per query step of the peer attacks (lira-peers, rmia-peers, and source inference beside them):
+    # each draw queries every client model. None: as many as the other loss attacks (SignalSettings.n_noise).
+    peer_draws: Int | None = Field(None, ge=1, le=64)
     inception_fid: bool = False                  # also FID in Inception-v3 features (needs the `fid` extra; slow)
     # training.snapshots of these systems: their models are also attacked after each of these epochs (T2/T3
     # `*_at_epoch` rows, the report's leakage-against-training-length figure). Empty: the final models only.
-    snapshots: tuple[Int, ...] = ()
+    snapshots: tuple[Annotated[int, Strict(), Field(ge=1, le=MAX_EPOCHS)], ...] = ()
 
     @field_validator("cut_ratios")
     @classmethod
     def _check_cuts(cls, values: tuple[float, ...]) -> tuple[float, ...]:
         return _cut_ratios_ok(values)
+
+
+class SlurmSpec(_Strict):
+    """Where ``--backend slurm`` submits (the command line's --slurm-* options win). Not part of any cell:
+    it changes where the numbers are computed, not what they are."""
+
+    partition: str | None = None                 # SLURM partition (None: the cluster's default)
+    time: str | Int | None = None                # time limit per job: minutes, or [D-]HH:MM:SS
+    gpus_per_task: Int | None = Field(None, ge=0)  # GPUs per job (cells and reference models)
+    array_size: Int | None = Field(None, ge=0)     # array tasks running at once (0: SLURM's own limit)
+
+    @field_validator("time")
+    @classmethod
+    def _check_time(cls, value: Any) -> Any:
+        if value is not None:
+            from collafuse.tasks import parse_time_minutes
+
+            try:
+                parse_time_minutes(value)
+            except ConfigError as exc:
+                raise ValueError(str(exc)) from None
+        return value
 
 
 class GridSpec(_Strict):
@@ -91,11 +127,24 @@ class GridSpec(_Strict):
     # One block, or a list of blocks: each block is its own product (cut ratios × defenses), so a
     # costly defense (DP-SGD) can be trained at one cut ratio while the others cover several.
     systems: tuple[SystemsSpec, ...] = ()
+    slurm: SlurmSpec = SlurmSpec()               # --backend slurm: partition, time, GPUs per task, array size
 
     @field_validator("systems", mode="before")
     @classmethod
     def _one_or_many(cls, value: Any) -> Any:
         return [value] if isinstance(value, dict) else value
+
+    @field_validator("base")
+    @classmethod
+    def _no_grid_keys(cls, base: dict[str, Any]) -> dict[str, Any]:
+        for key, by in GRID_SET_KEYS.items():
+            section, name = key if isinstance(key, tuple) else (None, key)
+            here = base.get(section) if section is not None else base
+            if isinstance(here, dict) and name in here:
+                where = f"{section}.{name}" if section else name
+                raise ValueError(f"base.{where} is set per cell by {by}; remove it from base "
+                                 f"(got {short_repr(here[name], 60)})")
+        return base
 
 
 @dataclass(frozen=True)
@@ -114,8 +163,9 @@ class Cell:
     samples_per_client: int = 0
     inception_fid: bool = False
     references: int = 4             # reference models per target of lira / rmia (only they read it)
+    peer_draws: int | None = None   # noise draws per step of the peer attacks (None: the loss attacks' n_noise)
     run_dir: str | None = None      # a system cell on an existing run folder (systems.runs), not trained
-    run_sha256: str | None = None   # sha256 of that run's run.json (which hashes every file): its identity
+    run_sha256: str | None = None   # that run's content key (run_content_key: every file and run.json)
 
     @property
     def cell_id(self) -> str:
@@ -128,6 +178,13 @@ class Cell:
 
         return any(ATTACKS.needing("references", names) for names in self.attacks.values())
 
+    @property
+    def uses_peers(self) -> bool:
+        """Whether any of the cell's attacks queries the other clients' models (so ``peer_draws`` shapes its results)."""
+        from collafuse.attacks.membership.catalog import ATTACKS
+
+        return any(ATTACKS.needing("peers", names) for names in self.attacks.values())
+
     def to_json(self) -> dict[str, Any]:
         return {
             "cell_format": CELL_FORMAT,
@@ -139,6 +196,8 @@ class Cell:
             **({"inception_fid": True} if self.inception_fid else {}),  # absent when off: older hashes stay valid
             # only where an attack reads it (lira / rmia): the hashes of every other cell stay as they were
             **({"references": self.references} if self.uses_references else {}),
+            # only where set and a peer attack reads it: every other cell's hash stays as it was
+            **({"peer_draws": self.peer_draws} if self.peer_draws is not None and self.uses_peers else {}),
             # an existing run: its content, not its path, is what the results depend on
             **({"run_sha256": self.run_sha256} if self.run_dir is not None else {}),
         }
@@ -176,9 +235,11 @@ class Grid:
     spec: GridSpec
     text: str                       # the YAML exactly as read (for the report)
     source: str                     # file path or "embedded default"/"embedded quick"
+    # The cells, expanded once by load_grid: a named run folder is hashed and its values checked once.
+    expanded: tuple[Cell, ...] | None = field(default=None, compare=False, repr=False)
 
     def cells(self) -> list[Cell]:
-        return expand(self.spec)
+        return list(self.expanded) if self.expanded is not None else expand(self.spec)
 
 
 def _format_error(exc: ValidationError) -> str:
@@ -218,14 +279,59 @@ def load_grid(path: Path | str | None, quick: bool = False) -> Grid:
         spec = spec.model_copy(update={"systems": tuple(
             b.model_copy(update={"runs": tuple(str(r if Path(r).is_absolute() else base / r) for r in b.runs)})
             for b in spec.systems)})
-    grid = Grid(spec, text, source)
-    validate(grid.cells(), spec)
-    return grid
+    cells = expand(spec)
+    validate(cells, spec)
+    return Grid(spec, text, source, tuple(cells))
+
+
+_CONTENT_KEYS: dict[str, tuple[tuple, str]] = {}  # folder → (its files' stat signature, content key)
+
+
+def _stat_signature(folder: Path) -> tuple:
+    """(relative path, size, mtime, inode) of every file under ``folder``: cheap, and it changes whenever a
+    file is written, replaced, added or removed (so a content key is hashed again only then)."""
+    out = []
+    for root, dirs, files in os.walk(folder):
+        dirs.sort()
+        for name in sorted(files):
+            full = os.path.join(root, name)
+            try:
+                st = os.lstat(full)
+            except OSError:
+                continue
+            out.append((os.path.relpath(full, folder), st.st_size, st.st_mtime_ns, st.st_ino, st.st_mode))
+    return tuple(out)
+
+
+def run_content_key(folder: Path | str) -> str:
+    """The identity of a named run folder (systems.runs): sha256 over the sorted (path, sha256) of every file
+    run.json lists, each hashed now (a changed or missing one: :class:`RunError`), and run.json's bytes. A run
+    changed in any byte gets another key, so its finished cell is never reused. Hashed once per process while
+    no file under the folder changes (a stat signature decides)."""
+    from collafuse.runs import verify_run_folder
+
+    folder = Path(folder)
+    signature = _stat_signature(folder)
+    where = str(folder.resolve())
+    known = _CONTENT_KEYS.get(where)
+    if known is not None and known[0] == signature:
+        return known[1]
+    raw, files = verify_run_folder(folder)
+    h = hashlib.sha256()
+    h.update(json.dumps(sorted(files.items()), separators=(",", ":")).encode())
+    h.update(raw)
+    key = h.hexdigest()
+    _CONTENT_KEYS[where] = (signature, key)
+    return key
 
 
 def existing_run_cell(path: str, block: SystemsSpec) -> Cell:
-    """A system cell on the run folder at ``path`` (systems.runs): its config from the folder, never trained."""
-    from collafuse.runs import CONFIG_FILE, RUN_MARKER
+    """A system cell on the run folder at ``path`` (systems.runs): its config from the folder, never trained.
+
+    Checked here, before the audit creates its folder: every file against run.json (:func:`run_content_key`,
+    the cell's key) and every value (models, data and audit key: :meth:`Run.load`, :meth:`Run.load_data`)."""
+    from collafuse.errors import CollafuseError
+    from collafuse.runs import RUN_MARKER, Run
 
     folder = Path(path)
     marker = folder / RUN_MARKER
@@ -233,14 +339,15 @@ def existing_run_cell(path: str, block: SystemsSpec) -> Cell:
         raise ConfigError(f"grid error: systems.runs: {folder} is not a run folder (no {RUN_MARKER}); "
                           "make one with `collafuse import MANIFEST --out RUN_DIR`")
     try:
-        text = (folder / CONFIG_FILE).read_text()
-        digest = hashlib.sha256(marker.read_bytes()).hexdigest()
-    except OSError as exc:
-        raise ConfigError(f"grid error: systems.runs: {folder} unreadable ({exc.strerror or exc})") from None
-    cfg = config_from_dict(parse_yaml(text, str(folder / CONFIG_FILE), ConfigError) or {})
+        digest = run_content_key(folder)
+        run = Run.load(folder, device=CPU)  # config, metadata, weights (finite, right shapes)
+        run.load_data()                       # data values, splits and audit key
+    except CollafuseError as exc:
+        raise ConfigError(f"grid error: systems.runs: {short_text(str(exc), 600)}") from None
+    cfg = run.config
     return Cell("system", folder.name, cfg.diffusion.cut_ratio, "as deployed", cfg.training.payload, cfg.seed,
                 cfg.training.epochs, cfg, dict(block.attacks), block.samples_per_client, block.inception_fid,
-                block.references, run_dir=str(folder.resolve()), run_sha256=digest)
+                block.references, run_dir=str(folder.resolve()), run_sha256=digest, peer_draws=block.peer_draws)
 
 
 def _run_config(spec: GridSpec, dataset: str, c: float, payload_kind: str, defenses, seed: int,
@@ -269,8 +376,20 @@ def _run_config(spec: GridSpec, dataset: str, c: float, payload_kind: str, defen
         raise ConfigError(f"grid cell ({dataset}, c = {c}, {payload_kind}): {exc}") from None
 
 
+def cell_count(spec: GridSpec) -> int:
+    """How many cells the grid expands to, counted before any is built."""
+    curve = spec.payload_curve
+    per_seed = len(curve.payload_kinds) * len(curve.defenses) * len(curve.cut_ratios) + sum(
+        len(b.payload_kinds) * len(b.defenses) * len(b.cut_ratios) for b in spec.systems)
+    return len(spec.datasets) * len(spec.seeds) * per_seed + sum(len(b.runs) for b in spec.systems)
+
+
 def expand(spec: GridSpec) -> list[Cell]:
     """Every cell of the grid, in a fixed order: payload curve first, then systems, then existing runs."""
+    count = cell_count(spec)
+    if count > MAX_CELLS:
+        raise ConfigError(f"grid error: the grid expands to {count} cells; at most {MAX_CELLS} "
+                          "(datasets × seeds × payload kinds × defenses × cut ratios, per block)")
     cells: list[Cell] = []
     curve = spec.payload_curve
     for dataset in spec.datasets:
@@ -286,7 +405,7 @@ def expand(spec: GridSpec) -> list[Cell]:
                         cfg = _run_config(spec, dataset, c, kind, defenses, seed, snapshots=systems.snapshots)
                         cells.append(Cell("system", dataset, c, label, kind, seed, cfg.training.epochs, cfg,
                                           dict(systems.attacks), systems.samples_per_client, systems.inception_fid,
-                                          systems.references))
+                                          systems.references, peer_draws=systems.peer_draws))
     cells += [existing_run_cell(path, block) for block in spec.systems for path in block.runs]
     return cells
 

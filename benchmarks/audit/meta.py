@@ -47,6 +47,7 @@ class CellArtifacts:
     reconstruction_rows: tuple[str, ...] = ()
     roc: str | None = None
     samples: str | None = None
+    scores: str | None = None        # the cell's membership scores (Parquet), merged into the audit's scores.parquet
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
@@ -56,6 +57,8 @@ class CellArtifacts:
             out["roc"] = self.roc
         if self.samples is not None:
             out["samples"] = self.samples
+        if self.scores is not None:
+            out["scores"] = self.scores
         return out
 
     @classmethod
@@ -67,7 +70,7 @@ class CellArtifacts:
             return str(value) if value else None
 
         return cls(path("reconstructions"), tuple(str(r) for r in _list(d.get("reconstruction_rows"), "reconstruction_rows")),
-                   path("roc"), path("samples"))
+                   path("roc"), path("samples"), path("scores"))
 
 
 @dataclass(frozen=True)
@@ -156,6 +159,7 @@ class AuditMeta:
     evaluations: tuple[CellEvaluation, ...] = ()
     verdict: Verdict = field(default_factory=lambda: Verdict("unknown", "", None, ()))
     coverage: Mapping[str, Mapping[str, tuple[str, ...]]] = field(default_factory=dict)
+    scores_sha256: str | None = None   # of the audit's scores.parquet (None: no membership scores)
 
     @property
     def cost_metric(self) -> str:
@@ -178,6 +182,7 @@ class AuditMeta:
             "cells": [c.to_json() for c in self.cells], "evaluations": [e.to_json() for e in self.evaluations],
             "verdict": self.verdict.to_json(),
             "coverage": {d: {t: list(labels) for t, labels in m.items()} for d, m in self.coverage.items()},
+            "scores_sha256": self.scores_sha256,
         })
 
     @classmethod
@@ -211,4 +216,5 @@ class AuditMeta:
                               for e in _list(d.get("evaluations"), "evaluations")),
             verdict=Verdict.from_json(_mapping(d.get("verdict"), "verdict")),
             coverage=coverage,
+            scores_sha256=str(d["scores_sha256"]) if isinstance(d.get("scores_sha256"), str) else None,
         )

@@ -30,7 +30,7 @@ MAX_ROC_PANELS = 6
 MAX_ROC_CURVES = 5
 KIND_MARKERS = {"payload": "o", "system": "s"}
 KIND_DASHES = {"payload": (4, 2), "system": ""}
-THREAT_COLORS = {"T1": "#4c72b0", "T2": "#dd8452", "T3": "#55a868", "T4": "#c44e52"}
+THREAT_COLORS = {"T1": "#4c72b0", "T2": "#dd8452", "T3": "#55a868", "T4": "#c44e52", "T5": "#8172b3"}
 _STYLE = {"axes.titlesize": 10, "axes.labelsize": 9, "xtick.labelsize": 8, "ytick.labelsize": 8, "legend.fontsize": 8}
 
 
@@ -108,7 +108,7 @@ def leakage_vs_cut(t1_reid: pd.DataFrame, t1_psnr: pd.DataFrame, membership: pd.
         axes = fig.subplots(1, 3)
         _curve_panel(axes[0], t1_reid, colors, "T1 re-identification in the pool (best attack)", "reid_pool")
         _curve_panel(axes[1], t1_psnr, colors, "T1 reconstruction PSNR (best attack)", "PSNR (dB)")
-        _curve_panel(axes[2], membership, colors, "Membership AUC, worst of T2–T4 (system cells)", "AUC")
+        _curve_panel(axes[2], membership, colors, "Membership AUC, worst of T2–T5 (system cells)", "AUC")
         if not _finite(membership).empty:
             axes[2].axhline(0.5, ls=":", color="0.5", lw=1)
         fig.tight_layout(rect=(0, 0.1, 1, 1))
@@ -136,11 +136,31 @@ def heatmap(table: pd.DataFrame, title: str, metric: str) -> bytes | None:
         return _png(fig)
 
 
+def class_heatmap(table: pd.DataFrame) -> bytes | None:
+    """Rows (cell · threat) × class membership AUC, values annotated (0.5 is chance)."""
+    if table.empty or not np.isfinite(table.to_numpy(float)).any():
+        return None
+    data = table.astype(float)
+    width = min(max(4.0, 0.5 * data.shape[1] + 3.2), 14)
+    height = max(2.0, 0.38 * data.shape[0] + 1.3)
+    with sns.axes_style("white"), matplotlib.rc_context(_STYLE):
+        fig = Figure(figsize=(width, height), dpi=DPI)
+        ax = fig.subplots()
+        sns.heatmap(data, annot=True, fmt=".2f", cmap="vlag", vmin=0.0, vmax=1.0, center=0.5,
+                    annot_kws={"fontsize": 6}, cbar_kws={"label": "AUC"}, linewidths=0.5, linecolor="white", ax=ax)
+        ax.set_xlabel("class")
+        ax.set_ylabel("")
+        ax.set_title("membership AUC per class (worst attack of each threat)")
+        fig.tight_layout()
+        return _png(fig)
+
+
 def roc_panels(panels: list[dict]) -> bytes | None:
     """ROC curves on log–log axes, one panel per system cell (at most :data:`MAX_ROC_PANELS`).
 
-    ``panels``: ``[{"title": str, "curves": [(label, fpr, tpr)]}]``. Zero rates cannot be
-    drawn on a log axis; they are clipped to a floor below the smallest positive rate.
+    ``panels``: ``[{"title": str, "curves": [(label, fpr, tpr)], "ceilings": [(label, Ceiling)]}]`` (ceilings
+    optional: the formal trade-off curves, drawn black). Zero rates cannot be drawn on a log axis; they are
+    clipped to a floor below the smallest positive rate.
     """
     panels = [p for p in panels if p["curves"]][:MAX_ROC_PANELS]
     if not panels:
@@ -156,6 +176,13 @@ def roc_panels(panels: list[dict]) -> bytes | None:
             for label, fpr, tpr in panel["curves"][:MAX_ROC_CURVES]:
                 ax.plot(np.maximum(np.asarray(fpr, float), floor), np.maximum(np.asarray(tpr, float), floor),
                         lw=1.3, label=label)
+            for i, (label, ceiling) in enumerate(panel.get("ceilings", ())):
+                grid = np.logspace(np.log10(floor), 0.0, 200)
+                bound = ceiling.tpr_bound(grid)
+                if bound.min() > 0.99:  # drawn along the top edge: say so, or it looks absent
+                    label += ": ≥ 0.99 at every FPR shown (vacuous here)"
+                ax.plot(grid, np.maximum(bound, floor), color="black", lw=1.0,
+                        ls=("-.", ":", "--", (0, (5, 1)))[i % 4], label=label)
             finish_log_roc_axes(ax, floor, panel["title"], title_size=8)
         for ax in axes[len(panels):]:
             ax.set_visible(False)
@@ -172,7 +199,7 @@ def frontier(frame: pd.DataFrame, recommended: str | None,
     evaluated). The recommended cell is ringed.
     """
     data = frame[np.isfinite(frame["gflops"].astype(float))]
-    panels = [(c, t) for c, t in (("worst_auc", "worst membership AUC (T1–T4)"), ("worst_reid", "worst T1 reid_pool"))
+    panels = [(c, t) for c, t in (("worst_auc", "worst membership AUC (T1–T5)"), ("worst_reid", "worst T1 reid_pool"))
               if np.isfinite(data[c].astype(float)).any()]
     if data.empty or not panels:
         return None

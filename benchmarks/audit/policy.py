@@ -5,12 +5,14 @@ A policy is YAML::
     statistic: value          # value | ci_low | ci_high | conservative (the interval end on each
                               # metric's worse side: ci_high for AUC, ci_low for accuracy)
     minimize: client_gflops_sample   # the cost the recommendation minimises
+    blind_auc: 0.6            # the model-blind baseline's AUC above which (and significant, p < 0.01) a
+                              # threat's membership checks are INCONCLUSIVE (DESIGN §4.2, §7)
     limits:
       T1: {reid_pool: {max: 0.05}, auc: {max: 0.6}}
       T2: {auc: {max: 0.6}}
       utility: {accuracy: {min: 0.5}}
 
-Which metrics a limit may name under which group (threats T1–T4, ``utility``, ``cost``, ``formal``,
+Which metrics a limit may name under which group (threats T1–T5, ``utility``, ``cost``, ``formal``,
 ``sampling``), and which way each is worse, come from the one metric vocabulary
 (:mod:`collafuse.metrics`); applying the policy to results is :mod:`~.verdict`'s.
 """
@@ -29,6 +31,7 @@ from collafuse.threats import THREAT_IDS
 from collafuse.benchmarks.audit.grid import GridSpec, read_yaml
 
 STATISTICS = ("value", "ci_low", "ci_high", "conservative")
+DEFAULT_BLIND_AUC = 0.6
 MEMBERSHIP_METRICS = frozenset(in_group("T2"))  # what a membership attack measures, under every threat
 
 
@@ -47,9 +50,11 @@ class Policy:
     minimize: str
     text: str
     source: str
+    blind_auc: float = DEFAULT_BLIND_AUC
 
     def to_json(self) -> dict[str, Any]:
         return {"statistic": self.statistic, "minimize": self.minimize, "source": self.source,
+                "blind_auc": self.blind_auc,
                 "limits": [{"threat": l.threat, "metric": l.metric, "op": l.op, "limit": l.bound} for l in self.limits]}
 
 
@@ -62,9 +67,13 @@ def load_policy(path: Path | str | None) -> Policy:
 def parse_policy(raw: Any, text: str = "", source: str = "policy") -> Policy:
     if not isinstance(raw, dict):
         raise ConfigError("policy error: the policy must be a mapping with 'limits'")
-    unknown = set(raw) - {"statistic", "minimize", "limits"}
+    unknown = set(raw) - {"statistic", "minimize", "limits", "blind_auc"}
     if unknown:
-        raise ConfigError(f"policy error: unknown key {sorted(unknown)[0]!r} (valid: statistic, minimize, limits)")
+        raise ConfigError(f"policy error: unknown key {sorted(unknown)[0]!r} (valid: statistic, minimize, blind_auc, "
+                          "limits)")
+    blind_auc = raw.get("blind_auc", DEFAULT_BLIND_AUC)
+    if isinstance(blind_auc, bool) or not isinstance(blind_auc, (int, float)) or not 0.5 <= blind_auc <= 1.0:
+        raise ConfigError(f"policy error: blind_auc must be a number in [0.5, 1], got {blind_auc!r}")
     statistic = raw.get("statistic", "value")
     if statistic not in STATISTICS:
         raise ConfigError(f"policy error: statistic {statistic!r} is not one of {', '.join(STATISTICS)}")
@@ -91,7 +100,7 @@ def parse_policy(raw: Any, text: str = "", source: str = "policy") -> Policy:
             if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
                 raise ConfigError(f"policy error: limits.{threat}.{metric}.{op} must be a number, got {value!r}")
             limits.append(Limit(threat, metric, op, float(value)))
-    return Policy(tuple(limits), statistic, minimize, text, source)
+    return Policy(tuple(limits), statistic, minimize, text, source, float(blind_auc))
 
 
 def check_against_grid(policy: Policy, spec: GridSpec) -> None:
@@ -105,7 +114,7 @@ def check_against_grid(policy: Policy, spec: GridSpec) -> None:
     for limit in policy.limits:
         if limit.threat == "T1":
             ok = t1_member if limit.metric in MEMBERSHIP_METRICS else t1_recon
-        elif limit.threat in THREAT_IDS:  # T2..T4 (T1 above)
+        elif limit.threat in THREAT_IDS:  # T2..T5 (T1 above; T5's extraction comes with any T5 attack)
             ok = bool(attacked[limit.threat])
         elif limit.threat in ("utility", "sampling"):
             ok = systems

@@ -30,6 +30,8 @@ ROW_COLUMNS = ["threat", "target", "attack", "metric", "value", "ci_low", "ci_hi
 COLUMNS = CELL_COLUMNS + ROW_COLUMNS
 RESULTS_CSV = "results.csv"
 RESULTS_JSON = "results.json"
+SCORES_PARQUET = "scores.parquet"  # every membership score of every cell (DESIGN §4.2 "Per-record evidence")
+SCORE_FILE_COLUMNS = ("cell", "threat", "target", "attack", "candidate", "client", "class", "member", "score")
 # What read_results needs in every row; the other columns of COLUMNS get these defaults when absent.
 REQUIRED_COLUMNS = ("cell", "kind", "cut_ratio", "defense", "threat", "target", "attack", "metric", "value")
 OPTIONAL_COLUMNS = {"config_hash": "", "dataset": "", "t_c": np.nan, "payload_kind": "", "epochs": np.nan,
@@ -88,6 +90,57 @@ def write_results(df: pd.DataFrame, audit_dir: Path) -> tuple[Path, Path]:
     finally:
         tmp.unlink(missing_ok=True)
     return csv, write_json_atomic(audit_dir / RESULTS_JSON, to_records(df), indent=0)
+
+
+def write_scores(cells: list[Cell], records: dict[str, dict], audit_dir: Path) -> str | None:
+    """The audit's ``scores.parquet``: every cell's membership scores (its verified ``scores.parquet`` artifact)
+    with the cell's id in front, in grid order, written atomically. Returns its sha256 (kept in audit.json so
+    a changed file is detected), or None (and no file) when no cell scored membership."""
+    from collafuse.fsutil import file_sha256
+
+    frames, seen = [], set()
+    for cell in cells:
+        if cell.config_hash in seen:
+            continue
+        seen.add(cell.config_hash)
+        rel = records[cell.config_hash]["artifacts"].get(SCORES_PARQUET)
+        if rel:
+            frame = pd.read_parquet(audit_dir / rel, engine="pyarrow")
+            frame.insert(0, "cell", cell.cell_id)
+            frames.append(frame)
+    path = audit_dir / SCORES_PARQUET
+    if not frames:
+        path.unlink(missing_ok=True)
+        return None
+    tmp = audit_dir / f".{SCORES_PARQUET}.partial-{os.getpid()}"
+    try:
+        pd.concat(frames, ignore_index=True).to_parquet(tmp, index=False, engine="pyarrow")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return file_sha256(path)
+
+
+def read_scores(audit_dir: Path, sha256: str | None) -> pd.DataFrame | None:
+    """The audit's ``scores.parquet`` (None when the audit has none); :class:`RunError` (one line) when the
+    file is missing, unreadable or not the one audit.json recorded (changed after it was written)."""
+    from collafuse.fsutil import file_sha256
+
+    if sha256 is None:
+        return None
+    path = Path(audit_dir) / SCORES_PARQUET
+    if not path.is_file():
+        raise RunError(f"{path} is missing (audit.json records one); run the audit again to rewrite it")
+    if file_sha256(path) != sha256:
+        raise RunError(f"{path} was changed after the audit wrote it; run the audit again to rewrite it")
+    try:
+        frame = pd.read_parquet(path, engine="pyarrow")
+    except Exception as err:  # pyarrow raises several types for a damaged file
+        raise RunError(f"{path} is unreadable: {type(err).__name__}") from None
+    missing = [c for c in SCORE_FILE_COLUMNS if c not in frame.columns]
+    if missing:
+        raise RunError(f"{path} lacks the column(s) {', '.join(missing)}")
+    return frame
 
 
 # ----------------------------------------------------------------------------- reading

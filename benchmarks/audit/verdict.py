@@ -26,16 +26,18 @@ not judged.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Mapping
 
 import pandas as pd
 
 from collafuse.jsonio import decode_number, encode_number
+from collafuse.attacks.membership.controls import BLIND_ALPHA
 from collafuse.metrics import metric
+from collafuse.threats import THREAT_IDS
 
 from collafuse.benchmarks.audit.grid import Cell
-from collafuse.benchmarks.audit.policy import Limit, Policy, calibrated_attacks
+from collafuse.benchmarks.audit.policy import MEMBERSHIP_METRICS, Limit, Policy, calibrated_attacks
 
 # The pooled utility metrics the verdict compares, with their directions from the vocabulary (DESIGN §6).
 UTILITY_COMPARED = ("accuracy", "fid", "kid", "precision", "recall")
@@ -55,11 +57,21 @@ class Check:
     target: str | None = None
     passed: bool | None = None
     note: str = ""
+    # The model-blind control says members and non-members differ without the model (DESIGN §4.2, §7): the
+    # measured value is kept, but it decides nothing (``passed`` None).
+    inconclusive: bool = False
+
+    @property
+    def status(self) -> str:
+        """"pass", "fail", "inconclusive" or "not measured"."""
+        if self.inconclusive:
+            return "inconclusive"
+        return {True: "pass", False: "fail"}.get(self.passed, "not measured")
 
     def to_json(self) -> dict[str, Any]:
         return {"threat": self.threat, "metric": self.metric, "op": self.op, "limit": encode_number(self.limit),
                 "observed": encode_number(self.observed), "attack": self.attack, "target": self.target,
-                "pass": self.passed, "note": self.note}
+                "pass": self.passed, "note": self.note, "inconclusive": self.inconclusive}
 
     @classmethod
     def from_json(cls, d: Mapping[str, Any]) -> "Check":
@@ -68,7 +80,8 @@ class Check:
         return cls(str(d.get("threat", "")), str(d.get("metric", "")), str(d.get("op", "")),
                    decode_number(d.get("limit")), None if observed is None else decode_number(observed),
                    _text_or_none(d.get("attack")), _text_or_none(d.get("target")),
-                   passed if isinstance(passed, bool) else None, str(d.get("note") or ""))
+                   passed if isinstance(passed, bool) else None, str(d.get("note") or ""),
+                   d.get("inconclusive") is True)
 
 
 def _text_or_none(x: Any) -> str | None:
@@ -84,6 +97,12 @@ class CellEvaluation:
     passed: bool
     complete: bool
     checks: tuple[Check, ...]
+
+    @property
+    def inconclusive(self) -> bool:
+        """Measured under every threat, nothing failed, but a blind control left some check undecided."""
+        return (self.complete and not self.passed and any(c.inconclusive for c in self.checks)
+                and not any(c.passed is False for c in self.checks))
 
     def to_json(self) -> dict[str, Any]:
         return {"cell": self.cell, "config_hash": self.config_hash, "pass": self.passed, "complete": self.complete,
@@ -151,27 +170,67 @@ class Recommendation:
                    None if gflops is None else decode_number(gflops))
 
 
+STATUSES = ("pass", "fail", "inconclusive")
+
+
+@dataclass(frozen=True)
+class ThreatVerdict:
+    """One threat's verdict over the audit (DESIGN §7): PASS where some complete setting meets every limit of
+    the threat, INCONCLUSIVE where none fails it but a blind control left it undecided, FAIL otherwise; with the
+    cell and the check (attack, target, worst value) that decided it."""
+
+    threat: str
+    status: str
+    cell: str | None = None
+    metric: str | None = None
+    observed: float | None = None
+    attack: str | None = None
+    target: str | None = None
+    note: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        return {"threat": self.threat, "status": self.status, "cell": self.cell, "metric": self.metric,
+                "observed": encode_number(self.observed), "attack": self.attack, "target": self.target,
+                "note": self.note}
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any]) -> "ThreatVerdict":
+        status = str(d.get("status", "")).lower()
+        observed = d.get("observed")
+        return cls(str(d.get("threat", "")), status if status in STATUSES else "unknown", _text_or_none(d.get("cell")),
+                   _text_or_none(d.get("metric")), None if observed is None else decode_number(observed),
+                   _text_or_none(d.get("attack")), _text_or_none(d.get("target")), str(d.get("note") or ""))
+
+
 @dataclass(frozen=True)
 class Verdict:
-    """The audit's answer: ``status`` "pass" (some complete setting meets the policy) or "fail"."""
+    """The audit's answer: ``status`` "pass" (some complete setting meets the policy), "inconclusive" (none
+    fails, but a blind control leaves some undecided) or "fail"; the verdict of each threat; and the errors
+    of the audit itself (an ROC above its formal ceiling), which are never leakage."""
 
     status: str
     text: str
     recommendation: Recommendation | None
     passing_cells: tuple[str, ...]
+    threats: tuple[ThreatVerdict, ...] = ()
+    errors: tuple[str, ...] = ()
 
     def to_json(self) -> dict[str, Any]:
         return {"status": self.status, "text": self.text,
                 "recommendation": None if self.recommendation is None else self.recommendation.to_json(),
-                "passing_cells": list(self.passing_cells)}
+                "passing_cells": list(self.passing_cells), "threats": [t.to_json() for t in self.threats],
+                "errors": list(self.errors)}
 
     @classmethod
     def from_json(cls, d: Mapping[str, Any]) -> "Verdict":
         rec = d.get("recommendation")
         status = str(d.get("status", "unknown")).lower()
-        return cls(status if status in ("pass", "fail") else "unknown", str(d.get("text") or ""),
+        threats = d.get("threats") or ()
+        return cls(status if status in STATUSES else "unknown", str(d.get("text") or ""),
                    Recommendation.from_json(rec) if isinstance(rec, Mapping) else None,
-                   tuple(str(c) for c in d.get("passing_cells") or ()))
+                   tuple(str(c) for c in d.get("passing_cells") or ()),
+                   tuple(ThreatVerdict.from_json(t) for t in threats if isinstance(t, Mapping)),
+                   tuple(str(e) for e in d.get("errors") or ()))
 
 
 # ---------------------------------------------------------------- worst values
@@ -199,6 +258,10 @@ def _absent_reason(cell: Cell, threat: str, rows: pd.DataFrame) -> str | None:
             return "no server model (c = 1)"
         if threat == "T3" and cell.t_c == 0:
             return "no client model (c = 0)"
+        if threat == "T5" and cell.t_c >= T:
+            return "no server hands anything off (c = 1)"
+        if threat == "T5" and cell.run_config.data.num_clients < 2:
+            return "a single client has no co-client"
         if threat == "sampling" and not 0 < cell.t_c < T:
             return "no hand-off: one party runs the whole chain (c = 0 or 1)"
     return None
@@ -231,11 +294,44 @@ def _judged_values(policy: Policy, limit: Limit, sel: pd.DataFrame) -> pd.Series
     return values.dropna()
 
 
+def blind_shift(policy: Policy, rows: pd.DataFrame, threat: str) -> str | None:
+    """Why ``threat``'s membership results in this cell are INCONCLUSIVE, or None: some target's model-blind
+    baseline (rows ``blind_auc`` and ``blind_p_value``, attack ``blind``) tells members from non-members with
+    an AUC above the policy's ``blind_auc`` and a permutation p-value below :data:`BLIND_ALPHA` divided by the
+    number of the threat's targets (Bonferroni: each client's candidates are one more chance of a spurious
+    excursion)."""
+    sel = rows[rows.threat == threat]
+    aucs = sel[sel.metric == "blind_auc"]
+    if aucs.empty:
+        return None
+    p_values = {t: v for t, v in zip(sel[sel.metric == "blind_p_value"]["target"],
+                                     sel[sel.metric == "blind_p_value"]["value"])}
+    level = BLIND_ALPHA / len(aucs)
+    for target, auc in zip(aucs["target"], aucs["value"]):
+        p = p_values.get(target, 0.0)
+        if pd.notna(auc) and auc > policy.blind_auc and pd.notna(p) and p < level:
+            return (f"INCONCLUSIVE: members and non-members differ without the model (model-blind AUC {auc:.3f} on "
+                    f"{target} > blind_auc {policy.blind_auc:g}, p = {p:.3g}); the attacks' numbers are not evidence "
+                    "about the model")
+    return None
+
+
 def _check(policy: Policy, limit: Limit, cell: Cell, rows: pd.DataFrame) -> tuple[Check, bool]:
     """One limit on one cell: (the check, whether the cell stays complete)."""
     blank = Check(limit.threat, limit.metric, limit.op, limit.bound)
     if not _applies(cell, limit.threat):
         return Check(**{**blank.__dict__, "note": "not measured in a payload-only cell"}), False
+    check, complete = _measured_check(policy, limit, cell, rows)
+    if limit.threat in THREAT_IDS and limit.metric in MEMBERSHIP_METRICS and check.observed is not None:
+        shift = blind_shift(policy, rows, limit.threat)
+        if shift is not None:  # measured, but it decides nothing
+            return Check(**{**check.__dict__, "passed": None, "inconclusive": True, "note": shift}), complete
+    return check, complete
+
+
+def _measured_check(policy: Policy, limit: Limit, cell: Cell, rows: pd.DataFrame) -> tuple[Check, bool]:
+    """The limit against the cell's worst measured value (no blind control yet)."""
+    blank = Check(limit.threat, limit.metric, limit.op, limit.bound)
     sel = rows[(rows.threat == limit.threat) & (rows.metric == limit.metric)]
     values = _judged_values(policy, limit, sel)
     if values.empty:
@@ -378,21 +474,159 @@ def utility_sentence(cell: Cell, cells: list[Cell], df: pd.DataFrame) -> str:
     return " ".join(parts)
 
 
+def threat_verdicts(policy: Policy, evaluations: list[CellEvaluation], recommended: str | None) -> tuple[ThreatVerdict, ...]:
+    """Each threat of the policy over the audit: PASS where a complete cell passes all its checks (the
+    recommended cell first), INCONCLUSIVE where none fails them but some are inconclusive, FAIL otherwise
+    (the deciding check: the first failing one). The check shown is the threat's worst one in that cell."""
+    threats = list(dict.fromkeys(l.threat for l in policy.limits if l.threat in THREAT_IDS))
+    complete = sorted((e for e in evaluations if e.complete), key=lambda e: e.cell != recommended)
+    out = []
+    for threat in threats:
+        def mine(e: CellEvaluation) -> list[Check]:
+            return [c for c in e.checks if c.threat == threat]
+
+        def decided(status: str, e: CellEvaluation, checks: list[Check]) -> ThreatVerdict:
+            c = next((c for c in checks if c.status == status), checks[0])
+            return ThreatVerdict(threat, status, e.cell, c.metric, c.observed, c.attack, c.target, c.note)
+
+        passing = next((e for e in complete if mine(e) and all(c.passed for c in mine(e))), None)
+        if passing is not None:
+            out.append(decided("pass", passing, mine(passing)))
+            continue
+        undecided = next((e for e in complete if mine(e) and not any(c.passed is False for c in mine(e))
+                          and any(c.inconclusive for c in mine(e))), None)
+        if undecided is not None:
+            out.append(decided("inconclusive", undecided, mine(undecided)))
+            continue
+        failing = next((e for e in complete if any(c.passed is False for c in mine(e))), None)
+        if failing is not None:
+            out.append(decided("fail", failing, mine(failing)))
+        else:
+            out.append(ThreatVerdict(threat, "fail", note="no fully audited setting measured it"))
+    return tuple(out)
+
+
+def audit_errors(df: pd.DataFrame) -> tuple[str, ...]:
+    """Errors of the audit itself (DESIGN §4.2 "The ceiling"): every (cell, threat, target, attack) whose ROC lies
+    above its formal ceiling beyond its error. A correct guarantee cannot be beaten: such a row means the
+    guarantee or the measurement is wrong, and it is reported as such, never as leakage."""
+    sel = df[(df.metric == "roc_above_ceiling") & (df.value == 1)]
+    return tuple(f"AUDIT ERROR: in {r.cell}, {r.threat} {r.attack} on {r.target}: the ROC lies above the formal "
+                 "ceiling beyond its error (the stated guarantee or the measurement is wrong)"
+                 for r in sel.itertuples())
+
+
+def _cell_rows(df: pd.DataFrame, evaluations: list[CellEvaluation], cell_id: str | None) -> pd.DataFrame:
+    """The rows of the evaluated cell ``cell_id`` (none where it is unknown)."""
+    config_hash = next((e.config_hash for e in evaluations if e.cell == cell_id), None)
+    return df[df.config_hash == config_hash] if config_hash is not None else df.iloc[0:0]
+
+
+def _one(rows: pd.DataFrame, **match: str) -> pd.Series | None:
+    """The first row whose columns equal ``match`` (None without one)."""
+    sel = rows
+    for column, value in match.items():
+        sel = sel[sel[column] == value]
+    return None if sel.empty else sel.iloc[0]
+
+
+def _end(r: pd.Series, column: str) -> float | None:
+    x = r.get(column)
+    return None if x is None or pd.isna(x) else float(x)
+
+
+def still_rising(rows: pd.DataFrame, threat: str) -> str | None:
+    """Why ``threat``'s leakage was still rising at the last epoch in this cell's rows (``auc_still_rising`` = 1,
+    :mod:`~collafuse.benchmarks.audit.trend`), or None."""
+    flag = rows[(rows.threat == threat) & (rows.metric == "auc_still_rising") & (rows.value == 1)]
+    if flag.empty:
+        return None
+    where = flag.iloc[0]
+    slope = _one(rows, threat=threat, metric="auc_epoch_slope", target=where["target"], attack=where["attack"])
+    start = _one(rows, threat=threat, metric="auc_trend_start_epoch", target=where["target"], attack=where["attack"])
+    said = ""
+    if slope is not None:
+        lo, hi = _end(slope, "ci_low"), _end(slope, "ci_high")
+        said = f" (worst AUC {float(slope['value']):+.2g} per epoch" + (
+            f" [{lo:+.2g}, {hi:+.2g}]" if lo is not None and hi is not None else "")
+        if start is not None and "epochs" in rows.columns and pd.notna(where.get("epochs")):
+            said += f" from epoch {int(start['value'])} to {int(where['epochs'])}"
+        said += f", {where['attack']} on {where['target']})"
+    return (f"{threat} leakage was still rising at the last epoch{said}: this PASS holds for the audited training "
+            "length, not for longer training")
+
+
+def not_robust(rows: pd.DataFrame, check: Check) -> str | None:
+    """Why a passing ``check`` is not robust: the 95 % interval of the value that decided it (its row in this cell)
+    reaches past the limit (``max``: its upper end above it; ``min``: its lower end below it). None otherwise."""
+    if check.passed is not True or check.attack is None:
+        return None
+    r = _one(rows, threat=check.threat, metric=check.metric, attack=check.attack, target=check.target)
+    if r is None:
+        return None
+    lo, hi = _end(r, "ci_low"), _end(r, "ci_high")
+    crosses = (hi is not None and hi > check.limit) if check.op == "max" else (lo is not None and lo < check.limit)
+    if not crosses:
+        return None
+    return (f"{check.threat} {check.metric} {float(r['value']):.3g} [{lo:.3g}, {hi:.3g}] ({check.attack} on "
+            f"{check.target}) against the limit {'≤' if check.op == 'max' else '≥'} {check.limit:g}: its 95 % "
+            "interval crosses the limit, so this PASS is not robust at that confidence")
+
+
+def with_caveats(threats: tuple[ThreatVerdict, ...], evaluations: list[CellEvaluation],
+                 df: pd.DataFrame) -> tuple[tuple[ThreatVerdict, ...], list[str]]:
+    """Each PASS threat's caveats in the cell that decided it (issue 25 item 6): leakage still rising at the last
+    epoch (:func:`still_rising`) and passing checks whose interval crosses the limit (:func:`not_robust`). Returns
+    the verdicts with the caveats added to their notes, and the caveats as sentences."""
+    checks = {e.cell: e.checks for e in evaluations}
+    out, said = [], []
+    for t in threats:
+        caveats: list[str] = []
+        if t.status == "pass" and t.cell is not None:
+            rows = _cell_rows(df, evaluations, t.cell)
+            rising = still_rising(rows, t.threat)
+            caveats += [rising] if rising else []
+            caveats += [c for c in (not_robust(rows, ch) for ch in checks.get(t.cell, ()) if ch.threat == t.threat) if c]
+        said += caveats
+        note = "; ".join([t.note, *caveats] if t.note else caveats)
+        out.append(replace(t, note=note))
+    return tuple(out), said
+
+
+def deciders_sentence(threats: tuple[ThreatVerdict, ...]) -> str:
+    """Which attack (on which target, in which cell) decided each threat's verdict, as one sentence."""
+    parts = [f"{t.threat} {t.status.upper()} by {t.attack} on {t.target} ({t.metric} {t.observed:.3g} in {t.cell})"
+             for t in threats if t.attack is not None and t.observed is not None]
+    return f"Decided by: {'; '.join(parts)}." if parts else ""
+
+
 def verdict(policy: Policy, cells: list[Cell], df: pd.DataFrame) -> tuple[list[CellEvaluation], Verdict]:
-    """(evaluations per cell, the verdict with the recommendation)."""
+    """(evaluations per cell, the verdict with the recommendation, the threats' verdicts and the audit's errors)."""
     evaluations = [evaluate_cell(policy, cell, df[df.config_hash == cell.config_hash]) for cell in cells]
     by_hash = {c.config_hash: c for c in cells}
     complete = [e for e in evaluations if e.complete]
     passing = [e for e in complete if e.passed]
+    errors = audit_errors(df)
+    suffix = (f" {len(errors)} AUDIT ERROR(S): an ROC lies above its formal ceiling beyond its error (the stated "
+              "guarantee or the measurement is wrong; see the report)." if errors else "")
 
     def cost(e: CellEvaluation) -> float:
         value = _cost_value(df, e.config_hash, policy.minimize)
         return value if value is not None else math.inf
 
     if not passing:
+        undecided = [e for e in complete if e.inconclusive]
         if not complete:
-            text = "FAIL: no setting was audited under every threat of the policy."
+            status, text = "fail", "FAIL: no setting was audited under every threat of the policy."
+        elif undecided:
+            status = "inconclusive"
+            reasons = sorted({c.threat for e in undecided for c in e.checks if c.inconclusive})
+            text = (f"INCONCLUSIVE: no setting fails the policy outright, but in {len(undecided)} of {len(complete)} "
+                    f"fully audited settings the model-blind control tells members from non-members without the model "
+                    f"({', '.join(reasons)}): those membership numbers cannot be judged. Fix the member / non-member "
+                    "sets (same distribution) and audit again.")
         else:
+            status = "fail"
             failed: dict[str, int] = {}
             for e in complete:
                 for c in e.checks:
@@ -401,7 +635,10 @@ def verdict(policy: Policy, cells: list[Cell], df: pd.DataFrame) -> tuple[list[C
                         failed[key] = failed.get(key, 0) + 1
             worst = ", ".join(f"{k} (fails in {n})" for k, n in sorted(failed.items(), key=lambda kv: -kv[1])[:3])
             text = f"FAIL: none of the {len(complete)} fully audited settings meets the policy; most often broken: {worst}."
-        return evaluations, Verdict("fail", text, None, ())
+        threats = threat_verdicts(policy, evaluations, None)
+        deciders = deciders_sentence(threats)
+        text = f"{text} {deciders}" if deciders else text
+        return evaluations, Verdict(status, text + suffix, None, (), threats, errors)
     best = min(passing, key=lambda e: (cost(e), by_hash[e.config_hash].cut_ratio))
     cell = by_hash[best.config_hash]
     text = (f"PASS: {len(passing)} of {len(complete)} fully audited settings meet the policy; "
@@ -415,4 +652,9 @@ def verdict(policy: Policy, cells: list[Cell], df: pd.DataFrame) -> tuple[list[C
         against_local_only=baseline_comparison(cell, cells, df, policy.minimize),
         client_gflops=_cost_value(df, cell.config_hash, "client_gflops_sample"),
     )
-    return evaluations, Verdict("pass", text, rec, tuple(e.cell for e in passing))
+    threats, caveats = with_caveats(threat_verdicts(policy, evaluations, cell.cell_id), evaluations, df)
+    deciders = deciders_sentence(threats)
+    text = f"{text} {deciders}" if deciders else text
+    if caveats:  # a PASS that holds only for this training length, or only at the point estimate, says so
+        text = f"{text} Caveats: {'. '.join(c[0].upper() + c[1:] for c in caveats)}."
+    return evaluations, Verdict("pass", text + suffix, rec, tuple(e.cell for e in passing), threats, errors)

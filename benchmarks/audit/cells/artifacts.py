@@ -11,6 +11,7 @@ from collafuse.runs import image_grid, save_png, to_uint8
 from collafuse.attacks.reconstruction.evaluate import ViewEvaluation
 
 GRID_IMAGES = 8   # originals shown in a cell's reconstruction grid
+SCORES_FILE = "scores.parquet"  # every membership score of a cell (the per-record evidence, DESIGN §4.2)
 SAMPLE_GRID = 16  # samples shown per client in a system cell's samples grid
 
 
@@ -33,6 +34,13 @@ def samples_grid(samples: dict[int, torch.Tensor]) -> bytes:
     width = max(b.shape[0] for b in blocks)
     blocks = [np.concatenate([b, np.zeros((width - b.shape[0], *b.shape[1:]), b.dtype)]) for b in blocks]
     return _png(np.concatenate(blocks), len(blocks))
+
+
+def parquet_bytes(frame) -> bytes:
+    """A pandas frame as Parquet bytes (pyarrow), written by the runner like every other artifact."""
+    buf = io.BytesIO()
+    frame.to_parquet(buf, index=False, engine="pyarrow")
+    return buf.getvalue()
 
 
 def grid_rows(member: torch.Tensor, client: torch.Tensor) -> torch.Tensor:

@@ -40,7 +40,8 @@ def shared_resources(cell: Cell) -> list[tuple[str, str]]:
         return []  # an existing run's data is in its folder: the cell builds what it needs itself
     data_key = json.dumps(cfg.data.model_dump(mode="json"), sort_keys=True)
     out = []
-    if RECONSTRUCTION_ATTACKS.needing("denoiser", cell.attacks.get("T1", ())) and cfg.t_c < cfg.diffusion.T:
+    t5_tweedie = cell.kind == "system" and bool(cell.attacks.get("T5")) and 0 < cfg.t_c  # T5's one-step finisher
+    if (RECONSTRUCTION_ATTACKS.needing("denoiser", cell.attacks.get("T1", ())) or t5_tweedie) and cfg.t_c < cfg.diffusion.T:
         out.append((f"denoiser|{data_key}|{cfg.diffusion.schedule}|{cfg.diffusion.T}|{cfg.seed}", "denoiser"))
     if cell.kind == "system":
         out.append((f"classifier|{data_key}|{cfg.seed}", "classifier"))

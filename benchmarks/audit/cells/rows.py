@@ -18,14 +18,20 @@ from sklearn.metrics import roc_curve
 from collafuse.metrics import at_epoch, metric
 
 from collafuse.attacks.linkage.sender import NAME as SENDER_ID, SenderIdentification
+from collafuse.attacks.membership.controls import BLIND_AUC_WARNING, BlindControl
+from collafuse.attacks.membership.dataset_inference import NAME as DATASET_INFERENCE, DatasetInference
 from collafuse.attacks.membership.engine import AttackOutcome, MembershipResult
+from collafuse.attacks.membership.source import NAME as SOURCE_INFERENCE, SourceInference
 from collafuse.attacks.membership.nn_distance import Extraction
+from collafuse.attacks.membership.coclient import CoClientExtraction
 from collafuse.attacks.reconstruction.evaluate import ViewEvaluation
 from collafuse.attacks.stats import Interval
 
 from collafuse.benchmarks.audit.handoff import HandoffCheck
+from collafuse.benchmarks.audit.trend import Trend
 
 ROC_POINTS = 200  # ROC curves are thinned to about this many points for the report
+BLIND = "blind"   # the attack column of the model-blind baseline's rows
 
 
 @dataclass
@@ -152,7 +158,65 @@ def outcome_rows(threat: str, key: str, outcome: AttackOutcome) -> list[dict[str
     rows.append(row(threat, key, name, "inverted", float(outcome.inverted)))
     if outcome.one_run is not None:  # the run config's canaries: the one-run audit's ε lower bound (§4.3)
         rows.append(row(threat, key, name, "one_run_epsilon_lb", outcome.one_run.epsilon_lb))
+    rows += control_rows(threat, key, outcome)
+    rows += peer_rows(threat, key, outcome)
     rows += [row(threat, key, name, "auc_at_t", auc, t=t) for t, auc in zip(outcome.steps, outcome.step_aucs)]
+    return rows
+
+
+def control_rows(threat: str, key: str, outcome: AttackOutcome) -> list[dict[str, Any]]:
+    """The controls of one (target, attack) outcome (DESIGN §4.2): held-out TPR and the FPR reached at the
+    thresholds fixed on the calibration half, whether the attack is above the model-blind baseline, and
+    whether its ROC lies above the formal ceiling."""
+    name, rows = outcome.name, []
+    if outcome.heldout is not None:
+        for pct, target in (("1pct", 0.01), ("01pct", 0.001)):
+            r = outcome.heldout.at(target)
+            rows += [interval_row(threat, key, name, f"tpr_at_{pct}_fpr_heldout", r.tpr),
+                     interval_row(threat, key, name, f"fpr_at_{pct}_heldout", r.fpr),
+                     row(threat, key, name, f"tpr_at_{pct}_fpr_heldout_resolved", float(r.resolved))]
+    if outcome.blind is not None:
+        rows.append(row(threat, key, name, "above_blind", float(outcome.blind.above)))
+    if outcome.ceiling is not None:
+        rows.append(row(threat, key, name, "roc_above_ceiling", float(outcome.ceiling.above)))
+    return rows
+
+
+def blind_rows(threat: str, key: str, blind: BlindControl) -> list[dict[str, Any]]:
+    """The model-blind baseline of one target's candidates (attack ``blind``): AUC and TPR at 1 % FPR with
+    intervals, the permutation p-value of its AUC, and whether it tells the sets apart (:data:`BLIND_AUC_WARNING`)."""
+    return [interval_row(threat, key, BLIND, "blind_auc", blind.auc),
+            interval_row(threat, key, BLIND, "blind_tpr_at_1pct_fpr", blind.tpr_at_1pct),
+            row(threat, key, BLIND, "blind_p_value", blind.p_value),
+            row(threat, key, BLIND, "blind_differs", float(blind.exceeds(BLIND_AUC_WARNING)))]
+
+
+def dataset_rows(threat: str, key: str, own_client: int | None,
+                 results: tuple[DatasetInference, ...]) -> list[dict[str, Any]]:
+    """Dataset inference of every suspect client of one target (attack ``dataset-inference``, DESIGN §4.2): the
+    one-sided p-value, the member images needed for p < 0.01 (∞: not reached) and the sizes tested. The target
+    column names the suspect set: the target itself where it is that client's (T3 ``client_k``, T4
+    ``samples_k``), else ``<target>/client_<k>`` (T2: the server tested on each client's images)."""
+    rows = []
+    for d in results:
+        target = key if own_client == d.client else f"{key}/client_{d.client}"
+        rows += [row(threat, target, DATASET_INFERENCE, "dataset_p", d.p_value),
+                 row(threat, target, DATASET_INFERENCE, "dataset_members_needed", d.members_needed),
+                 row(threat, target, DATASET_INFERENCE, "dataset_members", d.n_members),
+                 row(threat, target, DATASET_INFERENCE, "dataset_heldout", d.n_heldout)]
+    return rows
+
+
+def trend_rows(trends: tuple[Trend, ...]) -> list[dict[str, Any]]:
+    """Leakage against training length per threat (:mod:`~collafuse.benchmarks.audit.trend`): the slope of the worst
+    AUC per epoch between the last two measured epochs with its 95 % interval, the earlier epoch, and whether it
+    was still rising at the last epoch; target and attack: the worst at the last epoch."""
+    rows = []
+    for t in trends:
+        where = (t.threat, t.end.target, t.end.attack)
+        rows += [row(*where, "auc_epoch_slope", t.slope, t.low, t.high),
+                 row(*where, "auc_trend_start_epoch", t.start.epoch),
+                 row(*where, "auc_still_rising", float(t.rising))]
     return rows
 
 
@@ -163,9 +227,11 @@ def snapshot_rows(threat: str, key: str, outcome: AttackOutcome, epoch: int) -> 
             for name, v, lo, hi in _headline(outcome)]
 
 
-def extraction_row(key: str, ext: Extraction) -> dict[str, Any]:
-    """(ℓ2, δ)-extraction (Carlini et al. 2023) of a client's images by its samples, beside nn-distance (T4)."""
-    return interval_row("T4", key, "nn-distance", "extraction", ext.rate)
+def extraction_rows(key: str, ext: Extraction) -> list[dict[str, Any]]:
+    """Extraction of a client's images by its samples, beside nn-distance (T4): Carlini et al. 2023's relative
+    criterion (``extraction``) and the absolute-threshold rate under its own name (``extraction_abs``)."""
+    return [interval_row("T4", key, "nn-distance", "extraction", ext.rate),
+            interval_row("T4", key, "nn-distance", "extraction_abs", ext.absolute)]
 
 
 def thin_roc(fpr: np.ndarray, tpr: np.ndarray) -> tuple[list[float], list[float]]:
@@ -187,5 +253,43 @@ def roc_curves(result: MembershipResult) -> dict[str, dict[str, dict[str, Any]]]
             labels = np.r_[np.ones(outcome.member_scores.size), np.zeros(outcome.nonmember_scores.size)]
             fpr, tpr, _ = roc_curve(labels, np.r_[outcome.member_scores, outcome.nonmember_scores])
             f, t = thin_roc(fpr, tpr)
-            out[key][name] = {"fpr": f, "tpr": t, "auc": outcome.metrics.auc.value}
+            out[key][name] = {"fpr": f, "tpr": t, "auc": outcome.metrics.auc.value, "threat": entry.threat}
     return out
+
+
+# -- T5 ---------------------------------------------------------------------------------------
+
+def coclient_rows(ext: CoClientExtraction) -> list[dict[str, Any]]:
+    """T5 extraction by one co-client's finished hand-offs (attack ``handoff-<finisher>``, DESIGN §4.1's criterion):
+    ``extraction`` and ``extraction_abs`` per victim (target ``coclient_<j>:client_<k>``) and pooled over every
+    victim (target ``coclient_<j>``)."""
+    attack, key = f"handoff-{ext.finisher}", f"coclient_{ext.attacker}"
+    rows = []
+    for target, e in [(key, ext.others), *((f"{key}:client_{k}", v) for k, v in ext.victims.items())]:
+        rows += [interval_row("T5", target, attack, "extraction", e.rate),
+                 interval_row("T5", target, attack, "extraction_abs", e.absolute)]
+    return rows
+
+
+def handoffs_row(attacker: int, n: int) -> dict[str, Any]:
+    """How many hand-offs co-client ``attacker`` drew (its extraction and membership rows used them)."""
+    return row("T5", f"coclient_{attacker}", "count", "handoffs_drawn", n)
+
+
+# -- issue 25: peer references and source inference (T3) -------------------------------------
+
+def peer_rows(threat: str, key: str, outcome: AttackOutcome) -> list[dict[str, Any]]:
+    """What a peer attack (``lira-peers``, ``rmia-peers``) used, from its outcome's details: how many other clients'
+    models served as OUT references, and whether the partition is IID (0: label / Dirichlet, or undeclared by an
+    imported deployment: the peers then come from another distribution). No row for other attacks."""
+    details = outcome.details
+    if "peer_models" not in details:
+        return []
+    return [row(threat, key, outcome.name, "peer_models", details["peer_models"]),
+            row(threat, key, outcome.name, "peer_partition_iid", float(bool(details["partition_iid"])))]
+
+
+def source_rows(score: SourceInference) -> list[dict[str, Any]]:
+    """T3 source inference (DESIGN §4.2): accuracy (Wilson 95 %) and chance = 1/N, beside T1's sender identification."""
+    return [interval_row("T3", "clients", SOURCE_INFERENCE, "source_accuracy", score.accuracy),
+            row("T3", "clients", SOURCE_INFERENCE, "source_chance", score.chance)]

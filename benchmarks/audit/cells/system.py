@@ -5,12 +5,14 @@ import json
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
 import torch
 
 from collafuse.errors import RunError
 from collafuse.hooks import hooks_for
 from collafuse.runs import RUN_MARKER, Run, create_run, sample_labels
 from collafuse.device import resolve_device
+from collafuse.tradeoff import Ceiling
 from collafuse.transcript import AuditKey, MissingAuditKey, ServerView
 
 from collafuse.attacks.linkage.sender import identify_senders, score_sender_identification
@@ -19,6 +21,9 @@ from collafuse.attacks.membership.catalog import ATTACKS as MEMBERSHIP
 from collafuse.attacks.membership.engine import MembershipSettings, run_membership
 from collafuse.attacks.membership.nn_distance import client_extraction
 from collafuse.attacks.membership.targets import attacker_samples
+from collafuse.attacks.membership.source import infer_sources
+from collafuse.attacks.membership.targets import AuditContext
+from collafuse.attacks.membership.coclient_run import attacker_denoiser, coclient_draws, run_extraction, unavailable_reason
 from collafuse.attacks.reconstruction.engine import reconstruct_run, resolve_truth_rows
 from collafuse.attacks.reconstruction.registry import RECONSTRUCTION_ATTACKS
 from collafuse.attacks.reconstruction.view import ViewArrays
@@ -28,13 +33,17 @@ from collafuse.benchmarks.audit.grid import Cell, system_hash
 from collafuse.benchmarks.audit.handoff import check_handoff
 from collafuse.benchmarks.audit.utility import inception_fid, load_or_train_feature_classifier, sample_utility
 
-from .artifacts import grid_rows, reconstruction_grid, samples_grid
+from .artifacts import SCORES_FILE, grid_rows, parquet_bytes, reconstruction_grid, samples_grid
 from .formal import run_setting
 from .resources import CLASSIFIER_CACHE, DENOISER_CACHE, cell_device
-from .rows import (CellOutput, cost_rows, extraction_row, formal_rows, handoff_rows, outcome_rows, payload_count_row,
-                   reconstruction_rows, roc_curves, row, sender_rows, snapshot_rows, utility_rows)
+from .rows import (CellOutput, blind_rows, cost_rows, extraction_rows, formal_rows, handoff_rows, outcome_rows,
+                   payload_count_row, reconstruction_rows, roc_curves, row, sender_rows, snapshot_rows, utility_rows)
+from .rows import dataset_rows, trend_rows
+from .rows import coclient_rows, handoffs_row
+from .rows import source_rows
+from collafuse.benchmarks.audit.trend import leakage_trends
 
-MEMBERSHIP_TARGETS = {"T1": "payload", "T2": "server", "T3": "client", "T4": "samples"}
+MEMBERSHIP_TARGETS = {"T1": "payload", "T2": "server", "T3": "client", "T4": "samples", "T5": "coclient"}
 
 
 def trained_system(cell: Cell, cache_dir: Path, device=None) -> tuple[Path, bool]:
@@ -72,12 +81,14 @@ def client_samples(run: Run, cell: Cell) -> dict[int, torch.Tensor]:
 
 
 def membership_rows(run: Run, cell: Cell, samples: dict[int, torch.Tensor],
-                    formal: dict[str, float] | None = None) -> tuple[list[dict[str, Any]], dict]:
-    """Every requested membership attack on its threat's targets: rows and ROC curves (final models); the
-    model targets again on each training.snapshots epoch (``*_at_epoch`` rows). ``formal``: threat → formal
-    ε, set beside the one-run bounds of a run with canaries."""
-    rows, roc = [], {}
-    settings = MembershipSettings(signals=SignalSettings(references=cell.references), n_samples=cell.samples_per_client)
+                    formal: dict[str, Ceiling] | None = None) -> tuple[list[dict[str, Any]], dict, pd.DataFrame]:
+    """Every requested membership attack on its threat's targets: rows, ROC curves with the formal ceilings, and
+    every score (the per-record evidence) of the final models; the model targets again on each
+    training.snapshots epoch (``*_at_epoch`` rows). ``formal``: threat → the formal guarantee (its ε beside the
+    one-run bounds of a run with canaries, its curve the ceiling every ROC is checked against)."""
+    rows, roc, ceilings, scores = [], {}, {}, []
+    settings = MembershipSettings(signals=SignalSettings(references=cell.references, peer_noise=cell.peer_draws),
+                                  n_samples=cell.samples_per_client)
     for threat, target in MEMBERSHIP_TARGETS.items():
         names = tuple(a for a in cell.attacks.get(threat, ()) if a in MEMBERSHIP)
         if not names:
@@ -86,16 +97,36 @@ def membership_rows(run: Run, cell: Cell, samples: dict[int, torch.Tensor],
         for key, entry in result.targets.items():
             if not entry.available:
                 continue
+            if entry.blind is not None:
+                rows.extend(blind_rows(threat, key, entry.blind))
             for outcome in entry.attacks.values():
                 rows.extend(outcome_rows(threat, key, outcome))
+            rows.extend(dataset_rows(threat, key, entry.client, entry.dataset))  # per client, from the scores above
             if threat == "T4" and "nn-distance" in entry.attacks and samples.get(entry.client) is not None:
-                rows.append(extraction_row(key, client_extraction(run, entry.client, samples[entry.client])))
+                rows.extend(extraction_rows(key, client_extraction(run, entry.client, samples[entry.client])))
         roc.update(roc_curves(result))
+        ceilings.update({t: c.to_json() for t, c in result.formal.items() if t == threat and c.finite})
+        scores.append(result.score_frame())
         for epoch, targets in result.snapshots.items():
             for key, entry in targets.items():
                 for outcome in entry.attacks.values():
                     rows.extend(snapshot_rows(threat, key, outcome, epoch))
-    return rows, roc
+    if MEMBERSHIP.needing("peers", cell.attacks.get("T3", ())):  # beside the peer attacks: which client holds a member?
+        rows.extend(run_source_rows(run, settings))
+    if run.snapshot_epochs:  # is the worst AUC still rising at the last epoch? (T2, T3)
+        rows.extend(trend_rows(leakage_trends(rows, run.config.training.epochs)))
+    frame = pd.concat(scores, ignore_index=True) if scores else pd.DataFrame()
+    return rows, ({"targets": roc, "ceilings": ceilings} if roc else {}), frame
+
+
+def run_source_rows(run: Run, settings: MembershipSettings) -> list[dict[str, Any]]:
+    """T3 source inference on the run's client models (:mod:`collafuse.attacks.membership.source`), run in a cell
+    whose T3 attacks name a peer attack: it queries what they query (every client model at the peer attacks' fixed
+    draws, on each client's member candidates; computed again, not shared), so a T3 list without peers keeps its
+    cost. None with < 2 client models."""
+    ctx = AuditContext(run, settings.signals, run.config.seed if settings.seed is None else settings.seed)
+    score = infer_sources(ctx)
+    return [] if score is None else source_rows(score)
 
 
 def measured_utility(run: Run, cell: Cell, cache_dir: Path, samples: dict[int, torch.Tensor]) -> list[dict[str, Any]]:
@@ -137,6 +168,29 @@ def run_sender_rows(run: Run) -> list[dict[str, Any]]:
     return sender_rows(score_sender_identification(identify_senders(view, n), sender, n))
 
 
+def coclient_extraction_rows(run: Run, cell: Cell, cache_dir: Path) -> list[dict[str, Any]]:
+    """T5 (issue 22): each co-client j's ``samples_per_client`` hand-offs (the draws its membership target scores:
+    same seed, same count), finished by its own chain and by one Tweedie step of the attacker's denoiser (the T1
+    one, shared through the cache; none without an auxiliary split), and the extraction of every other client's
+    images by each, per victim and pooled, beside the number drawn. Nothing when the grid asks for no T5 attack."""
+    if not any(a in MEMBERSHIP for a in cell.attacks.get("T5", ())):
+        return []
+    attackers = [j for j in range(len(run.client_models)) if unavailable_reason(run, j) is None]
+    if not attackers:
+        return []
+    _, splits = run.load_data()
+    # At t = 0 (central) the hand-off is the finished sample: no Tweedie step to take.
+    needs_denoiser = len(splits.aux) >= 2 and run.t_hand > 0
+    denoiser = attacker_denoiser(run, run.config.seed, cache_dir / DENOISER_CACHE) if needs_denoiser else None
+    rows = []
+    for j in attackers:
+        finished = coclient_draws(run, j, cell.samples_per_client, run.config.seed, denoiser)
+        rows.append(handoffs_row(j, len(finished.handoffs)))
+        for extraction in run_extraction(run, finished):
+            rows.extend(coclient_rows(extraction))
+    return rows
+
+
 def system_cell(cell: Cell, cache_dir: Path, device=None) -> CellOutput:
     """Train (or load) the system, attack it under every threat, measure its utility and cost."""
     path, cached = trained_system(cell, cache_dir, device)
@@ -167,9 +221,12 @@ def system_cell(cell: Cell, cache_dir: Path, device=None) -> CellOutput:
     if samples:
         artifacts["samples.png"] = samples_grid(samples)
     rows.extend(handoff_rows(check_handoff(run)))  # is the server's hand-off payload-like? (DESIGN §2.3)
-    mrows, roc = membership_rows(run, cell, samples, setting.epsilon_by_threat())
+    mrows, roc, scores = membership_rows(run, cell, samples, setting.ceilings())
     rows.extend(mrows)
+    rows.extend(coclient_extraction_rows(run, cell, cache_dir))  # T5: what a co-client extracts
     if roc:
         artifacts["roc.json"] = json.dumps(roc, sort_keys=True).encode()
+    if not scores.empty:
+        artifacts[SCORES_FILE] = parquet_bytes(scores)
     rows.extend(measured_utility(run, cell, cache_dir, samples))
     return CellOutput(rows, artifacts, info)

@@ -14,6 +14,7 @@ sections, so they say the same thing:
 4. membership ROC curves (log–log) from the cells' ``roc.json``
    4a. TPR at 0.1 % FPR (resolved?), balanced accuracy, ε_GDP per cell × threat; AUC per query step
    4b. T2/T3 AUC and TPR at 1 % FPR against training epochs (``training.snapshots``)
+   4e. T5, the curious co-client: extraction of other clients' images and membership (``#coclient-table``)
 5. the privacy–utility–compute frontier
 6. formal vs empirical ε
 7. example reconstructions beside the originals
@@ -25,7 +26,7 @@ Conventions the tests rely on:
 
 - *Worst-case leakage* of a (cell, threat) is the largest measured value, over every
   attack and target, of the threat's headline metric: ``reid_pool`` for T1 (``auc`` when a
-  cell has no re-identification rows), ``auc`` for T2–T4 (:data:`HEADLINE`). Ties go to the
+  cell has no re-identification rows), ``auc`` for T2–T5 (:data:`HEADLINE`). Ties go to the
   first row in ``results.json``.
 - Every number is printed with :func:`format_value` (3 decimals, scientific outside
   [1e-3, 1e6)); table cells that hold a number also carry it unrounded in ``data-value``.
@@ -33,7 +34,7 @@ Conventions the tests rely on:
 - Table ids: ``leakage-table`` (one row per cell × threat), ``frontier-table``,
   ``epsilon-table``, ``coverage-table``, ``handoff-table``, ``cells-table`` and ``checks-table`` (policy),
   ``run-table``, ``versions-table``, ``cells-config-table``, ``membership-detail-table``,
-  ``epochs-table``.
+  ``epochs-table``, ``coclient-table``.
 
 Modules: :mod:`.analysis` (the tables: worst-case leakage, frontier, formal ε, coverage,
 :func:`format_value`), :mod:`.document` (the blocks a section holds), :mod:`.sections` (the

@@ -66,7 +66,7 @@ def ordered(values: Iterable[str], preferred: Sequence[str] = ()) -> list[str]:
 # ----------------------------------------------------------------------------- summaries
 
 def worst_leakage(rows: pd.DataFrame, cells: Sequence[str] | None = None) -> pd.DataFrame:
-    """One row per (cell, threat T1–T4) with the worst value of the threat's headline metric.
+    """One row per (cell, threat T1–T5) with the worst value of the threat's headline metric.
 
     The worst is the largest value as measured (an inverted attack's AUC stays below 0.5; it is
     never read as 1 − AUC); ties name a calibrated attack (lira, rmia) first (:func:`worst_index`).

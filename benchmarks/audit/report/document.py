@@ -63,9 +63,12 @@ class Pre:
     lang: str = ""
 
 
+STATUS_LABELS = {"pass": "PASS", "fail": "FAIL", "inconclusive": "INCONCLUSIVE"}  # anything else: NO VERDICT
+
+
 @dataclass
 class VerdictBox:
-    status: str          # "pass" | "fail" | "unknown"
+    status: str          # "pass" | "fail" | "inconclusive" | "unknown"
     text: str
     passing: list[str]
     total: int
@@ -101,8 +104,23 @@ def num(x: Any, *, formal: bool = False) -> TableCell:
     return TableCell(text, None if math.isnan(v) else v, cls)
 
 
+def count(x: Any) -> TableCell:
+    """A whole number (images, hand-offs, members needed) without decimals; ``num`` where not measured."""
+    v = to_float(x)
+    if math.isnan(v) or not math.isfinite(v) or v != round(v):
+        return num(x)
+    return TableCell(str(int(v)), v, "num")
+
+
 def txt(x: Any, cls: str = "") -> TableCell:
     return TableCell("" if x is None else str(x), None, cls)
+
+
+def status_cell(status: str) -> TableCell:
+    """A check's or a threat's status: pass, fail, inconclusive, or not measured."""
+    if status == "inconclusive":
+        return TableCell("inconclusive", None, "warn")
+    return verdict_cell({"pass": True, "fail": False}.get(status))
 
 
 def verdict_cell(passed: Any) -> TableCell:

@@ -9,7 +9,7 @@ from typing import Any
 from .analysis import format_value
 from collafuse.benchmarks.audit.meta import AuditMeta
 
-from .document import Artifact, Figure, Gallery, Para, Pre, Section, Table, VerdictBox
+from .document import STATUS_LABELS, Artifact, Figure, Gallery, Para, Pre, Section, Table, VerdictBox
 from .sections import TITLE, subtitle
 
 CSS = """
@@ -19,6 +19,7 @@ h1{font-size:1.6em;margin:.3em 0 .1em}h2{font-size:1.25em;border-bottom:2px soli
 .meta{color:#5b6670;font-size:.9em;margin:0 0 14px}
 #verdict{border-radius:10px;padding:18px 24px;margin:10px 0 14px;color:#fff}
 #verdict.pass{background:#1e7d3a}#verdict.fail{background:#b3261e}#verdict.unknown{background:#6b7580}
+#verdict.inconclusive{background:#a35d00}
 #verdict .status{font-size:2.6em;font-weight:800;letter-spacing:.06em;line-height:1.1}
 #verdict .text{font-size:1.2em;margin-top:6px}#verdict .count{font-size:.95em;opacity:.9;margin-top:6px}
 #recommendation{border:2px solid #1e7d3a;background:#eef8f0;border-radius:8px;padding:12px 18px;margin-bottom:10px}
@@ -71,7 +72,7 @@ def _html_table(t: Table) -> str:
 
 
 def _html_verdict(v: VerdictBox) -> str:
-    label = {"pass": "PASS", "fail": "FAIL"}.get(v.status, "NO VERDICT")
+    label = STATUS_LABELS.get(v.status, "NO VERDICT")
     count = f"{len(v.passing)} of {v.total} cells pass the policy." if v.total else "No cells were measured."
     out = [f'<div id="verdict" class="{v.status}"><div class="status">{label}</div>'
            f'<div class="text">{_esc(v.text)}</div><div class="count">{_esc(count)}</div></div>']

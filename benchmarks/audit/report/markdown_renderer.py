@@ -6,7 +6,7 @@ from typing import Any
 from .analysis import format_value
 from collafuse.benchmarks.audit.meta import AuditMeta
 
-from .document import Artifact, Figure, Gallery, Para, Pre, Section, Table, VerdictBox
+from .document import STATUS_LABELS, Artifact, Figure, Gallery, Para, Pre, Section, Table, VerdictBox
 from .sections import TITLE, subtitle
 
 
@@ -28,7 +28,7 @@ def render_markdown(sections: list[Section], meta: AuditMeta) -> str:
         out += [f"## {s.title}", ""]
         for b in s.blocks:
             if isinstance(b, VerdictBox):
-                label = {"pass": "PASS", "fail": "FAIL"}.get(b.status, "NO VERDICT")
+                label = STATUS_LABELS.get(b.status, "NO VERDICT")
                 out += [f"### Verdict: **{label}**", "", b.text, "",
                         f"{len(b.passing)} of {b.total} cells pass the policy." if b.total else "No cells were measured.", ""]
                 r = b.recommendation

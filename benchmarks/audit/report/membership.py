@@ -7,7 +7,10 @@
 - 4b: leakage against training length (TF Privacy's "vulnerability per epoch"): the worst T2
   and T3 AUC and TPR at 1 % FPR over targets and attacks at each ``training.snapshots`` epoch
   (``*_at_epoch`` rows) and at the final epoch (the cell's own rows), as a figure and the
-  table ``#epochs-table``.
+  table ``#epochs-table``; per cell and threat, whether the worst AUC was still rising at the last epoch
+  (the trend test of :mod:`~collafuse.benchmarks.audit.trend`, table ``#trend-table``).
+- 4a also holds dataset inference per client (table ``#dataset-inference-table``): each client's p-value and the
+  member images needed for p < 0.01, per threat and target.
 
 "Worst" is the largest measured value, ties to the first row, as everywhere in the report.
 """
@@ -20,8 +23,8 @@ from collafuse.threats import THREAT_IDS
 
 from collafuse.benchmarks.audit import plots
 
-from .analysis import NOT_MEASURED, measured
-from .document import Figure, Para, Section, Table, txt, num
+from .analysis import NOT_MEASURED, format_value, measured
+from .document import Figure, Para, Section, Table, count, txt, num
 
 MEMBERSHIP_THREATS = THREAT_IDS
 # Names, labels and the resolved flag from the one metric vocabulary (collafuse.metrics).
@@ -40,7 +43,7 @@ def _worst(frame: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
 
 
 def membership_detail_table(rows: pd.DataFrame, cells: list[str]) -> pd.DataFrame:
-    """One row per (cell, threat T1–T4) that has any of :data:`DETAIL_METRICS`: each one's worst value and the
+    """One row per (cell, threat T1–T5) that has any of :data:`DETAIL_METRICS`: each one's worst value and the
     attack/target that reached it; ``resolved`` (True/False/None) is the flag of the worst TPR@0.1 % row's target."""
     mine = rows[rows["threat"].isin(MEMBERSHIP_THREATS)]
     out = []
@@ -116,6 +119,7 @@ def membership_detail_section(rows: pd.DataFrame, cells: list[str], defenses: li
                              "non-members it is unresolved and is the TPR at FPR 0 (a lower bound). Balanced accuracy: "
                              "the best threshold's (TPR + TNR)/2. ε_GDP: the Gaussian-DP form of the empirical lower "
                              "bound (DESIGN.md §4.3), beside the Clopper–Pearson ε_LB of section 6."))
+    s.blocks.extend(dataset_inference_blocks(rows, cells))
     png = plots.auc_per_step(per_step_frame(rows), defenses)
     if png is None:
         s.blocks.append(Para(f"AUC per query step: {NOT_MEASURED} (no auc_at_t rows)."))
@@ -144,7 +148,106 @@ def training_length_section(rows: pd.DataFrame) -> Section:
              txt(r["metric"]), num(r["value"]), txt(f"{r['attack']} / {r['target']}")] for _, r in frame.iterrows()]
     s.blocks.append(Table(["cell", "defense", "cut ratio", "threat", "epoch", "metric", "worst value", "attack / target"],
                           body, id="epochs-table"))
-    s.blocks.append(Para("Payload (T1) and sample (T4) targets are measured on the final models only. Snapshot rows "
+    s.blocks.append(Para("Payload (T1), sample (T4) and co-client (T5) targets are measured on the final models only. Snapshot rows "
                          "are metric <name>_at_epoch with the epoch in column epoch; the policy judges the final "
                          "models."))
+    s.blocks.extend(trend_blocks(rows))
     return s
+
+
+# ---------------------------------------------------------------- dataset inference per client (4a)
+
+DATASET_THREATS = ("T2", "T3", "T4")
+DATASET_METRICS = {name: metric(name).label for name in
+                   ("dataset_p", "dataset_members_needed", "dataset_members", "dataset_heldout")}
+
+
+def dataset_inference_frame(rows: pd.DataFrame, cells: list[str]) -> pd.DataFrame:
+    """One row per (cell, threat, suspect target) with dataset-inference rows: the p-value, the member images
+    needed for p < 0.01 (∞: not reached), the sizes tested and the attacks whose scores were combined (those
+    with an ``auc`` row on the attacked target: ``server`` for ``server/client_k``), in the audit's cell order."""
+    sel = rows[rows["metric"].isin(list(DATASET_METRICS)) & rows["threat"].isin(DATASET_THREATS)]
+    columns = ["cell", "defense", "cut_ratio", "threat", "target", *DATASET_METRICS, "combined"]
+    out = []
+    for cell in cells:
+        mine = sel[sel["cell"] == cell]
+        for (threat, target), group in mine.groupby(["threat", "target"], sort=False):
+            values = dict(zip(group["metric"], group["value"]))
+            attacked = str(target).split("/")[0]
+            aucs = rows[(rows["cell"] == cell) & (rows["threat"] == threat) & (rows["target"] == attacked)
+                        & (rows["metric"] == "auc")]
+            first = group.iloc[0]
+            out.append({"cell": cell, "defense": first["defense"], "cut_ratio": first["cut_ratio"], "threat": threat,
+                        "target": target, **{m: values.get(m, float("nan")) for m in DATASET_METRICS},
+                        "combined": ", ".join(dict.fromkeys(aucs["attack"]))})
+    return pd.DataFrame(out, columns=columns)
+
+
+def dataset_inference_blocks(rows: pd.DataFrame, cells: list[str]) -> list:
+    frame = dataset_inference_frame(rows, cells)
+    if frame.empty:
+        return [Para(f"Dataset inference per client: {NOT_MEASURED} (no T2–T4 attack scores).")]
+    body = [[txt(r["cell"]), txt(r["defense"]), num(r["cut_ratio"]), txt(r["threat"]), txt(r["target"]),
+             num(r["dataset_p"]), count(r["dataset_members_needed"]), count(r["dataset_members"]),
+             count(r["dataset_heldout"]), txt(r["combined"] or "—")] for _, r in frame.iterrows()]
+    return [Table(["cell", "defense", "cut ratio", "threat", "suspect set", "p-value", "members needed for p < 0.01",
+                   "members tested", "held-out tested", "attacks combined"], body, id="dataset-inference-table"),
+            Para("Dataset inference per client (Maini et al. 2021; CDI, Dubiński et al. 2024): did the model learn this "
+                 "client's images at all? The attacks' per-image scores are the features of a logistic regression fitted "
+                 "on 20 % of the client's member images and of the held-out images; a one-sided Welch t-test compares "
+                 "its scores on the remaining members with those on the remaining held-out images. Suspect set "
+                 "server/client_k: the server's member candidates that client k sent. Members needed: the smallest of "
+                 "4, 8, 16, … and all of them whose 20 random draws (with as many held-out images) reach p < 0.01 at "
+                 "least half of the time (∞: not even all of them). No model query beyond the attacks'. A policy limit "
+                 "on dataset_p judges the smallest p-value over the clients and targets of a threat, with no correction "
+                 "for their number: it errs towards FAIL.")]
+
+
+# ---------------------------------------------------------------- the trend at the last epoch (4b)
+
+def trend_frame(rows: pd.DataFrame) -> pd.DataFrame:
+    """Per (cell, threat) with trend rows: the slope of the worst AUC per epoch between the last two measured epochs
+    (with its 95 % interval), those epochs, whether it was still rising, and who was worst at the last epoch."""
+    columns = ["cell", "defense", "cut_ratio", "threat", "start", "end", "slope", "low", "high", "rising", "attack",
+               "target"]
+    out = []
+    for _, flag in rows[rows["metric"] == "auc_still_rising"].iterrows():
+        same = rows[(rows["cell"] == flag["cell"]) & (rows["threat"] == flag["threat"])
+                    & (rows["target"] == flag["target"]) & (rows["attack"] == flag["attack"])]
+        slope = same[same["metric"] == "auc_epoch_slope"]
+        start = same[same["metric"] == "auc_trend_start_epoch"]["value"]
+        nan = float("nan")
+        out.append({"cell": flag["cell"], "defense": flag["defense"], "cut_ratio": flag["cut_ratio"],
+                    "threat": flag["threat"], "start": start.iloc[0] if len(start) else nan, "end": flag.get("epochs", nan),
+                    "slope": slope["value"].iloc[0] if len(slope) else nan,
+                    "low": slope["ci_low"].iloc[0] if len(slope) else nan,
+                    "high": slope["ci_high"].iloc[0] if len(slope) else nan,
+                    "rising": bool(flag["value"] == 1), "attack": flag["attack"], "target": flag["target"]})
+    return pd.DataFrame(out, columns=columns)
+
+
+def trend_blocks(rows: pd.DataFrame) -> list:
+    """A statement per (cell, threat) whether leakage was still rising at the last epoch, and the table of slopes."""
+    frame = trend_frame(rows)
+    if frame.empty:
+        return []
+    blocks: list = []
+    body = []
+    for _, r in frame.iterrows():
+        said = "still rising at the last epoch" if r["rising"] else "not shown to be rising at the last epoch"
+        blocks.append(Para(f"{r['cell']}, {r['threat']}: leakage {said} (worst AUC slope {format_value(r['slope'])} per "
+                           f"epoch, 95 % interval [{format_value(r['low'])}, {format_value(r['high'])}], epoch "
+                           f"{format_value(r['start'])} → {format_value(r['end'])}; {r['attack']} / {r['target']} at "
+                           "the last).", "warn" if r["rising"] else ""))
+        body.append([txt(r["cell"]), txt(r["defense"]), num(r["cut_ratio"]), txt(r["threat"]), num(r["start"]),
+                     num(r["end"]), num(r["slope"]), num(r["low"]), num(r["high"]),
+                     txt("yes" if r["rising"] else "no", "warn" if r["rising"] else ""),
+                     txt(f"{r['attack']} / {r['target']}")])
+    blocks.append(Table(["cell", "defense", "cut ratio", "threat", "from epoch", "to epoch", "AUC slope per epoch",
+                         "95 % low", "95 % high", "still rising", "worst at the last epoch"], body, id="trend-table"))
+    blocks.append(Para("The trend test (benchmarks/audit/trend.py): at each measured epoch the threat's worst AUC over "
+                       "its targets and attacks; the slope between the last two measured epochs, its 95 % interval from "
+                       "the two AUCs' bootstrap intervals taken as independent (they share their candidates, so the test "
+                       "is conservative). Still rising: the interval lies above 0. A PASS in that state says so in the "
+                       "verdict: longer training would leak more."))
+    return blocks

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from collafuse.threats import THREAT_IDS
-
 from collafuse.jsonio import decode_number as to_float
+from collafuse.threats import THREAT_IDS
+from collafuse.tradeoff import Ceiling
 
 from collafuse.benchmarks.audit import plots
 from collafuse.benchmarks.audit.meta import AuditMeta, CellEntry
@@ -19,11 +19,15 @@ from collafuse.benchmarks.audit.verdict import Recommendation
 from .analysis import (FORMAL_FOR_THREAT, HEADLINE, NOT_MEASURED, best_per_cell, cell_order, coverage_matrix,
                        format_value, formal_table, frontier_table, measured, ordered, worst_leakage)
 from .document import (Artifact, Figure, Gallery, Para, Pre, Section, Table, TableCell, VerdictBox, num, read_png,
-                       txt, verdict_cell)
+                       status_cell, txt, verdict_cell)
+from .controls import controls_section, per_class_section
 from .membership import membership_detail_section, training_length_section
 from .samples import samples_section
+from .coclient import coclient_section
 
 MAX_RECONSTRUCTIONS = 8
+# The threats whose headline is a model's membership AUC (T1 is judged by re-identification first).
+MODEL_THREATS = tuple(t for t in THREAT_IDS if t != "T1")
 TITLE = "collafuse audit report"
 
 
@@ -31,6 +35,18 @@ def _verdict_section(meta: AuditMeta, total: int) -> Section:
     v = meta.verdict
     blocks: list = [VerdictBox(v.status, v.text or "The audit recorded no verdict.", list(v.passing_cells), total,
                                v.recommendation)]
+    for error in v.errors:
+        blocks.append(Para(error, "warn"))
+    if v.threats:
+        body = [[txt(t.threat), status_cell(t.status), txt(t.cell or "—"), txt(t.metric or "—"), num(t.observed),
+                 txt(f"{t.attack} / {t.target}" if t.attack else "—"), txt(t.note or "")] for t in v.threats]
+        blocks.append(Table(["threat", "verdict", "decided in cell", "metric", "worst value", "attack / target", "note"],
+                            body, id="threat-verdicts-table"))
+        blocks.append(Para("Per threat: PASS where some fully audited setting meets every limit of the threat (the "
+                           "recommended one first), INCONCLUSIVE where none fails them but the model-blind control "
+                           "tells members from non-members without the model (its AUC above the policy's blind_auc, "
+                           "p < 0.01 over the threat's targets: the attacks' numbers are then not evidence about the model), FAIL otherwise. "
+                           "The attack and target named reached the worst value in that cell."))
     if meta.quick:
         blocks.append(Para("Quick audit: a tiny recipe for CI and a first look; its numbers are not the default grid's.", "warn"))
     return Section("summary", "1. Verdict", blocks)
@@ -40,7 +56,7 @@ def _leakage_curve_section(rows: pd.DataFrame, worst: pd.DataFrame, defenses: li
     s = Section("leakage-vs-cut", "2. Leakage vs cut ratio, per defense")
     reid = best_per_cell(rows, "T1", "reid_pool")
     psnr = best_per_cell(rows, "T1", "psnr")
-    member = worst[(worst["kind"] == "system") & worst["threat"].isin(("T2", "T3", "T4")) & (worst["metric"] == "auc")]
+    member = worst[(worst["kind"] == "system") & worst["threat"].isin(MODEL_THREATS) & (worst["metric"] == "auc")]
     member = measured(member)
     if not member.empty:
         member = member.loc[member.groupby("cell", sort=False)["value"].idxmax()]
@@ -50,7 +66,7 @@ def _leakage_curve_section(rows: pd.DataFrame, worst: pd.DataFrame, defenses: li
         return s
     s.blocks.append(Figure("leakage_vs_cut.png", png,
                            "T1 re-identification (within the candidate pool) and PSNR of the best reconstruction attack "
-                           "of each cell, and the worst membership AUC of T2–T4 for trained systems, against the cut "
+                           "of each cell, and the worst membership AUC of T2–T5 for trained systems, against the cut "
                            "ratio. Solid: trained systems; dashed: payload-only cells. Bands: the rows' intervals "
                            "(or the spread over seeds)."))
     return s
@@ -89,7 +105,7 @@ def _heatmap_section(worst: pd.DataFrame, defenses: list[str], rows_all: pd.Data
     if gallery.items:
         s.blocks.append(gallery)
     else:
-        s.blocks.append(Para(f"Heatmaps: {NOT_MEASURED} (no T1–T4 leakage rows)."))
+        s.blocks.append(Para(f"Heatmaps: {NOT_MEASURED} (no T1–T5 leakage rows)."))
     rows = []
     for _, r in worst.iterrows():
         rows.append([txt(r["cell"]), txt(r["kind"]), txt(r["defense"]), num(r["cut_ratio"]), txt(r["threat"]),
@@ -98,7 +114,7 @@ def _heatmap_section(worst: pd.DataFrame, defenses: list[str], rows_all: pd.Data
                          or pd.notna(r["ci_high"]) else "—"),
                      txt(r["attack"] or "—"), txt(r["target"] or "—")])
     s.blocks.append(Para("Worst-case leakage per cell and threat: the largest value of the threat's headline metric "
-                         "(T1: reid_pool, or auc where a cell has no re-identification; T2–T4: auc) over every attack "
+                         "(T1: reid_pool, or auc where a cell has no re-identification; T2–T5: auc) over every attack "
                          "and target, with the attack and target that reached it."))
     if rows:
         s.blocks.append(Table(["cell", "kind", "defense", "cut ratio", "threat", "metric", "worst value", "interval",
@@ -129,6 +145,12 @@ def _roc_section(audit_dir: Path, rows: pd.DataFrame, worst: pd.DataFrame, meta_
             continue
         group = rows[(rows["cell"] == cell) & (rows["metric"] == "auc")]
         curves = []
+        # roc.json: {"targets": target → attack → curve, "ceilings": threat → guarantee}; older audits: the targets alone
+        ceilings = _read_ceilings(data.get("ceilings")) if "targets" in data else []
+        data = data.get("targets") if "targets" in data else data
+        if not isinstance(data, dict):
+            unreadable.append(cell)
+            continue
         for target, by_attack in data.items():
             if not isinstance(by_attack, dict):
                 continue
@@ -146,7 +168,7 @@ def _roc_section(audit_dir: Path, rows: pd.DataFrame, worst: pd.DataFrame, meta_
             curves.sort(key=lambda c: c[3])
             w = measured(worst[worst["cell"] == cell])
             candidates.append({"cell": cell, "defense": info.defense, "score": float(w["value"].max()) if not w.empty else 0.0,
-                               "title": cell, "curves": [c[:3] for c in curves]})
+                               "title": cell, "curves": [c[:3] for c in curves], "ceilings": ceilings})
     if unreadable:
         s.blocks.append(Para(f"ROC data could not be read for: {', '.join(unreadable)}.", "warn"))
     if not candidates:
@@ -169,8 +191,28 @@ def _roc_section(audit_dir: Path, rows: pd.DataFrame, worst: pd.DataFrame, meta_
         s.blocks.append(Figure("roc.png", png,
                                f"Membership ROC curves on log–log axes (the low-FPR region is what matters), one panel "
                                f"per system cell, at most {plots.MAX_ROC_CURVES} attack/target curves each, the "
-                               f"strongest first.{more}"))
+                               f"strongest first. Black dash-dot: the formal ceiling of each threat with a finite "
+                               f"guarantee, TPR ≤ Φ(Φ⁻¹(FPR) + μ) for the payload channel's Gaussian μ and the (ε, δ) "
+                               f"region for DP-SGD's accountant; no attack can lie above it, and one that does beyond "
+                               f"its error is flagged as an error of the audit (roc_above_ceiling).{more}"))
     return s
+
+
+def _read_ceilings(raw) -> list[tuple[str, Ceiling]]:
+    """(label, ceiling) for each threat's finite guarantee in a cell's roc.json (malformed entries are skipped)."""
+    out = []
+    for threat, c in (raw or {}).items() if isinstance(raw, dict) else ():
+        if not isinstance(c, dict):
+            continue
+        eps, delta, mu = to_float(c.get("epsilon")), to_float(c.get("delta")), c.get("mu")
+        mu = None if mu is None else to_float(mu)
+        if math.isnan(eps) or math.isnan(delta) or (mu is not None and math.isnan(mu)):
+            continue
+        ceiling = Ceiling(eps, delta, mu)
+        if ceiling.finite:
+            out.append((f"ceiling {threat} (ε {format_value(eps)}" + (f", μ {format_value(mu)})" if mu is not None else ")"),
+                        ceiling))
+    return out
 
 
 def _frontier_section(front: pd.DataFrame, rec: Recommendation | None, cost_metric: str = "client_gflops_sample",
@@ -341,11 +383,14 @@ def _coverage_section(meta: AuditMeta, results: pd.DataFrame | None = None) -> S
             rows.append(row)
         s.blocks.append(Table(["defense setting", *threats], rows, id="coverage-table"))
     notes = ["T1: curious server reading the payloads; T2: white-box server model; T3: white-box client model; "
-             "T4: generated images only.",
+             "T4: generated images only; T5: curious co-client (the server's hand-offs, against the other clients' "
+             "images).",
              # Said whatever the grid holds (the report does not branch on defense names): it is what a reader
              # most often gets wrong about DP-SGD in split learning.
              "DP-SGD protects the trained models (T2, T3; T4 only when every model in the sampling chain is "
-             "private), not the payloads: it never covers T1."]
+             "private; T5 when it is on the server), not the payloads: it never covers T1.",
+             "T5 is covered by what changes what the server learns (DP-SGD on the server, payload noise, payload "
+             "clipping), never by what only changes what crosses (minimize)."]
     if results is not None and "attack" in results:
         notes.extend(_sender_lines(results))
     s.blocks.extend(Para(n) for n in notes)
@@ -360,8 +405,8 @@ def _checks_section(meta: AuditMeta) -> Section:
     summary, detail = [], []
     for e in meta.evaluations:
         failed = sum(1 for c in e.checks if c.passed is False)
-        unmeasured = sum(1 for c in e.checks if c.passed is None)
-        summary.append([txt(e.cell), verdict_cell(e.passed),
+        unmeasured = sum(1 for c in e.checks if c.passed is None and not c.inconclusive)
+        summary.append([txt(e.cell), status_cell("inconclusive") if e.inconclusive else verdict_cell(e.passed),
                         txt("yes" if e.complete else "no", "" if e.complete else "warn"),
                         TableCell(str(len(e.checks)), float(len(e.checks)), "num"),
                         TableCell(str(failed), float(failed), "num"),
@@ -370,7 +415,7 @@ def _checks_section(meta: AuditMeta) -> Section:
             op = {"max": "≤", "min": "≥"}.get(c.op, c.op)
             detail.append([txt(e.cell), txt(c.threat), txt(c.metric),
                            TableCell(f"{op} {format_value(c.limit)}", c.limit, "num"),
-                           num(c.observed), txt(c.attack or "—"), txt(c.target or "—"), verdict_cell(c.passed)])
+                           num(c.observed), txt(c.attack or "—"), txt(c.target or "—"), status_cell(c.status)])
     s.blocks.append(Table(["cell", "pass", "complete", "checks", "failed", "not measured"], summary, id="cells-table"))
     if detail:
         s.blocks.append(Table(["cell", "threat", "metric", "limit", "observed (worst)", "attack", "target", "pass"],
@@ -426,6 +471,9 @@ def build_sections(audit_dir: Path, rows: pd.DataFrame, meta: AuditMeta) -> list
         _roc_section(audit_dir, rows, worst, meta_cells, cells),
         membership_detail_section(rows, cells, defenses),
         training_length_section(rows),
+        controls_section(rows, cells),
+        per_class_section(audit_dir, rows, meta, cells),
+        coclient_section(rows, cells),
         _frontier_section(frontier_table(rows, worst, evaluations, cells, meta.cost_metric), rec, meta.cost_metric,
                           meta_cells),
         _formal_section(formal_table(rows, cells)),
