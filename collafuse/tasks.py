@@ -34,6 +34,7 @@ import subprocess
 import sys
 import threading
 import time
+from abc import ABC, abstractmethod
 from collections import deque
 from concurrent.futures import FIRST_COMPLETED, wait
 from concurrent.futures.process import BrokenProcessPool
@@ -262,21 +263,23 @@ class _Task:
     attempts: int = 0
 
 
-class TaskPool:
+class TaskPool(ABC):
     """Submit keyed tasks, poll for the finished ones. Subclasses: :class:`LocalPool`, :class:`RayPool`,
     :class:`SlurmPool`. Not thread-safe: one thread submits and polls."""
 
     backend = "?"
 
+    @abstractmethod
     def submit(self, key: str, fn: Callable, *args: Any, gpu: bool = False, urgent: bool = False) -> None:
-        raise NotImplementedError
+        """Queue ``fn(*args)`` under ``key`` (``urgent``: ahead of queued tasks)."""
 
+    @abstractmethod
     def poll(self, timeout: float = 0.5) -> list[Finished]:
-        raise NotImplementedError
+        """The tasks finished since the last poll, waiting at most ``timeout`` seconds for one."""
 
+    @abstractmethod
     def outstanding(self) -> set[str]:
         """Keys submitted and not yet reported finished."""
-        raise NotImplementedError
 
     def close(self, cancel: bool = False) -> None:
         """Release the backend; ``cancel``: stop what still runs (an interrupted sweep)."""
